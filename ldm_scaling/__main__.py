@@ -1,0 +1,5 @@
+import sys
+
+from ldm_scaling.cli import main
+
+sys.exit(main())

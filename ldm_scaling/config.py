@@ -1,0 +1,291 @@
+"""Experiment configs: one schema with a default for every key, strict loading, a stable hash.
+
+A config file is a Python module with ``get_config(arg=None)`` that starts from
+:func:`base_config` and edits it. It is loaded as ``path.py`` or ``path.py:a=1,b=x`` (the part after
+the colon is handed to ``get_config``; :func:`parse_arg` turns it into typed fields), and
+``--config.section.key=value`` flags override single keys. Loading goes through
+``ml_collections.config_flags`` so overrides are parsed with the type of the key they replace.
+Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config (file, argument string or override) that cannot describe an experiment."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The schema: every key an experiment may set, with its default.
+
+  Sections: ``model`` (the denoising UNet), ``cost`` (how FLOPs and sampling cost are measured),
+  ``diffusion``, ``data``, ``train``, ``eval``, ``mesh``. Later stages add keys here, never in a
+  config file: a key a config file adds is rejected by :func:`validate`.
+  """
+  c = ml_collections.ConfigDict()
+
+  # The SD-2.x text-conditional UNet, parameterised by its base width (ldm_scaling.models.unet).
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet",
+      width=320,                    # base filters c; block widths c * channel_mult
+      channel_mult=(1, 2, 4, 4),
+      layers_per_block=2,
+      attn_levels=(True, True, True, False),  # spatial transformer per level (+ always the middle)
+      head_dim=64,                  # used when num_heads == 0
+      num_heads=0,                  # > 0: a fixed head count at every level (SD-1.5 style)
+      transformer_depth=1,
+      cross_attn_dim=1024,          # text-encoder hidden size
+      norm_groups=32,
+      in_channels=4,                # latent channels
+      out_channels=4,
+      dropout=0.0,
+      dtype="float32",              # compute dtype
+      param_dtype="float32",        # master weights
+      remat="none",                 # none | block (rematerialise every res/transformer block)
+  ))
+
+  # The measurement setting of Mei et al. Table 1 and the sampling-cost convention.
+  c.cost = ml_collections.ConfigDict(dict(
+      latent_size=64,               # FLOPs are measured on a latent_size^2 x in_channels input
+      text_len=77,                  # text tokens of the conditioning
+      reference_width=320,          # normalised cost = GFLOPs / GFLOPs(reference_width)
+      # Paper convention (False): sampling cost = normalised cost x steps; a guided step counts
+      # once, as in Mei et al. whose every model samples with CFG. True: a guided step whose
+      # unconditional pass runs as a separate forward counts twice.
+      count_uncond_pass=False,
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="scaled_linear",
+      num_train_timesteps=1000,
+      prediction="eps",
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="shapes",                # embedded procedural captioned dataset
+      resolution=64,                # pixels; latent_size = resolution / vae downsampling
+      caption_dropout=0.1,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=500_000,
+      batch_size=2048,
+      lr=1e-4,
+      seed=0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      samplers=("ddim",),
+      steps=(50,),
+      cfg_scales=(7.5,),
+      num_samples=30_000,
+  ))
+
+  # Device mesh: axis sizes; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+# -------------------------------------------------------------------------------------------------
+# Config strings: "width=128,steps=1000" -> typed ConfigDict (big_vision's parse_arg idea).
+
+
+def _parse_value(text: str, default: Any, key: str) -> Any:
+  if isinstance(default, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"config argument {key}={text!r}: expected a boolean (true/false)")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"config argument {key}={text!r}: expected an integer") from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"config argument {key}={text!r}: expected a number") from None
+  if isinstance(default, tuple):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise ConfigError(f"config argument {key}={text!r}: expected a tuple like (1,2)") from None
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+  return text
+
+
+def _split_top_level(text: str) -> list[str]:
+  """Splits on commas outside brackets, so ``mult=(1,2),width=3`` gives two items."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "(["
+    depth -= ch in ")]"
+    if ch == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  items.append(text[start:])
+  return items
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``"a=1,b=x"`` into a ConfigDict typed like ``defaults``; unknown names are errors.
+
+  A bare word ``name`` (no ``=``) sets a boolean default to True, so ``:runlocal`` works.
+  """
+  values = dict(defaults)
+  for item in filter(None, (s.strip() for s in _split_top_level(arg or ""))):
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    if name not in defaults:
+      raise ConfigError(f"unknown config argument {name!r}; this config accepts: "
+                        f"{', '.join(sorted(defaults)) or 'nothing'}")
+    if not sep:
+      if not isinstance(defaults[name], bool):
+        raise ConfigError(f"config argument {name!r} needs a value ({name}=...)")
+      values[name] = True
+    else:
+      values[name] = _parse_value(text.strip(), defaults[name], name)
+  return ml_collections.ConfigDict(values)
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _normalise_override(item: str) -> str:
+  item = item.strip()
+  if item.startswith("--config."):
+    return item
+  if item.startswith("config."):
+    return "--" + item
+  return "--config." + item
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads ``path.py[:arg]`` and applies overrides (``"train.steps=10"`` or ``"--config.x=y"``).
+
+  The result is validated and locked: reading or setting a key that does not exist raises.
+  """
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found (give a path such as configs/t2i.py, "
+                      f"optionally followed by :arg)")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  argv = ["ldm-scaling", f"--config={spec}"]
+  for item in overrides:
+    argv.append(_normalise_override(item))
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
+  try:
+    fv(argv)
+    config = fv.config
+  except ConfigError:
+    raise
+  except flags.UnrecognizedFlagError as e:
+    raise ConfigError(f"{e}; known keys are listed by `ldm-scaling config --config {spec}`") from None
+  except (AttributeError, KeyError) as e:
+    bad = _first_unknown_override(spec, overrides)
+    raise ConfigError(f"unknown config key {bad or e}; run `ldm-scaling config --config {spec}` "
+                      f"to list the keys") from None
+  except (flags.IllegalFlagValueError, TypeError, ValueError) as e:
+    raise ConfigError(_inner_message(e)) from None
+  validate(config)
+  return config
+
+
+def _inner_message(error: Exception) -> str:
+  """absl wraps errors raised inside ``get_config`` in a flag error carrying the traceback text;
+  surface the original message (ours or Python's) instead."""
+  text = str(error)
+  match = re.search(r"ConfigError: (.+)", text)
+  if match:
+    return match.group(1).strip()
+  if "Error whilst parsing config file" in text:
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return f"config file failed to load: {last.strip()}"
+  return f"bad config value: {text}"
+
+
+def _first_unknown_override(spec: str, overrides: Iterable[str]) -> str | None:
+  schema = flatten(base_config())
+  for item in overrides:
+    key = _normalise_override(item)[len("--config."):].split("=", 1)[0]
+    if key not in schema and not any(k.startswith(key + ".") for k in schema):
+      return repr(key)
+  return None
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """``{"model.width": 320, ...}`` for every leaf key."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Validation: schema first (unknown keys, types), then each section's own checks.
+
+
+def _same_type(default: Any, value: Any) -> bool:
+  if default is None or value is None:
+    return True
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(default, bool) and isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, tuple):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first bad key. Runs before anything is compiled."""
+  schema = flatten(base_config())
+  values = flatten(config)
+  for key, value in values.items():
+    if key not in schema:
+      section = key.rsplit(".", 1)[0]
+      known = sorted(k for k in schema if k.startswith(section + "."))
+      raise ConfigError(f"unknown config key {key!r}"
+                        + (f"; keys in {section!r}: {', '.join(known)}" if known else ""))
+    if not _same_type(schema[key], value):
+      raise ConfigError(f"config key {key!r} must be {type(schema[key]).__name__}, "
+                        f"got {value!r}")
+  missing = sorted(set(schema) - set(values))
+  if missing:
+    raise ConfigError(f"config is missing keys {missing}; start config files from base_config()")
+
+  for key in ("train.steps", "train.batch_size"):
+    if values[key] < 1:
+      raise ConfigError(f"{key} must be >= 1, got {values[key]}")
+  for s in config.eval.steps:
+    if int(s) < 1:
+      raise ConfigError(f"eval.steps must all be >= 1, got {tuple(config.eval.steps)}")
+
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  models.validate(config.model)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short stable hash of the whole config (stamped on workdirs and results rows)."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=list)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,29 @@
+"""Networks chosen by name from a config: the denoising UNet (and later VAE, text encoder)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ldm_scaling.config import ConfigError
+from ldm_scaling.models import unet
+
+# name -> (build from a model section, validate a model section)
+MODELS = {
+    "unet": (unet.from_config, unet.validate),
+}
+
+
+def _entry(cfg: ml_collections.ConfigDict):
+  try:
+    return MODELS[cfg.name]
+  except KeyError:
+    raise ConfigError(f"unknown model.name {cfg.name!r}; available: {', '.join(MODELS)}") from None
+
+
+def build(cfg: ml_collections.ConfigDict):
+  """The flax module described by a config's ``model`` section."""
+  return _entry(cfg)[0](cfg)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  _entry(cfg)[1](cfg)
