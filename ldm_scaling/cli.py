@@ -86,6 +86,40 @@ def cmd_config(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  from ldm_scaling.train import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  config = _load_config(args)
+  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    result = trainer.train(config, args.workdir)
+  except trainer.NonFiniteError as e:
+    print(f"ldm-scaling train: stopped: {e}", file=sys.stderr)
+    return 3
+  print(f"ldm-scaling train: {result.stopped} at step {result.step} ({args.workdir})")
+  return 0
+
+
+def _floats(text: str) -> list[float]:
+  try:
+    return [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ConfigError(f"--cfg-scale {text!r}: expected numbers like 7.5 or 1,3,7.5") from None
+
+
+def cmd_sample(args) -> int:
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  config = _load_config(args)
+  summary = generate.main(
+      config, prompts=args.prompt or [generate.DEFAULT_PROMPT], sampler=args.sampler,
+      steps=args.steps, cfg_scales=_floats(args.cfg_scale) if args.cfg_scale else None,
+      seed=args.seed, out=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+      latent_size=args.latent_size, step_progress=args.step_progress,
+      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  print(json.dumps(summary))
+  return 0
+
+
 # -------------------------------------------------------------------------------------------------
 
 
@@ -120,6 +154,44 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_arg(p, required=True)
   p.add_argument("--json", action="store_true", help="print as JSON")
   p.set_defaults(func=cmd_config)
+  p = sub.add_parser("train", help="train (or resume) a config in a workdir",
+                     description="Trains the config's objective in --workdir, resuming from its "
+                     "latest complete checkpoint. SIGTERM saves a checkpoint and exits 0. On TPU "
+                     "VMs, multi-host is detected; elsewhere pass the three coordinator flags.")
+  _add_config_arg(p, required=True)
+  p.add_argument("--workdir", required=True, help="run directory (local path or gs://...); "
+                 "checkpoints, config.json, metrics.jsonl and TensorBoard events go here")
+  p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+  p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
+  p.add_argument("--process-id", type=int, help="this process's index (multi-process runs)")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("sample", help="sample a PNG grid (one image per prompt x guidance scale)",
+                     description="Samples one image per (prompt, guidance scale) with a config's "
+                     "schedule and parametrisation; the whole trajectory is one compiled program. "
+                     "Until checkpoints, text encoder and VAE exist: a random-init UNet, random "
+                     "per-prompt context vectors and latents instead of images, all labelled so.")
+  _add_config_arg(p, required=True)
+  p.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+  p.add_argument("--sampler", help="ddim | ddpm | dpm++ | euler (default: eval.samplers[0])")
+  p.add_argument("--steps", type=int, help="sampling steps (default: eval.steps[0])")
+  p.add_argument("--cfg-scale", help="guidance scale(s), comma-separated: one grid column each "
+                 "(default: eval.cfg_scales)")
+  p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same images)")
+  p.add_argument("--out", default="samples.png", help="PNG grid to write")
+  p.add_argument("--checkpoint", help="trainer checkpoint to sample from (not supported yet)")
+  p.add_argument("--batch-size", type=int, default=8, help="images per compiled batch")
+  p.add_argument("--latent-size", type=int, help="latent side (default: data.resolution / 8)")
+  p.add_argument("--step-progress", action="store_true",
+                 help="report every ~10%% of the steps from inside the compiled program")
+  p.set_defaults(func=cmd_sample)
+
+  from ldm_scaling.eval import commands as eval_commands  # pylint: disable=g-import-not-at-top
+  eval_commands.add_parsers(sub)  # fid, fid-weights
+  from ldm_scaling.data import commands as data_commands  # pylint: disable=g-import-not-at-top
+  data_commands.add_parsers(sub)  # prepare-data
+  from ldm_scaling.models import commands as model_commands  # pylint: disable=g-import-not-at-top
+  model_commands.add_parsers(sub)  # train-clip, train-vae
   return parser
 
 

@@ -64,23 +64,121 @@ def base_config() -> ml_collections.ConfigDict:
       count_uncond_pass=False,
   ))
 
+  # The forward process, parametrisation and loss (ldm_scaling.diffusion, docs/diffusion.md).
   c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="scaled_linear",
+      schedule="scaled_linear",     # scaled_linear (SD) | linear | cosine | rectified_flow
       num_train_timesteps=1000,
-      prediction="eps",
+      beta_start=0.00085,           # SD's betas; DDPM's linear schedule used 1e-4 .. 0.02
+      beta_end=0.012,
+      zero_terminal_snr=False,      # rescale betas so alpha_bar[T-1] = 0 (needs prediction v/x0)
+      flow_shift=1.0,               # rectified_flow: SD3's sigma shift (SD3 uses 3.0)
+      prediction="eps",             # eps | v | x0 | flow (rectified_flow only)
+      loss_weighting="uniform",     # uniform | min_snr
+      min_snr_gamma=5.0,
+      timestep_spacing="leading",   # leading | trailing | linspace (diffusers' set_timesteps)
+      steps_offset=1,               # added to leading timesteps (SD: 1)
+      set_alpha_to_one=False,       # ddim: the last step lands on alpha_bar = 1 (else [0]; SD)
   ))
 
+  # Images + captions and the grain pipeline (ldm_scaling.data, docs/data.md).
   c.data = ml_collections.ConfigDict(dict(
-      name="shapes",                # embedded procedural captioned dataset
+      name="shapes",                # shapes (embedded) | folder:<manifest> | latents:<dir> | tfds name
       resolution=64,                # pixels; latent_size = resolution / vae downsampling
-      caption_dropout=0.1,
+      caption_dropout=0.1,          # training captions replaced by "" (CFG's unconditional)
+      crop="center",                # center | random (training split; eval is always center)
+      flip="none",                  # none | random | caption_aware (swaps left/right in captions)
+      train_split="train",
+      eval_split="test",            # held-out split (coco_captions: val)
+      data_dir="",                  # tfds data_dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      shapes_sizes=(20_000, 2_000),  # embedded dataset: (train, test) examples
+      bad_examples="error",         # folder data: error | skip (skipped rows are counted)
+      min_image_size=16,            # folder data: shorter side below this is a bad example
+      prepare_workers=0,            # folder data: threads checking images (0 = all cores)
+      threads=4,                    # grain read threads
+      prefetch=64,                  # grain prefetch buffer (examples)
+      workers=0,                    # grain worker processes (0 = none; > 0 needs a __main__ guard)
+  ))
+
+  # Text conditioning (ldm_scaling.models.text, docs/conditioning.md): a frozen CLIP text tower.
+  c.text = ml_collections.ConfigDict(dict(
+      encoder="stabilityai/stable-diffusion-2-1-base",  # hub id | local dir | clip-small (offline)
+      subfolder="text_encoder",     # inside a diffusers pipeline repo/dir; "" for a plain checkpoint
+      tokenizer="",                 # "" = next to the encoder; bpe = the vocab shipped here; id | dir
+      max_length=77,
+      dtype="float32",
+  ))
+
+  # The small CLIP the project trains offline (text.encoder=clip-small; CLIP-score stand-in).
+  c.clip = ml_collections.ConfigDict(dict(
+      dir="",                       # "" = ~/.cache/ldm_scaling/clip/<hash of this section + data>
+      width=128,                    # text hidden size = the UNet's cross_attn_dim
+      layers=2,
+      heads=2,
+      vision_width=128,
+      vision_layers=2,
+      vision_heads=2,
+      image_size=32,
+      patch_size=4,
+      embed_dim=128,                # joint (projection) space
+      max_length=77,                # text positions
+      train_length=32,              # tokens per caption while training (captions here are short)
+      steps=600,
+      batch_size=128,
+      lr=1e-3,
+      warmup_steps=50,
+      seed=0,
+  ))
+
+  # KL autoencoder (ldm_scaling.models.vae): SD's AutoencoderKL topology at any size.
+  c.vae = ml_collections.ConfigDict(dict(
+      weights="stabilityai/stable-diffusion-2-1-base",  # hub id | dir | .safetensors | trained
+      subfolder="vae",              # inside a diffusers pipeline repo/dir
+      dir="",                       # weights=trained: "" = ~/.cache/ldm_scaling/vae/<hash>
+      width=128,                    # block_out_channels = width * channel_mult (SD: 128,256,512,512)
+      channel_mult=(1, 2, 4, 4),    # down factor = 2**(len - 1)
+      layers_per_block=2,
+      latent_channels=4,
+      norm_groups=32,
+      mid_attention=True,
+      scaling_factor=0.0,           # 0: stored with the weights (computed after training); > 0 wins
+      steps=2000,                   # weights=trained: training
+      batch_size=32,
+      lr=1e-3,
+      kl_weight=1e-6,               # SD's: KL summed over latents vs reconstruction summed over pixels
+      rec_loss="l1",                # l1 | l2
+      seed=0,
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=500_000,
-      batch_size=2048,
+      steps=500_000,                # optimizer updates (Mei et al.: 500K at batch 2048, lr 1e-4)
+      batch_size=2048,              # global batch, split over data x fsdp and over hosts
       lr=1e-4,
       seed=0,
+      schedule="constant",          # constant | cosine | linear (after warmup)
+      warmup_steps=1000,
+      end_lr_factor=0.0,            # cosine/linear: final lr = lr * end_lr_factor
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip=1.0,                # global-norm clipping; <= 0 disables
+      grad_accum_steps=1,           # micro-batches per update (scan inside the step)
+      ema_decay=0.9999,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,           # latest k, plus the best by best_metric
+      best_metric="loss",           # "" keeps only the latest k
+      async_checkpointing=True,
+      peak_tflops_per_device=0.0,   # > 0: report MFU against this peak
+      profile_steps=0,              # > 0: capture a profile of that many steps
+  ))
+
+  # Training objective (ldm_scaling.train.objectives): denoising, later distillation objectives.
+  c.objective = ml_collections.ConfigDict(dict(
+      name="denoising",
+      # pipeline: batches of images/latents + tokens, frozen VAE and text encoder run in the step;
+      # embeddings: batches of latents + text embeddings (precomputed, or synthetic in benchmarks)
+      inputs="pipeline",
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -88,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
       steps=(50,),
       cfg_scales=(7.5,),
       num_samples=30_000,
+      ddim_eta=0.0,                 # ddim sampler: 0 deterministic .. 1 DDPM-like noise
   ))
 
   # Device mesh: axis sizes; -1 takes the remaining devices.
@@ -283,6 +382,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   from ldm_scaling import models  # pylint: disable=g-import-not-at-top
   models.validate(config.model)
+  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
+  diffusion.validate(config)
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+  data.validate(config)
+  models.validate_conditioning(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -27,3 +27,11 @@ def build(cfg: ml_collections.ConfigDict):
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   _entry(cfg)[1](cfg)
+
+
+def validate_conditioning(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``text``, ``clip`` and ``vae`` sections against each other and the UNet."""
+  from ldm_scaling.models import clip, text, vae  # pylint: disable=g-import-not-at-top
+  text.validate(config)
+  clip.validate(config)
+  vae.validate(config)

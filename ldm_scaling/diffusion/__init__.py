@@ -1,0 +1,69 @@
+"""Diffusion core: schedules, parametrisations, training targets, samplers and guidance.
+
+* ``schedules``: the forward process (SD's scaled-linear, linear, cosine; rectified flow with
+  SD3's shift; zero-terminal-SNR rescale) and diffusers-exact inference grids;
+* ``parametrisation``: eps / v / x0 / flow predictions and exact conversions;
+* ``training``: denoising loss, targets, uniform and min-SNR-gamma weightings;
+* ``samplers``: the sampler registry (``ddim``, ``ddpm``, ``dpm++``, ``euler``);
+* ``guidance``: per-sample classifier-free guidance in one batched call;
+* ``sampling``: ``run`` / ``sample``: the whole trajectory as one compiled program, with cost.
+
+See docs/diffusion.md.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ldm_scaling.config import ConfigError
+from ldm_scaling.diffusion import parametrisation, samplers, schedules, training
+from ldm_scaling.diffusion.samplers import SAMPLERS, Options
+from ldm_scaling.diffusion.sampling import Samples, run, sample
+from ldm_scaling.diffusion.schedules import Schedule
+
+
+def schedule_from_config(cfg: ml_collections.ConfigDict) -> Schedule:
+  """The :class:`Schedule` of a config's ``diffusion`` section."""
+  return Schedule(
+      name=cfg.schedule, num_train_timesteps=int(cfg.num_train_timesteps),
+      beta_start=float(cfg.beta_start), beta_end=float(cfg.beta_end),
+      zero_terminal_snr=bool(cfg.zero_terminal_snr), flow_shift=float(cfg.flow_shift),
+      timestep_spacing=cfg.timestep_spacing, steps_offset=int(cfg.steps_offset),
+      set_alpha_to_one=bool(cfg.set_alpha_to_one))
+
+
+def options_from_config(config: ml_collections.ConfigDict) -> Options:
+  return Options(eta=float(config.eval.ddim_eta))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``diffusion`` section and the sampler settings of ``eval``; errors say what to
+  change. Called by ``ldm_scaling.config.validate``."""
+  d = config.diffusion
+  schedule = schedule_from_config(d)  # checks schedule, timesteps, spacing, betas, shift
+  parametrisation.check(d.prediction)
+  if d.prediction == "flow" and not schedule.is_flow:
+    raise ConfigError("diffusion.prediction='flow' is the rectified-flow velocity eps - x0 and "
+                      "needs diffusion.schedule='rectified_flow'; for a discrete schedule use "
+                      "'eps', 'v' or 'x0'")
+  if d.prediction == "eps" and d.zero_terminal_snr:
+    raise ConfigError("diffusion.zero_terminal_snr=True with prediction='eps' cannot work: at the "
+                      "terminal step alpha = 0 and the noise is the input itself, so x0 = "
+                      "(x - sigma * eps) / alpha is undefined; use prediction='v' (Lin et al. "
+                      "2023) or zero_terminal_snr=False")
+  if d.loss_weighting not in training.WEIGHTINGS:
+    raise ConfigError(f"unknown diffusion.loss_weighting {d.loss_weighting!r}; available: "
+                      f"{', '.join(training.WEIGHTINGS)}")
+  if d.min_snr_gamma <= 0:
+    raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
+  options = options_from_config(config)
+  for steps in config.eval.steps:
+    schedules.check_steps(int(steps), schedule)
+  for name in config.eval.samplers:
+    samplers.check(name, schedule, d.prediction, options)
+    for steps in config.eval.steps:  # host-side grids (milliseconds): catches what cannot work
+      samplers.build_grid(name, schedule, int(steps), d.prediction, options)
+
+
+__all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "parametrisation", "run", "sample",
+           "samplers", "schedule_from_config", "schedules", "training", "validate"]

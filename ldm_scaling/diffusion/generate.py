@@ -1,0 +1,249 @@
+"""``ldm-scaling sample``: prompts -> conditioning -> sampler -> decoder -> a labelled PNG grid.
+
+Conditioning (prompts -> context embeddings, and the empty prompt's for guidance) and decoding
+(latents -> images) are pluggable :class:`Conditioning` / :class:`Decoding` values, each with a
+label that is printed and drawn on the grid. Until the text encoder and VAE exist (issue 5) and
+the trainer writes checkpoints, the defaults say exactly what they are: a random-init UNet,
+deterministic *random* per-prompt context vectors (not text conditioning), and the raw latents
+(first 3 channels, normalised per image) instead of decoded images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_scaling.config import ConfigError
+
+VAE_DOWNSAMPLE = 8  # SD's KL-f8 VAE: latent side = image side / 8 (when no vae section says)
+DEFAULT_PROMPT = "a red circle above a blue square"
+
+
+def _vae_downsample(config) -> int:
+  if "vae" in config:
+    return 2 ** (len(config.vae.channel_mult) - 1)
+  return VAE_DOWNSAMPLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  encode: Callable[[Sequence[str]], np.ndarray]  # prompts -> (B, L, D) float32 context
+  label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  decode: Callable[[np.ndarray], np.ndarray]  # latents (B, h, w, C) -> uint8 (B, H, W, 3)
+  label: str
+
+
+def random_conditioning(text_len: int, dim: int) -> Conditioning:
+  """A stand-in text encoder: each prompt maps to fixed random vectors seeded by its SHA-256, so
+  the same prompt always gets the same context (and "" the same unconditional one)."""
+  def encode(prompts):
+    out = []
+    for p in prompts:
+      seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+      out.append(np.random.default_rng(seed).standard_normal((text_len, dim), np.float32))
+    return np.stack(out)
+  return Conditioning(encode, "RANDOM per-prompt context vectors (no text encoder yet): not "
+                              "text conditioning")
+
+
+def latent_preview() -> Decoding:
+  """Latents shown as an image: the first 3 channels, each image min-max normalised."""
+  def decode(latents):
+    x = np.asarray(latents, np.float32)[..., :3]
+    if x.shape[-1] < 3:
+      x = np.concatenate([x] + [x[..., :1]] * (3 - x.shape[-1]), axis=-1)
+    lo = x.min(axis=(1, 2, 3), keepdims=True)
+    hi = x.max(axis=(1, 2, 3), keepdims=True)
+    return np.round(255 * (x - lo) / np.maximum(hi - lo, 1e-8)).astype(np.uint8)
+  return Decoding(decode, "latents (no VAE yet)")
+
+
+def random_init(config, seed: int):
+  """A random-init UNet: (apply_fn(params, x, t, context), params). Parameter shapes do not depend
+  on the input size, so init runs on the smallest valid input."""
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  model = models.build(config.model)
+  side = 2 ** (len(config.model.channel_mult) - 1)
+  x = jnp.zeros((1, side, side, config.model.in_channels), jnp.float32)
+  ctx = jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
+  return _unet_apply(model), params
+
+
+_APPLY = {}
+
+
+def _unet_apply(model):
+  """One apply function per model (the compiled-program cache is keyed on it)."""
+  if model not in _APPLY:
+    _APPLY[model] = lambda params, x, t, ctx: model.apply({"params": params}, x, t, ctx)
+  return _APPLY[model]
+
+
+@dataclasses.dataclass
+class Result:
+  images: np.ndarray      # (prompts * scales, H, W, 3) uint8, prompt-major
+  latents: np.ndarray     # (prompts * scales, h, w, C)
+  cost: np.ndarray        # sampling cost per image
+  seconds: float
+  compile_s: float
+
+
+def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, steps: int,
+             cfg_scales: Sequence[float], seed: int, batch_size: int, latent_size: int,
+             conditioning: Conditioning, decoding: Decoding, norm_cost: float | None = None,
+             step_progress: bool = False, log: Callable[[str], None] = print) -> Result:
+  """One image per (prompt, scale), prompt-major. All scales of a prompt share its initial noise
+  and sampler key (``fold_in(key(seed), prompt index)``), so a row is a clean CFG sweep; a batch
+  mixes scales in one compiled program. The last batch is padded, so everything compiles once."""
+  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
+  _check_request(config, prompts, batch_size, latent_size)
+  cells = [(p, float(w)) for p in range(len(prompts)) for w in cfg_scales]
+  base = jax.random.key(seed)
+  shape = (latent_size, latent_size, config.model.in_channels)
+  context = conditioning.encode(list(prompts))
+  uncond = conditioning.encode([""])
+  if norm_cost is None:
+    norm_cost = costlib.model_cost(config.model, config.cost).norm_cost
+  on_step = _step_logger(steps, log) if step_progress else None
+
+  chunks = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
+  latents, costs, compile_s, run_s, start = [], [], 0.0, 0.0, time.perf_counter()
+  for k, chunk in enumerate(chunks):
+    n = len(chunk)
+    padded = chunk + [chunk[-1]] * (batch_size - n) if len(chunks) > 1 else chunk
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.array([p for p, _ in padded]))
+    noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, 0), shape))(keys)
+    step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
+    out = diffusion.sample(
+        config, apply_fn, params, noise, context[[p for p, _ in padded]], key=step_keys,
+        uncond_context=uncond, cfg_scale=np.array([w for _, w in padded], np.float32),
+        sampler=sampler, steps=steps, norm_cost=norm_cost, on_step=on_step, log=log)
+    compile_s += out.compile_s
+    run_s += out.run_s
+    latents.append(np.asarray(out.x)[:n])
+    costs.append(out.cost[:n])
+    done = sum(len(c) for c in chunks[:k + 1])
+    if len(chunks) > 1:
+      eta = run_s / (k + 1) * (len(chunks) - k - 1)
+      log(f"batch {k + 1}/{len(chunks)}: {done}/{len(cells)} images, {out.run_s:.1f} s this "
+          f"batch, ETA {eta:.0f} s")
+  seconds = time.perf_counter() - start
+  latents = np.concatenate(latents)
+  log(f"sampled {len(cells)} images in {seconds - compile_s:.1f} s "
+      f"(+ {compile_s:.1f} s compiling)")
+  return Result(images=decoding.decode(latents), latents=latents, cost=np.concatenate(costs),
+                seconds=seconds, compile_s=compile_s)
+
+
+def _check_request(config, prompts, batch_size: int, latent_size: int) -> None:
+  if not prompts:
+    raise ConfigError("give at least one prompt")
+  if batch_size < 1:
+    raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+  down = 2 ** (len(config.model.channel_mult) - 1)
+  if latent_size < 1 or latent_size % down:
+    raise ConfigError(f"latent size {latent_size} must be a positive multiple of {down} (the "
+                      f"UNet downsamples {len(config.model.channel_mult) - 1} times)")
+
+
+def _step_logger(steps: int, log):
+  every = max(1, steps // 10)
+
+  def on_step(i):
+    i = int(i)
+    if (i + 1) % every == 0 or i + 1 == steps:
+      log(f"  step {i + 1}/{steps}")
+  return on_step
+
+
+def save_grid(path: str, images: np.ndarray, row_labels: Sequence[str],
+              col_labels: Sequence[str], header: Sequence[str], min_cell: int = 96) -> None:
+  """Writes a labelled grid (rows x cols cells, row-major ``images``) as PNG."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  rows, cols = len(row_labels), len(col_labels)
+  h, w = images.shape[1:3]
+  scale = max(1, math.ceil(min_cell / min(h, w)))
+  ch, cw = h * scale, w * scale
+  line, pad, left = 12, 4, 150
+  top = pad + line * (len(header) + 1) + pad
+  width = max(left + cols * (cw + pad) + pad, 7 * max(len(s) for s in header) + 2 * pad)
+  canvas = Image.new("RGB", (width, top + rows * (ch + pad) + pad), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, text in enumerate(header):
+    draw.text((pad, pad + i * line), text, fill="black")
+  for c, text in enumerate(col_labels):
+    draw.text((left + c * (cw + pad), top - line - 2), text, fill="black")
+  for r, text in enumerate(row_labels):
+    y = top + r * (ch + pad)
+    for j in range(0, min(len(text), 4 * 22), 22):
+      draw.text((pad, y + (j // 22) * line), text[j:j + 22], fill="black")
+    for c in range(cols):
+      cell = Image.fromarray(images[r * cols + c]).resize((cw, ch), Image.NEAREST)
+      canvas.paste(cell, (left + c * (cw + pad), y))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)
+
+
+def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | None,
+         cfg_scales: Sequence[float] | None, seed: int, out: str, checkpoint: str | None,
+         batch_size: int, latent_size: int | None, step_progress: bool = False,
+         log: Callable[[str], None] = print) -> dict:
+  """What ``ldm-scaling sample`` does; returns the summary it prints as JSON."""
+  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
+  if checkpoint:
+    raise ConfigError("--checkpoint is not supported yet: no trainer checkpoints exist (the "
+                      "trainer issue adds them); omit it to sample from a random-init UNet")
+  sampler = sampler or config.eval.samplers[0]
+  steps = int(steps if steps is not None else config.eval.steps[0])
+  cfg_scales = [float(w) for w in (cfg_scales or config.eval.cfg_scales)]
+  latent_size = latent_size or config.data.resolution // _vae_downsample(config)
+  # Everything that can be checked without compiling is checked first.
+  _check_request(config, prompts, batch_size, latent_size)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  diffusion.samplers.build_grid(sampler, schedule, steps, config.diffusion.prediction,
+                                diffusion.options_from_config(config))
+
+  text_len = config.text.max_length if "text" in config else config.cost.text_len
+  conditioning = random_conditioning(text_len, config.model.cross_attn_dim)
+  decoding = latent_preview()
+  weights = (f"random-init UNet (width {config.model.width}, seed {config.train.seed}; "
+             f"no checkpoint)")
+  log(f"model: {weights}")
+  log(f"conditioning: {conditioning.label}")
+  log(f"output: {decoding.label}")
+  log("initialising the UNet...")
+  apply_fn, params = random_init(config, config.train.seed)
+  norm_cost = costlib.model_cost(config.model, config.cost).norm_cost
+  log(f"sampling {len(prompts)} prompt(s) x {len(cfg_scales)} guidance scale(s) with {sampler}, "
+      f"{steps} steps, {latent_size}x{latent_size} latents, seed {seed}")
+  result = generate(config, prompts, apply_fn=apply_fn, params=params, sampler=sampler,
+                    steps=steps, cfg_scales=cfg_scales, seed=seed, batch_size=batch_size,
+                    latent_size=latent_size, conditioning=conditioning, decoding=decoding,
+                    norm_cost=norm_cost, step_progress=step_progress, log=log)
+  header = [f"{decoding.label} | {weights}", conditioning.label,
+            f"{sampler}, {steps} steps, seed {seed}"]
+  save_grid(out, result.images, list(prompts), [f"cfg {w:g}" for w in cfg_scales], header)
+  cost_by_scale = {f"{w:g}": float(c) for w, c in zip(cfg_scales, result.cost[:len(cfg_scales)])}
+  log(f"wrote {out}; sampling cost per image (normalised cost {norm_cost:.4f} x {steps} steps"
+      f"{' x 2 for guided steps' if config.cost.count_uncond_pass else ''}): {cost_by_scale}")
+  return dict(out=out, images=int(len(result.images)), prompts=list(prompts), sampler=sampler,
+              steps=steps, cfg_scales=cfg_scales, seed=seed, latent_size=latent_size,
+              norm_cost=norm_cost, sampling_cost=cost_by_scale, model=weights,
+              conditioning=conditioning.label, decoder=decoding.label,
+              seconds=round(result.seconds, 3), compile_seconds=round(result.compile_s, 3))
+
