@@ -109,7 +109,7 @@ def _floats(text: str) -> list[float]:
 
 def cmd_sample(args) -> int:
   from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  config = _load_config(args)
+  config = _load_config(args, required=not args.checkpoint)
   summary = generate.main(
       config, prompts=args.prompt or [generate.DEFAULT_PROMPT], sampler=args.sampler,
       steps=args.steps, cfg_scales=_floats(args.cfg_scale) if args.cfg_scale else None,
@@ -169,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("sample", help="sample a PNG grid (one image per prompt x guidance scale)",
                      description="Samples one image per (prompt, guidance scale) with a config's "
                      "schedule and parametrisation; the whole trajectory is one compiled program. "
-                     "Until checkpoints, text encoder and VAE exist: a random-init UNet, random "
-                     "per-prompt context vectors and latents instead of images, all labelled so.")
-  _add_config_arg(p, required=True)
+                     "With --checkpoint WORKDIR: the run's EMA UNet, text encoder and VAE (the "
+                     "run's config; --config is optional). Without: a random-init UNet and, if the "
+                     "config's text encoder / VAE cannot be loaded, random per-prompt context "
+                     "vectors and latents instead of images, all labelled so.")
+  _add_config_arg(p, required=False)
   p.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
   p.add_argument("--sampler", help="ddim | ddpm | dpm++ | euler (default: eval.samplers[0])")
   p.add_argument("--steps", type=int, help="sampling steps (default: eval.steps[0])")
@@ -179,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: eval.cfg_scales)")
   p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same images)")
   p.add_argument("--out", default="samples.png", help="PNG grid to write")
-  p.add_argument("--checkpoint", help="trainer checkpoint to sample from (not supported yet)")
+  p.add_argument("--checkpoint", metavar="WORKDIR",
+                 help="a training workdir: sample its latest checkpoint's EMA weights")
   p.add_argument("--batch-size", type=int, default=8, help="images per compiled batch")
-  p.add_argument("--latent-size", type=int, help="latent side (default: data.resolution / 8)")
+  p.add_argument("--latent-size", type=int,
+                 help="latent side (default: data.resolution / the VAE's down factor)")
   p.add_argument("--step-progress", action="store_true",
                  help="report every ~10%% of the steps from inside the compiled program")
   p.set_defaults(func=cmd_sample)
@@ -195,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Errors caused by the input (config, paths, data, weights): reported in one line, exit 2.
+  Anything else is a bug and keeps its traceback."""
+  from ldm_scaling.data import manifest, pipeline  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import fid, images  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import convert  # pylint: disable=g-import-not-at-top
+  return (ConfigError, FileNotFoundError, pipeline.DataError, manifest.ManifestError,
+          manifest.BadExampleError, convert.ConversionError, fid.StatsMismatchError,
+          images.ImageError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args, unknown = parser.parse_known_args(argv)
@@ -203,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     args.overrides = _split_overrides(unknown)
     return args.func(args)
-  except ConfigError as e:
+  except _user_errors() as e:
     print(f"ldm-scaling {args.command}: error: {e}", file=sys.stderr)
     return 2
 

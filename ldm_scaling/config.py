@@ -171,6 +171,10 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpointing=True,
       peak_tflops_per_device=0.0,   # > 0: report MFU against this peak
       profile_steps=0,              # > 0: capture a profile of that many steps
+      sample_every=0,               # > 0: write a sample grid of the EMA every N steps
+      sample_prompts=(),            # () = the first 8 captions of data.eval_split
+      sample_steps=20,              # with eval.samplers[0]
+      sample_cfg=3.0,
   ))
 
   # Training objective (ldm_scaling.train.objectives): denoising, later distillation objectives.
@@ -387,6 +391,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ldm_scaling import data  # pylint: disable=g-import-not-at-top
   data.validate(config)
   models.validate_conditioning(config)
+  from ldm_scaling.train import objectives, optim  # pylint: disable=g-import-not-at-top
+  optim.validate(config.train)
+  objectives.validate(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -13,7 +13,8 @@ MLP = "mlp"              # output features (hidden units, GEGLU width, conv filt
 HEADS = "heads"          # attention projections: heads x head_dim, flattened
 CONTEXT = "context"      # text-embedding features entering cross-attention
 NORM = "norm"            # GroupNorm/LayerNorm scale and bias
-KERNEL = "kernel_space"  # spatial taps of a convolution
+KERNEL_H = "kernel_h"    # spatial taps of a convolution (rows)
+KERNEL_W = "kernel_w"    # (columns)
 
 # Activation axes.
 BATCH = "batch"
@@ -31,9 +32,102 @@ LOGICAL_RULES = (
     (MLP, "tensor"),
     (HEADS, "tensor"),
     (NORM, None),
-    (KERNEL, None),
+    (KERNEL_H, None),
+    (KERNEL_W, None),
     (LENGTH, None),
     (HEIGHT, None),
     (WIDTH, None),
     (CHANNELS, None),
 )
+
+
+# -------------------------------------------------------------------------------------------------
+# Meshes and shardings. Imports are local so that importing the names above stays free.
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """``{"data": -1, "fsdp": 2, "tensor": 1}`` -> concrete sizes for ``num_devices`` devices."""
+  from ldm_scaling.config import ConfigError  # pylint: disable=g-import-not-at-top
+  sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1 (fill), got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+  fixed = 1
+  for a, s in sizes.items():
+    if s != -1:
+      fixed *= s
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {sizes} does not fit {num_devices} devices: the fixed axes "
+                        f"({fixed} devices) must divide the device count")
+    sizes[free[0]] = num_devices // fixed
+  total = 1
+  for s in sizes.values():
+    total *= s
+  if total != num_devices:
+    raise ConfigError(f"mesh {sizes} needs {total} devices but {num_devices} are available; set "
+                      f"one axis to -1 (e.g. --config.mesh.data=-1) or change the sizes")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None):
+  """A ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), Auto axis types (jit-propagated
+  shardings, the modern form of pjit). ``jax.make_mesh`` orders devices along the TPU topology."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _fit(spec, shape, mesh):
+  """Drops mesh axes that do not divide a dimension (that dimension is then replicated), so any
+  width runs on any mesh; the big, divisible weights stay sharded."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for n in names:
+      size *= mesh.shape[n]
+    out.append(axes if names and dim % size == 0 else None)
+  return jax.sharding.PartitionSpec(*out)
+
+
+def unbox(tree):
+  """Strips flax's logical-axis boxes without adding sharding constraints (placement is decided
+  by ``tree_shardings``, which also handles dimensions a mesh axis does not divide)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
+def tree_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a (possibly boxed) abstract tree: logical names -> mesh axes by ``rules``,
+  unannotated leaves replicated, non-dividing axes dropped."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = unbox(abstract_boxed)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  return jax.tree.map(
+      lambda spec, leaf: jax.sharding.NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+      mesh_specs, shapes, is_leaf=is_spec)
+
+
+def batch_sharding(mesh, ndim: int = 1):
+  """Leading (batch) axis split over data x fsdp, the rest replicated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -28,3 +28,27 @@ def tiny_config(width: int = 32, cross_attn_dim: int = 24):
 @pytest.fixture
 def repo_dir():
   return REPO
+
+
+class Offline:
+  """The offline components trained once per test session (the real recipes, fewer steps):
+  ``config`` points at them (data.data_dir, clip.dir, vae.dir); logs say what training did."""
+
+  def __init__(self, root):
+    from ldm_scaling.models import clip, offline, vae_train  # pylint: disable=g-import-not-at-top
+    config = offline.apply(cfglib.base_config())
+    config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
+    config.clip.update(steps=150, batch_size=64, lr=1e-3, dir=str(root / "clip"))
+    config.vae.update(steps=300, batch_size=32, lr=2e-3, dir=str(root / "vae"))
+    cfglib.validate(config)
+    self.config = config
+    self.clip_logs, self.vae_logs = [], []
+    self.clip_dir = clip.ensure_clip(config, log=self.clip_logs.append)
+    self.vae_dir = vae_train.ensure_vae(config, log=self.vae_logs.append)
+
+
+@pytest.fixture(scope="session")
+def offline_components(tmp_path_factory):
+  """Embedded data + small CLIP (150 steps) + small VAE (300 steps), shared by every test that
+  needs conditioning (quality tests, trainer, sampling, evaluation, the study)."""
+  return Offline(tmp_path_factory.mktemp("offline"))

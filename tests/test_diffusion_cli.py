@@ -68,13 +68,13 @@ def test_random_conditioning_and_latent_preview_are_deterministic_and_labelled()
   assert a.shape == (2, 7, 5) and a.dtype == np.float32
   np.testing.assert_array_equal(a[0], b[0])
   assert not np.allclose(a[0], a[1])
-  assert "RANDOM" in cond.label and "no text encoder" in cond.label
+  assert "RANDOM" in cond.label and "no text encoder loaded" in cond.label
   dec = generate.latent_preview()
   lat = np.random.RandomState(0).randn(2, 4, 4, 4).astype(np.float32)
   img = dec.decode(lat)
   assert img.shape == (2, 4, 4, 3) and img.dtype == np.uint8
   assert img.min() == 0 and img.max() == 255
-  assert dec.label == "latents (no VAE yet)"
+  assert dec.label == "latents (no VAE loaded)"
 
 
 def test_sample_command_writes_a_labelled_png_grid(tmp_path, capsys):
@@ -86,13 +86,13 @@ def test_sample_command_writes_a_labelled_png_grid(tmp_path, capsys):
   captured = capsys.readouterr()
   summary = json.loads(captured.out.strip().splitlines()[-1])
   assert summary["images"] == 6 and summary["sampler"] == "dpm++" and summary["steps"] == 3
-  assert summary["decoder"] == "latents (no VAE yet)"
+  assert summary["decoder"] == "latents (no VAE loaded)"
   assert "RANDOM" in summary["conditioning"] and "random-init" in summary["model"]
   n = summary["norm_cost"]
   assert summary["sampling_cost"] == {"1": pytest.approx(3 * n), "5": pytest.approx(3 * n)}
   log = captured.err
   assert "batch 3/3" in log and "ETA" in log
-  assert "sampled 6 images" in log and "latents (no VAE yet)" in log
+  assert "sampled 6 images" in log and "latents (no VAE loaded)" in log
   image = Image.open(out)
   assert image.mode == "RGB" and image.size[0] > 2 * 96 and image.size[1] > 3 * 96
   # Same seed, same images.
@@ -102,7 +102,7 @@ def test_sample_command_writes_a_labelled_png_grid(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--checkpoint", "/tmp/ckpt"], "not supported yet: no trainer checkpoints exist"),
+    (["--checkpoint", "/tmp/no_such_run"], "is not a training workdir (no config.json)"),
     (["--sampler", "heun"], "unknown sampler 'heun'"),
     (["--steps", "0"], "sampling steps must be a positive integer, got 0"),
     (["--cfg-scale", "high"], "expected numbers like 7.5"),

@@ -11,16 +11,11 @@ from ldm_scaling import config as cfglib
 from ldm_scaling.models import clip, offline, text
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("clip")
-  config = offline.apply(cfglib.base_config())
-  config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
-  config.clip.update(steps=150, batch_size=64, lr=1e-3, dir=str(root / "clip"))
-  cfglib.validate(config)
-  logs = []
-  directory = clip.ensure_clip(config, log=logs.append)
-  return config, directory, logs
+@pytest.fixture
+def trained(offline_components):
+  """The session's CLIP, trained for 150 steps on the embedded dataset."""
+  o = offline_components
+  return o.config, o.clip_dir, o.clip_logs
 
 
 def test_retrieval_far_above_chance(trained):

@@ -110,17 +110,12 @@ def test_import_saved_diffusers_vae(tmp_path):
     vae_lib.load_diffusers(_vae_cfg(weights=str(tmp_path / "empty"), subfolder=""))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A VAE trained for a short while on the embedded dataset (the real recipe, fewer steps)."""
-  root = tmp_path_factory.mktemp("vae")
-  config = offline.apply(cfglib.base_config())
-  config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
-  config.vae.update(steps=300, batch_size=32, lr=2e-3, dir=str(root / "vae"))
-  cfglib.validate(config)
-  logs = []
-  directory = vae_train.ensure_vae(config, log=logs.append)
-  return config, directory, logs
+@pytest.fixture
+def trained(offline_components):
+  """The session's VAE, trained for a short while on the embedded dataset (the real recipe,
+  fewer steps)."""
+  o = offline_components
+  return o.config, o.vae_dir, o.vae_logs
 
 
 def test_trained_vae_reconstructs_held_out_images(trained):

@@ -2,10 +2,11 @@
 
 Conditioning (prompts -> context embeddings, and the empty prompt's for guidance) and decoding
 (latents -> images) are pluggable :class:`Conditioning` / :class:`Decoding` values, each with a
-label that is printed and drawn on the grid. Until the text encoder and VAE exist (issue 5) and
-the trainer writes checkpoints, the defaults say exactly what they are: a random-init UNet,
-deterministic *random* per-prompt context vectors (not text conditioning), and the raw latents
-(first 3 channels, normalised per image) instead of decoded images.
+label that is printed and drawn on the grid. From a trained run (``--checkpoint WORKDIR``) they are
+the run's text encoder and VAE and the UNet is its EMA. Without a checkpoint the UNet is a random
+init and, when the config's text encoder / VAE cannot be loaded, the stand-ins say exactly what
+they are: deterministic *random* per-prompt context vectors (not text conditioning) and the raw
+latents (first 3 channels, normalised per image).
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ import numpy as np
 
 from ldm_scaling.config import ConfigError
 
-VAE_DOWNSAMPLE = 8  # SD's KL-f8 VAE: latent side = image side / 8 (when no vae section says)
 DEFAULT_PROMPT = "a red circle above a blue square"
 
 
 def _vae_downsample(config) -> int:
-  if "vae" in config:
-    return 2 ** (len(config.vae.channel_mult) - 1)
-  return VAE_DOWNSAMPLE
+  return 2 ** (len(config.vae.channel_mult) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +52,8 @@ def random_conditioning(text_len: int, dim: int) -> Conditioning:
       seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
       out.append(np.random.default_rng(seed).standard_normal((text_len, dim), np.float32))
     return np.stack(out)
-  return Conditioning(encode, "RANDOM per-prompt context vectors (no text encoder yet): not "
-                              "text conditioning")
+  return Conditioning(encode, "RANDOM per-prompt context vectors (no text encoder loaded): "
+                              "not text conditioning")
 
 
 def latent_preview() -> Decoding:
@@ -67,7 +65,60 @@ def latent_preview() -> Decoding:
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     hi = x.max(axis=(1, 2, 3), keepdims=True)
     return np.round(255 * (x - lo) / np.maximum(hi - lo, 1e-8)).astype(np.uint8)
-  return Decoding(decode, "latents (no VAE yet)")
+  return Decoding(decode, "latents (no VAE loaded)")
+
+
+def text_conditioning(config) -> Conditioning:
+  """The config's frozen text encoder (e.g. the offline small CLIP's text tower)."""
+  from ldm_scaling.models import text  # pylint: disable=g-import-not-at-top
+  encoder = text.load_text_encoder(config)
+  return Conditioning(lambda prompts: encoder.embed_text(list(prompts)),
+                      f"text encoder {encoder.source}")
+
+
+def to_uint8(images) -> np.ndarray:
+  """Decoder output in [-1, 1] (unclipped) -> uint8."""
+  x = np.asarray(images, np.float32)
+  return np.round(np.clip((x + 1) * 127.5, 0, 255)).astype(np.uint8)
+
+
+def vae_decoding(config) -> Decoding:
+  """The config's VAE decoder (its scaling factor included)."""
+  from ldm_scaling.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  vae = vae_lib.load(config)
+  return Decoding(lambda latents: to_uint8(vae.decode_latents(latents)), f"VAE {vae.source}")
+
+
+def components(config, required: bool, log=print) -> tuple[Conditioning, Decoding]:
+  """(conditioning, decoding) of the config; the labelled stand-ins if ``required`` is False and
+  the real ones cannot be loaded (the reason is logged)."""
+  from ldm_scaling.models.text import WeightsError  # pylint: disable=g-import-not-at-top
+  try:
+    conditioning = text_conditioning(config)
+  except (WeightsError, OSError, ConfigError) as e:
+    if required:
+      raise
+    log(f"text encoder unavailable ({e}); using random context vectors")
+    conditioning = random_conditioning(config.text.max_length, config.model.cross_attn_dim)
+  try:
+    decoding = vae_decoding(config)
+  except (WeightsError, OSError, ConfigError) as e:
+    if required:
+      raise
+    log(f"VAE unavailable ({e}); showing latents")
+    decoding = latent_preview()
+  return conditioning, decoding
+
+
+def from_checkpoint(workdir: str, which: str = "ema"):
+  """(config, apply_fn, params, step) of a training run's latest checkpoint."""
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  config = checkpoint.load_run_config(workdir)
+  step, weights = checkpoint.load_weights(workdir, which=which)
+  if "unet" not in weights:
+    raise ConfigError(f"run {workdir!r} has no 'unet' network (it has {sorted(weights)})")
+  return config, unet_apply(models.build(config.model)), weights["unet"], step
 
 
 def random_init(config, seed: int):
@@ -79,13 +130,13 @@ def random_init(config, seed: int):
   x = jnp.zeros((1, side, side, config.model.in_channels), jnp.float32)
   ctx = jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32)
   params = jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
-  return _unet_apply(model), params
+  return unet_apply(model), params
 
 
 _APPLY = {}
 
 
-def _unet_apply(model):
+def unet_apply(model):
   """One apply function per model (the compiled-program cache is keyed on it)."""
   if model not in _APPLY:
     _APPLY[model] = lambda params, x, t, ctx: model.apply({"params": params}, x, t, ctx)
@@ -206,8 +257,10 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
   from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   if checkpoint:
-    raise ConfigError("--checkpoint is not supported yet: no trainer checkpoints exist (the "
-                      "trainer issue adds them); omit it to sample from a random-init UNet")
+    run_config, apply_fn, params, step = from_checkpoint(checkpoint)
+    if config is not None and config.model.to_dict() != run_config.model.to_dict():
+      log("note: the model section of --config differs from the run's; using the run's")
+    config = run_config
   sampler = sampler or config.eval.samplers[0]
   steps = int(steps if steps is not None else config.eval.steps[0])
   cfg_scales = [float(w) for w in (cfg_scales or config.eval.cfg_scales)]
@@ -218,16 +271,18 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
   diffusion.samplers.build_grid(sampler, schedule, steps, config.diffusion.prediction,
                                 diffusion.options_from_config(config))
 
-  text_len = config.text.max_length if "text" in config else config.cost.text_len
-  conditioning = random_conditioning(text_len, config.model.cross_attn_dim)
-  decoding = latent_preview()
-  weights = (f"random-init UNet (width {config.model.width}, seed {config.train.seed}; "
-             f"no checkpoint)")
+  conditioning, decoding = components(config, required=bool(checkpoint), log=log)
+  if checkpoint:
+    weights = f"EMA of {checkpoint} at step {step} (width {config.model.width})"
+  else:
+    weights = (f"random-init UNet (width {config.model.width}, seed {config.train.seed}; "
+               f"no checkpoint)")
   log(f"model: {weights}")
   log(f"conditioning: {conditioning.label}")
   log(f"output: {decoding.label}")
-  log("initialising the UNet...")
-  apply_fn, params = random_init(config, config.train.seed)
+  if not checkpoint:
+    log("initialising the UNet...")
+    apply_fn, params = random_init(config, config.train.seed)
   norm_cost = costlib.model_cost(config.model, config.cost).norm_cost
   log(f"sampling {len(prompts)} prompt(s) x {len(cfg_scales)} guidance scale(s) with {sampler}, "
       f"{steps} steps, {latent_size}x{latent_size} latents, seed {seed}")

@@ -215,7 +215,7 @@ def param_shapes() -> dict:
   model = InceptionV3()
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-  return nn.unbox(shapes)["params"]
+  return sh.unbox(shapes)["params"]
 
 
 def conv_names() -> Sequence[str]:

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import flax
 import numpy as np
 
+from ldm_scaling import sharding
+
 
 class ConversionError(ValueError):
   """A checkpoint whose keys or shapes do not fit the target model."""
@@ -51,7 +53,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], template: Any) -> dict:
   ``template`` is the params tree (arrays or ``jax.ShapeDtypeStruct``, boxed or not); the result
   has its structure, shapes and dtypes. Missing, unexpected and mis-shaped keys are all reported.
   """
-  target = flax.traverse_util.flatten_dict(flax.linen.unbox(template))
+  target = flax.traverse_util.flatten_dict(sharding.unbox(template))
   out, seen, unexpected, bad_shape = {}, set(), [], []
   for key, tensor in state_dict.items():
     array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)

@@ -19,13 +19,13 @@ import json
 import math
 from typing import Any, Iterable, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from ldm_scaling.config import ConfigError
 from ldm_scaling import models
+from ldm_scaling import sharding
 from ldm_scaling.models import unet
 
 # Mei et al. 2024, "Bigger is not Always Better", Table 1 (64x64x4 latent, f32). The paper rounds
@@ -69,7 +69,7 @@ def abstract_params(model_cfg: ml_collections.ConfigDict, cost_cfg: ml_collectio
 
 
 def count_params(params: Any) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(flax.linen.unbox(params))))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.unbox(params))))
 
 
 def _key(model_cfg, cost_cfg) -> str:
@@ -82,7 +82,7 @@ def _measure(key: str) -> tuple[int, float]:
   model_cfg = ml_collections.ConfigDict(model_dict)
   cost_cfg = ml_collections.ConfigDict(cost_dict)
   model = models.build(model_cfg)
-  params = flax.linen.unbox(abstract_params(model_cfg, cost_cfg))
+  params = sharding.unbox(abstract_params(model_cfg, cost_cfg))
   inputs = _abstract_inputs(model_cfg, cost_cfg)
   compiled = jax.jit(lambda p, *a: model.apply({"params": p}, *a)).lower(params, *inputs).compile()
   analysis = compiled.cost_analysis()

@@ -44,7 +44,7 @@ def conv(features: int, *, name: str, kernel_size: int = 3, stride: int = 1,
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=param_dtype,
-      kernel_init=_partitioned(KERNEL_INIT, (sh.KERNEL, sh.KERNEL) + tuple(axes)),
+      kernel_init=_partitioned(KERNEL_INIT, (sh.KERNEL_H, sh.KERNEL_W) + tuple(axes)),
       bias_init=_partitioned(nn.initializers.zeros_init(), (axes[1],)), name=name)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from ldm_scaling import sharding
 from ldm_scaling.models import vae as vae_lib
 
 PARAMS = "params.msgpack"
@@ -73,7 +74,7 @@ def load_trained(config: ml_collections.ConfigDict, directory: str | None = None
     stored = json.load(f)
   vae_lib.check_diffusers_config(config.vae, stored)
   module = vae_lib.from_config(config.vae)
-  template = flax.linen.unbox(vae_lib.abstract_params(module))
+  template = sharding.unbox(vae_lib.abstract_params(module))
   with open(params_path, "rb") as f:
     try:
       params = flax.serialization.from_bytes(template, f.read())
@@ -126,7 +127,7 @@ def train(config: ml_collections.ConfigDict, directory: str, log=print) -> dict[
                               seed=cfg.seed, process_index=0, process_count=1, tokenizer=None,
                               workers=0)
   r = config.data.resolution
-  params = flax.linen.unbox(jax.jit(module.init)(
+  params = sharding.unbox(jax.jit(module.init)(
       jax.random.key(cfg.seed), np.zeros((1, r, r, 3), np.float32))["params"])
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_lr_schedule(cfg)))
   opt_state = opt.init(params)

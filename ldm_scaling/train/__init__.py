@@ -1,0 +1,1 @@
+"""The generic trainer (``trainer.train``), its objectives, optimiser, checkpoints and metrics."""
