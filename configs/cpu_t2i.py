@@ -4,23 +4,39 @@ in minutes (see docs/training.md for the measured run).
 
   ldm-scaling train-clip --config configs/cpu_t2i.py      # once, minutes (skipped if present)
   ldm-scaling train-vae  --config configs/cpu_t2i.py      # once, minutes (skipped if present)
-  ldm-scaling train      --config configs/cpu_t2i.py:width=64 --workdir runs/cpu_w64
-  ldm-scaling sample     --checkpoint runs/cpu_w64 --prompt "a red circle" --cfg-scale 1,3,6
+  ldm-scaling train      --config configs/cpu_t2i.py:width=32 --workdir runs/cpu_w32
+  ldm-scaling sample     --checkpoint runs/cpu_w32 --prompt "a red circle" --cfg-scale 1,3,6
 
-Arguments: width (any multiple of 32; the paper's widths are TPU-sized, configs/t2i.py), steps.
+The UNet is the SD-2.x block design scaled down for 8x8 latents: 3 levels (widths c, 2c, 2c),
+one ResNet (+ transformer) per level and side, GroupNorm with 16 groups; width stays the scaling
+axis. Arguments: width (a multiple of 16), steps.
 """
 
 from ldm_scaling import config as cfglib
 from ldm_scaling.models import offline, unet
 
 
+CPU_UNET = dict(channel_mult=(1, 2, 2), attn_levels=(True, True, False), layers_per_block=1,
+                norm_groups=16)
+
+
+def cpu_model(config, width: int):
+  """The CPU-scale UNet at ``width`` (heads as the SD-2.x preset would choose them)."""
+  config.model.update(CPU_UNET)
+  config.model.update(unet.preset(width, CPU_UNET["channel_mult"]))
+  # Cost at the setting actually sampled (8x8 latents, the small CLIP's tokens), still
+  # normalised to width 320 of the same topology.
+  config.cost.update(latent_size=config.data.resolution // 4, text_len=config.text.max_length)
+  return config
+
+
 def get_config(arg=None):
-  arg = cfglib.parse_arg(arg, width=64, steps=3000)
+  arg = cfglib.parse_arg(arg, width=32, steps=2000)
   config = offline.apply(cfglib.base_config())
-  config.model.update(unet.preset(arg.width, config.model.channel_mult))
+  cpu_model(config, arg.width)
   config.train.update(
-      steps=arg.steps, batch_size=64, lr=1e-3, warmup_steps=200, schedule="cosine",
-      end_lr_factor=0.1, ema_decay=0.999, log_every=100, checkpoint_every=500,
-      sample_every=1000, sample_steps=20, sample_cfg=3.0)
+      steps=arg.steps, batch_size=64, lr=1e-3, warmup_steps=100, schedule="cosine",
+      end_lr_factor=0.1, ema_decay=0.995, log_every=100, checkpoint_every=500,
+      sample_every=500, sample_steps=20, sample_cfg=3.0)
   config.eval.update(samplers=("ddim",), steps=(20,), cfg_scales=(3.0,))
   return config

@@ -120,6 +120,20 @@ def cmd_sample(args) -> int:
   return 0
 
 
+def cmd_eval(args) -> int:
+  """Without --config, each run's own eval section defines its grid."""
+  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
+  config = _load_config(args, required=False)
+  try:
+    index, count = (int(x) for x in args.shard.split("/"))
+  except ValueError:
+    raise ConfigError(f"--shard must look like 0/4, got {args.shard!r}") from None
+  table = grid.evaluate(args.workdir, args.results, eval_config=config, shard=(index, count),
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  print(f"ldm-scaling eval: {len(table.rows())} rows in {args.results}/results.csv")
+  return 0
+
+
 # -------------------------------------------------------------------------------------------------
 
 
@@ -190,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="report every ~10%% of the steps from inside the compiled program")
   p.set_defaults(func=cmd_sample)
 
+  p = sub.add_parser("eval", help="evaluate checkpoints over a sampler x steps x CFG grid",
+                     description="FID and CLIP score of every (run, checkpoint, sampler, steps, "
+                     "CFG) cell, one row each in a results table (CSV + JSON lines). Cells already "
+                     "in the table are skipped, so a killed job resumes where it stopped.")
+  _add_config_arg(p, required=False)
+  p.add_argument("--workdir", action="append", required=True,
+                 help="a training workdir (repeat for several runs)")
+  p.add_argument("--results", required=True, help="results table directory (local or gs://)")
+  p.add_argument("--shard", default="0/1", help="i/n: evaluate every n-th cell starting at i "
+                 "(one process per host of a slice)")
+  p.set_defaults(func=cmd_eval)
+
   from ldm_scaling.eval import commands as eval_commands  # pylint: disable=g-import-not-at-top
   eval_commands.add_parsers(sub)  # fid, fid-weights
   from ldm_scaling.data import commands as data_commands  # pylint: disable=g-import-not-at-top
@@ -205,9 +231,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from ldm_scaling.data import manifest, pipeline  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import fid, images  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import convert  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
   return (ConfigError, FileNotFoundError, pipeline.DataError, manifest.ManifestError,
           manifest.BadExampleError, convert.ConversionError, fid.StatsMismatchError,
-          images.ImageError)
+          images.ImageError, results.EmptyTableError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -189,8 +189,25 @@ def base_config() -> ml_collections.ConfigDict:
       samplers=("ddim",),
       steps=(50,),
       cfg_scales=(7.5,),
-      num_samples=30_000,
+      num_samples=30_000,           # images per cell (prompts: the first N eval captions)
       ddim_eta=0.0,                 # ddim sampler: 0 deterministic .. 1 DDPM-like noise
+      batch_size=64,                # images per compiled sampling batch
+      seed=0,                       # image i starts from fold_in(key(seed), i) in every cell
+      fid_reference_n=30_000,       # real eval-split images in the FID reference statistics
+      stats_dir="",                 # reference-stats cache; "" = ~/.cache/ldm_scaling/fid_stats
+      clip_model="",                # hub id / dir; "" = the run's offline small CLIP (labelled)
+      checkpoints="latest",         # latest | all | comma-separated steps
+      grid_images=16,               # samples saved as a PNG per cell
+  ))
+
+  # `ldm-scaling study` (ldm_scaling.study): a model-size sweep trained and evaluated end to end;
+  # every other section describes each run (model.width is replaced per run).
+  c.study = ml_collections.ConfigDict(dict(
+      widths=(),                    # UNet base widths to train and evaluate
+      # equal_compute: the widest run trains train.steps, a narrower one as many more steps as
+      # keeps steps x normalised cost equal; equal_steps: every width trains train.steps (paper)
+      schedule="equal_compute",
+      fid_curve_cell=(),            # (sampler, steps, cfg): also evaluate every kept checkpoint
   ))
 
   # Device mesh: axis sizes; -1 takes the remaining devices.
@@ -394,6 +411,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ldm_scaling.train import objectives, optim  # pylint: disable=g-import-not-at-top
   optim.validate(config.train)
   objectives.validate(config)
+  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
+  grid.validate(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

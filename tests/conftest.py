@@ -52,3 +52,20 @@ def offline_components(tmp_path_factory):
   """Embedded data + small CLIP (150 steps) + small VAE (300 steps), shared by every test that
   needs conditioning (quality tests, trainer, sampling, evaluation, the study)."""
   return Offline(tmp_path_factory.mktemp("offline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(offline_components, tmp_path_factory):
+  """A trained (3 steps) tiny-UNet run on the offline components, with periodic samples: the
+  workdir that sampling, evaluation and the study tests read."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(offline_components.config)
+  config.model.update(unet.preset(32, config.model.channel_mult))
+  config.train.update(steps=3, batch_size=8, lr=1e-3, warmup_steps=0, log_every=1,
+                      checkpoint_every=3, async_checkpointing=False, sample_every=3,
+                      sample_steps=2)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  result = trainer.train(config, str(workdir))
+  return workdir, result

@@ -218,28 +218,22 @@ def test_unet_denoising_same_trajectory_on_meshes(tmp_path):
                                rtol=2e-4, err_msg=name)
 
 
-def test_denoising_on_embedded_data_with_frozen_encoders(offline_components, tmp_path, capsys):
-  """The production path in one process: grain batches of images + tokens, the frozen VAE and
-  CLIP text tower run inside the jitted step, only the UNet is trained and checkpointed."""
-  import copy  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
+def test_denoising_on_embedded_data_with_frozen_encoders(tiny_run, capsys):
+  """The production path in one process (the ``tiny_run`` fixture): grain batches of images +
+  tokens, the frozen VAE and CLIP text tower run inside the jitted step, only the UNet is
+  trained and checkpointed."""
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
-  config = copy.deepcopy(offline_components.config)
-  config.model.update(unet.preset(32, config.model.channel_mult))
-  config.train.update(steps=3, batch_size=8, lr=1e-3, warmup_steps=0, log_every=1,
-                      checkpoint_every=3, async_checkpointing=False, sample_every=3,
-                      sample_steps=2)
-  result = trainer.train(config, str(tmp_path))
-  assert (tmp_path / "samples" / "step_0000003.png").exists()  # periodic sample grid
+  workdir, result = tiny_run
   assert result.step == 3 and np.isfinite(result.metrics["loss"])
-  step, weights = checkpoint.load_weights(str(tmp_path))
+  assert (workdir / "samples" / "step_0000003.png").exists()  # periodic sample grid
+  step, weights = checkpoint.load_weights(str(workdir))
   assert step == 3 and set(weights) == {"unet"}  # frozen networks are never saved
-  saved = checkpoint.load_run_config(str(tmp_path))
+  saved = checkpoint.load_run_config(str(workdir))
   assert saved.model.width == 32 and saved.text.encoder == "clip-small"
   # Sampling the run: its EMA UNet, its text encoder and its VAE (decoded 32 px images).
   from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
-  out = tmp_path / "grid.png"
-  assert cli.main(["sample", "--checkpoint", str(tmp_path), "--prompt", "a red circle",
+  out = workdir / "grid.png"
+  assert cli.main(["sample", "--checkpoint", str(workdir), "--prompt", "a red circle",
                    "--cfg-scale", "1,4", "--steps", "3", "--out", str(out)]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["conditioning"].startswith("text encoder")

@@ -228,12 +228,19 @@ def _load_flax(cls, location: str, subfolder: str, what: str, dtype: str = "floa
     if "flax_model.msgpack" not in files and "model.safetensors" not in files:
       raise WeightsError(f"{what} directory {path!r} holds only pytorch_model.bin (pickle); "
                          f"re-save it as safetensors (save_pretrained(safe_serialization=True))")
+  from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  verbosity = hf_logging.get_verbosity()
+  # Loading the text tower from a full CLIP checkpoint leaves the vision tower unused, which
+  # transformers reports as a long warning; that is the intended use here.
+  hf_logging.set_verbosity_error()
   try:
     model = cls.from_pretrained(**kw, dtype=jnp.dtype(dtype))
   except OSError as e:
     raise WeightsError(f"cannot load {what} from {location!r}: {e}. Offline, point to a local "
                        f"directory or train the project's small CLIP (ldm-scaling train-clip)") \
         from None
+  finally:
+    hf_logging.set_verbosity(verbosity)
   return model
 
 

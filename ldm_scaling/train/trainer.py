@@ -114,17 +114,25 @@ def _write_partitioning(workdir: str, abstract, shardings) -> None:
     rows[jax.tree_util.keystr(path)] = dict(shape=list(leaf.shape), spec=str(sharding.spec),
                                             bytes=nbytes, bytes_per_device=local)
     total, per_device = total + nbytes, per_device + local
-  with open(os.path.join(workdir, "partitioning.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(total_bytes=total, bytes_per_device=per_device, leaves=rows), f, indent=1)
+  _dump_json(os.path.join(workdir, "partitioning.json"),
+             dict(total_bytes=total, bytes_per_device=per_device, leaves=rows))
   log.info("train state: %.2f GB total, %.2f GB per device", total / 1e9, per_device / 1e9)
 
 
 def _write_config(workdir: str, config) -> None:
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(config=config.to_dict(), hash=cfglib.config_hash(config)), f, indent=1,
-              default=list)
+  _dump_json(os.path.join(workdir, "config.json"),
+             dict(config=config.to_dict(), hash=cfglib.config_hash(config)))
+
+
+def _dump_json(path: str, obj) -> None:
+  """Writes via a temporary file and a rename: other hosts that read the file while the primary
+  writes it (``_check_workdir`` on a shared workdir) see the old or the new file, never half."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, default=list)
+  os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------

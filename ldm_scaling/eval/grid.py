@@ -1,0 +1,265 @@
+"""The evaluation grid: every (run, checkpoint, sampler, steps, CFG scale) cell -> one results row.
+
+For each cell: ``eval.num_samples`` images for the first ``num_samples`` captions of
+``data.eval_split`` (the same prompts and the same initial noise in every cell:
+``fold_in(key(eval.seed), prompt index)``), sampled from the checkpoint's EMA UNet and decoded by
+the run's VAE; FID against the reference statistics of ``eval.fid_reference_n`` real images of the
+eval split (cached per dataset/split/resolution/n); CLIP score with the named CLIP; the sampling
+cost from the cost model. Cells are independent and idempotent (``results.Table``): a rerun
+skips every cell that already has a row, and ``shard=(i, n)`` lets n processes (e.g. the workers of
+a TPU slice) split the cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ldm_scaling import config as cfglib
+from ldm_scaling.config import ConfigError
+from ldm_scaling.eval import results
+
+OFFLINE_CLIP_LABEL = "local-clip-small"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  sampler: str
+  steps: int
+  cfg_scale: float
+
+
+def cells(eval_cfg) -> list[Cell]:
+  return [Cell(s, int(n), float(w)) for s, n, w in
+          itertools.product(eval_cfg.samplers, eval_cfg.steps, eval_cfg.cfg_scales)]
+
+
+def checkpoint_steps(workdir: str, which: str) -> list[int]:
+  """``latest`` | ``all`` | comma-separated steps -> the run's checkpoint steps to evaluate."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise checkpoint.RunNotFoundError(f"no checkpoints in {workdir!r}; train it first")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  available = sorted(manager.all_steps())
+  manager.close()
+  if not available:
+    raise checkpoint.RunNotFoundError(f"no complete checkpoint in {directory!r}")
+  if which == "latest":
+    return available[-1:]
+  if which == "all":
+    return available
+  wanted = [int(s) for s in which.split(",") if s.strip()]
+  missing = sorted(set(wanted) - set(available))
+  if missing:
+    raise checkpoint.RunNotFoundError(f"{workdir!r} has no checkpoints for steps {missing}; it "
+                                      f"has {available}")
+  return wanted
+
+
+def validate(config) -> None:
+  e = config.eval
+  if e.num_samples < 2:
+    raise ConfigError(f"eval.num_samples must be >= 2 (FID needs a covariance), got "
+                      f"{e.num_samples}")
+  if e.fid_reference_n < 2:
+    raise ConfigError(f"eval.fid_reference_n must be >= 2, got {e.fid_reference_n}")
+  if e.batch_size < 1:
+    raise ConfigError(f"eval.batch_size must be >= 1, got {e.batch_size}")
+  if not (e.checkpoints in ("latest", "all") or
+          all(s.strip().isdigit() for s in e.checkpoints.split(","))):
+    raise ConfigError(f"eval.checkpoints must be 'latest', 'all' or steps like '1000,2000', got "
+                      f"{e.checkpoints!r}")
+  for name in ("samplers", "steps", "cfg_scales"):
+    if not len(e[name]):
+      raise ConfigError(f"eval.{name} is empty; the grid needs at least one value")
+
+
+class _Memo:
+  """Prompt embeddings computed once per run (every cell uses the same prompts)."""
+
+  def __init__(self, encode: Callable[[Sequence[str]], np.ndarray]):
+    self._encode = encode
+    self._cache: dict[tuple[str, ...], np.ndarray] = {}
+
+  def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+    key = tuple(prompts)
+    if key not in self._cache:
+      self._cache[key] = np.asarray(self._encode(list(prompts)))
+    return self._cache[key]
+
+
+def eval_prompts_and_images(config, n: int) -> tuple[list[str], Callable[[], Iterable]]:
+  """The first ``n`` captions of the eval split, and a generator factory of its uint8 images."""
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+
+  def batches(count: int, batch: int = 256):
+    it = data.make_pipeline(config, config.data.eval_split, batch_size=min(batch, count),
+                            num_epochs=1, shuffle=False, drop_remainder=False, tokenizer=None,
+                            process_index=0, process_count=1)
+    seen = 0
+    for b in it:
+      yield b
+      seen += len(b["captions"])
+      if seen >= count:
+        return
+
+  prompts = []
+  for b in batches(n):
+    prompts += [str(c) for c in b["captions"]]
+  if len(prompts) < n:
+    raise ConfigError(f"eval.num_samples={n} but {config.data.eval_split!r} has only "
+                      f"{len(prompts)} captions; lower eval.num_samples")
+
+  def images(count: int):
+    def gen():
+      for b in batches(count):
+        yield np.round((np.asarray(b["images"]) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return gen
+  return prompts[:n], images
+
+
+def clip_scorer(config, eval_cfg):
+  """The CLIP named by ``eval.clip_model``; "" = the run's offline small CLIP, labelled so."""
+  from ldm_scaling.eval import clip_score  # pylint: disable=g-import-not-at-top
+  if eval_cfg.clip_model:
+    return clip_score.CLIPScorer.from_pretrained(eval_cfg.clip_model)
+  from ldm_scaling.models import clip  # pylint: disable=g-import-not-at-top
+  directory = config.clip.dir or clip.default_dir(config)
+  clip.check_trained(config, directory)
+  return clip_score.CLIPScorer.from_pretrained(directory, label=OFFLINE_CLIP_LABEL)
+
+
+def tile(images: np.ndarray, cols: int = 4) -> np.ndarray:
+  n, h, w, c = images.shape
+  rows = -(-n // cols)
+  out = np.full((rows * h, cols * w, c), 255, np.uint8)
+  for i, im in enumerate(images):
+    r, k = divmod(i, cols)
+    out[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
+  return out
+
+
+def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
+             shard: tuple[int, int] = (0, 1), log: Callable[[str], None] = print,
+             extractor=None) -> results.Table:
+  """Evaluates every cell of every run (see the module docstring); returns the table.
+
+  ``eval_config``: a config whose ``eval`` section replaces each run's own (same grid for all
+  runs); ``None`` uses each run's. ``extractor``: a ``fid.FeatureExtractor`` to reuse."""
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import fid  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  index, count = shard
+  if not 0 <= index < count:
+    raise ConfigError(f"shard {index}/{count}: need 0 <= index < count")
+  table = results.Table(table_dir)
+  plan = []
+  for workdir in workdirs:
+    config = checkpoint.load_run_config(workdir)
+    e = (eval_config or config).eval
+    validate(eval_config or config)
+    for step in checkpoint_steps(workdir, e.checkpoints):
+      for cell in cells(e):
+        plan.append((workdir, config, e, step, cell))
+  mine = [p for i, p in enumerate(plan) if i % count == index]
+  todo = [p for p in mine if not table.has(_key(*p))]
+  log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
+      f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
+  if not todo:
+    table.write_tables()
+    return table
+
+  extractor = extractor or fid.FeatureExtractor()
+  small = sorted({p[2].num_samples for p in todo if p[2].num_samples <= 2048})
+  if small:
+    log(f"note: {small} samples per cell <= 2048 feature dimensions: the generated covariance is "
+        f"singular, so FIDs are biased upward and comparable only between cells with the same "
+        f"number of samples (the paper uses 30k)")
+  done_s, started = 0.0, time.perf_counter()
+  loaded: dict = {}
+  for k, (workdir, config, e, step, cell) in enumerate(todo):
+    t0 = time.perf_counter()
+    if loaded.get("key") != (workdir, step):
+      loaded = _load(workdir, step, config, e, extractor, log)
+    key = _key(workdir, config, e, step, cell)
+    out = generate.generate(
+        config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
+        sampler=cell.sampler, steps=cell.steps, cfg_scales=[cell.cfg_scale], seed=e.seed,
+        batch_size=min(e.batch_size, len(loaded["prompts"])),
+        latent_size=loaded["latent_size"], conditioning=loaded["conditioning"],
+        decoding=loaded["decoding"], norm_cost=loaded["norm_cost"], log=lambda _: None)
+    feats = extractor(out.images)
+    row = dict(key)
+    row.update(
+        width=config.model.width, params=loaded["params_count"], norm_cost=loaded["norm_cost"],
+        sampling_cost=float(out.cost[0]), train_compute=loaded["norm_cost"] * step,
+        fid=loaded["reference"].distance(feats), n=len(out.images), seed=e.seed,
+        prompts=f"{config.data.name}/{config.data.eval_split}[:{len(out.images)}]",
+        fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
+        wall_s=round(time.perf_counter() - t0, 3), time=time.time())
+    row.update(loaded["scorer"].score(out.images, loaded["prompts"]).columns())
+    grids = os.path.join(table_dir, "grids")
+    os.makedirs(grids, exist_ok=True)
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.fromarray(tile(out.images[:e.grid_images])).save(
+        os.path.join(grids, f"{results.cell_id(row)}.png"))
+    table.add(row)
+    table.write_tables()
+    done_s += time.perf_counter() - t0
+    eta = done_s / (k + 1) * (len(todo) - k - 1)
+    clip_col = next(c for c in row if c.startswith("clip_score["))
+    log(f"[{k + 1}/{len(todo)}] {os.path.basename(workdir.rstrip('/'))} step {step} "
+        f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
+        f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
+        f"({time.perf_counter() - t0:.1f} s, ETA {_fmt(eta)})")
+  log(f"eval grid: {len(todo)} cells in {_fmt(time.perf_counter() - started)}")
+  return table
+
+
+def _key(workdir, config, e, step, cell) -> dict:
+  del e
+  return dict(run=os.path.abspath(workdir), checkpoint_step=int(step),
+              objective=config.objective.name, sampler=cell.sampler, steps=cell.steps,
+              cfg_scale=cell.cfg_scale, scale_schedule="")
+
+
+def _load(workdir, step, config, e, extractor, log) -> dict:
+  """Everything a run's cells share: weights, prompts, encoders, reference statistics."""
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import fid, frechet  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  _, weights = checkpoint.load_weights(workdir, step=step, which="ema")
+  conditioning, decoding = generate.components(config, required=True, log=log)
+  prompts, images = eval_prompts_and_images(config, e.num_samples)
+  ref = fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
+                            split=config.data.eval_split, resolution=config.data.resolution,
+                            n=e.fid_reference_n, extractor=extractor,
+                            directory=e.stats_dir or None)
+  cost = costlib.model_cost(config.model, config.cost)
+  log(f"loaded {workdir} step {step}: width {config.model.width}, {cost.params / 1e6:.2f}M "
+      f"params, normalised cost {cost.norm_cost:.4f}; {len(prompts)} prompts; FID reference "
+      f"{config.data.name}/{config.data.eval_split} n={e.fid_reference_n}")
+  return dict(
+      key=(workdir, step), params=weights["unet"], params_count=cost.params,
+      apply_fn=generate.unet_apply(models.build(config.model)), prompts=prompts,
+      conditioning=generate.Conditioning(_Memo(conditioning.encode), conditioning.label),
+      decoding=decoding, latent_size=data.latent_size(config), norm_cost=cost.norm_cost,
+      reference=frechet.Reference(ref),
+      reference_id=f"{config.data.name}/{config.data.eval_split}@{config.data.resolution}px "
+                   f"n={e.fid_reference_n}",
+      scorer=clip_scorer(config, e))
+
+
+def _fmt(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,106 @@
+"""The eval grid: exact fast FID, resumable idempotent cells, one row per cell, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from ldm_scaling import cli
+from ldm_scaling.eval import fid, frechet, results
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("n,d", [(40, 64), (200, 64), (30, 2048)])
+def test_fast_frechet_equals_pytorch_fid_formula(n, d):
+  rng = np.random.default_rng(0)
+  ref_feats = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+  ref = fid.compute_stats(ref_feats) if d < 300 else fid.FIDStats(
+      ref_feats.mean(0), np.cov(ref_feats, rowvar=False), 300)
+  gen = rng.normal(size=(n, d)) * 1.3 + 0.2
+  with warnings.catch_warnings():  # singular generated covariance when n <= d: as pytorch-fid
+    warnings.simplefilter("ignore")
+    want = fid.frechet_distance(gen.mean(0), np.cov(gen, rowvar=False), ref.mu, ref.sigma)
+  got = frechet.Reference(ref).distance(gen)
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def _eval_config(path, run, **eval_section):
+  path.write_text(textwrap.dedent(f"""
+      from ldm_scaling.train import checkpoint
+      def get_config(arg=None):
+        config = checkpoint.load_run_config({str(run)!r})
+        config.eval.update({eval_section!r})
+        return config
+  """))
+  return str(path)
+
+
+GRID = dict(samplers=("ddim", "dpm++"), steps=(2, 3), cfg_scales=(1.0, 3.0), num_samples=8,
+            fid_reference_n=16, batch_size=8, grid_images=4)
+
+
+def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
+  run, _ = tiny_run
+  cfg = _eval_config(tmp_path / "grid.py", run, stats_dir=str(tmp_path / "stats"), **GRID)
+  table_dir = tmp_path / "table"
+  argv = [sys.executable, "-m", "ldm_scaling", "eval", "--workdir", str(run), "--results",
+          str(table_dir), "--config", cfg]
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  rows_dir = table_dir / "rows"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if rows_dir.exists() and len(list(rows_dir.glob("*.json"))) >= 3:
+      break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
+  assert 3 <= len(before) < 8
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"{len(before)} already in" in out.stderr and f"{8 - len(before)} to do" in out.stderr
+  after = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
+  assert len(after) == 8
+  assert all(after[k] == v for k, v in before.items())  # finished cells were not recomputed
+  frame = results.load(str(table_dir / "results.csv"))
+  assert len(frame) == 8 and not frame.duplicated(list(results.CELL_KEYS)).any()
+  assert set(frame["sampler"]) == {"ddim", "dpm++"} and set(frame["steps"]) == {2, 3}
+  assert np.isfinite(frame["fid"]).all() and (frame["n"] == 8).all()
+  assert "clip_score[local-clip-small]" in frame.columns
+  # Sampling cost from the cost model: norm cost x steps (the paper's convention).
+  np.testing.assert_allclose(frame["sampling_cost"], frame["norm_cost"] * frame["steps"],
+                             rtol=1e-6)
+  assert len(list((table_dir / "grids").glob("*.png"))) == 8
+  # A third run finds nothing to do.
+  again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+  assert "0 to do" in again.stderr
+
+
+def test_grid_bad_input(tiny_run, tmp_path, capsys):
+  run, _ = tiny_run
+  empty = tmp_path / "not_a_run"
+  empty.mkdir()
+  assert cli.main(["eval", "--workdir", str(empty), "--results", str(tmp_path / "t")]) == 2
+  assert "is not a training workdir" in capsys.readouterr().err
+  cfg = _eval_config(tmp_path / "bad.py", run, samplers=("heun",))
+  assert cli.main(["eval", "--workdir", str(run), "--results", str(tmp_path / "t"),
+                   "--config", cfg]) == 2
+  assert "unknown sampler 'heun'" in capsys.readouterr().err
+  cfg = _eval_config(tmp_path / "bad2.py", run, checkpoints="7")
+  assert cli.main(["eval", "--workdir", str(run), "--results", str(tmp_path / "t"),
+                   "--config", cfg]) == 2
+  assert "has no checkpoints for steps [7]" in capsys.readouterr().err
+  with pytest.raises(FileNotFoundError, match="run `ldm-scaling eval` first"):
+    results.load(str(tmp_path / "t"))  # nothing was written
+  (tmp_path / "t").mkdir()
+  with pytest.raises(results.EmptyTableError, match="has no rows"):
+    results.load(str(tmp_path / "t"))
