@@ -1,0 +1,208 @@
+"""``ldm-scaling sweep`` and the ``launch/local.py`` / ``launch/tpu_vm.py`` scripts: argument
+parsing and printing only; the work is in :mod:`sweeps`, :mod:`local` and :mod:`tpu`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ldm_scaling.config import ConfigError
+
+DESCRIPTION = (
+    "Expands a sweep config (configs/sweeps/*.py) into runs and launches them: here as "
+    "subprocesses (--launcher local) or on every worker of a TPU VM slice (--launcher tpu). "
+    "An experiment config with --workdir is launched as a single run. --dry-run prints the "
+    "commands (and, for tpu, the whole gcloud sequence) after loading every run's config "
+    "strictly; it needs neither gcloud nor a GPU/TPU. --config.section.key=value overrides go "
+    "into every run. See docs/launch.md.")
+
+
+def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> None:
+  p.add_argument("--config", help="sweep config (configs/sweeps/model_size.py[:arg]) or "
+                 "experiment config (configs/t2i.py[:arg], with --workdir)")
+  if launcher is None:
+    p.add_argument("--launcher", choices=("local", "tpu"), default="local",
+                   help="where the runs go (default: local)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the runs / gcloud commands; launch nothing")
+  p.add_argument("--no-validate", action="store_true",
+                 help="skip loading every run's config before launching")
+  p.add_argument("--only", action="append", default=[],
+                 help="launch only runs whose name matches (shell pattern, e.g. 'w2*'; "
+                 "comma-separated or repeated)")
+  p.add_argument("--workdir-root", help="replaces the sweep's workdir_root (local dir or gs://)")
+  p.add_argument("--bucket", help="gs://BUCKET: workdir root gs://BUCKET/ldm-scaling")
+  p.add_argument("--workdir", help="experiment config only: the run's workdir (a relative path "
+                 "is placed under --workdir-root / --bucket when given)")
+  p.add_argument("--command", choices=("train", "eval"), default="train",
+                 help="experiment config only: the subcommand to run (default: train)")
+  p.add_argument("--results", help="experiment config with --command eval: results table dir")
+
+  g = p.add_argument_group("local launcher")
+  g.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+  g.add_argument("--force", action="store_true",
+                 help="also rerun runs that have a launch.done marker")
+  g.add_argument("--log-root", default=None,
+                 help="where logs of runs with a gs:// workdir go here (default: "
+                 "/tmp/ldm-scaling/logs)")
+
+  g = p.add_argument_group("TPU VM launcher")
+  g.add_argument("--tpu-name", help="TPU (and queued resource) name; '{run}' in it: one slice "
+                 "per run")
+  g.add_argument("--zone", help="e.g. us-central2-b")
+  g.add_argument("--accelerator-type", help="e.g. v4-32, v5litepod-16, v5p-8, v6e-8 "
+                 "(docs/launch.md lists the presets)")
+  g.add_argument("--project", default="", help="GCP project (default: gcloud's)")
+  g.add_argument("--runtime-version", default="",
+                 help="TPU software version (default: the generation's, e.g. "
+                 "tpu-ubuntu2204-base for v4)")
+  g.add_argument("--queued", action="store_true",
+                 help="create the slice as a queued resource (waits until ACTIVE)")
+  g.add_argument("--spot", action="store_true", help="Spot VMs (preemptible, cheaper)")
+  g.add_argument("--best-effort", action="store_true",
+                 help="queued resource in the best-effort tier (gcloud alpha)")
+  g.add_argument("--source-git", default="", help="git URL the workers clone (default: a "
+                 "tarball of this checkout's HEAD, copied with scp)")
+  g.add_argument("--source-ref", default="", help="branch, tag or commit of --source-git")
+  g.add_argument("--source-tarball", default="", help="a source tarball to copy instead")
+  g.add_argument("--remote-dir", default="ldm-scaling",
+                 help="checkout on each worker, relative to home (default: ldm-scaling)")
+  g.add_argument("--remote-python", default="python3", help="Python on the workers")
+  g.add_argument("--jax-spec", default="",
+                 help="pip requirement for JAX on TPU (default: jax[tpu] at the pinned version)")
+  g.add_argument("--skip-create", action="store_true", help="the slice exists already")
+  g.add_argument("--workdir-is-shared", action="store_true",
+                 help="accept a non-gs:// workdir on a multi-host slice (a file system every "
+                 "worker mounts)")
+  g.add_argument("--distributed", choices=("metadata", "auto"), default="metadata",
+                 help="multi-host: pass worker 0's address and the worker number read from the "
+                 "metadata server (default), or leave detection to the trainer")
+  g.add_argument("--no-auto-mesh", action="store_true",
+                 help="do not add mesh.fsdp for models that need FSDP on the slice")
+  g.add_argument("--teardown", action="store_true",
+                 help="delete the slice(s) instead of launching")
+
+
+def _tpu_options(args):
+  from ldm_scaling.launch import tpu  # pylint: disable=g-import-not-at-top
+  return tpu.TpuOptions(
+      tpu_name=args.tpu_name or "", zone=args.zone or "",
+      accelerator_type=args.accelerator_type or "", project=args.project,
+      runtime_version=args.runtime_version, queued=args.queued, spot=args.spot,
+      best_effort=args.best_effort, source_git=args.source_git, source_ref=args.source_ref,
+      source_tarball=args.source_tarball, remote_dir=args.remote_dir, python=args.remote_python,
+      jax_spec=args.jax_spec, skip_create=args.skip_create,
+      workdir_is_shared=args.workdir_is_shared, distributed=args.distributed,
+      auto_mesh=not args.no_auto_mesh)
+
+
+def _workdir_root(args) -> str | None:
+  if args.workdir_root:
+    return args.workdir_root
+  if args.bucket:
+    if not args.bucket.startswith("gs://"):
+      raise ConfigError(f"--bucket must look like gs://BUCKET, got {args.bucket!r}")
+    return args.bucket.rstrip("/") + "/ldm-scaling"
+  return None
+
+
+def build_runs(args):
+  """The runs ``args`` describe: a sweep's, or the single run of an experiment config."""
+  from ldm_scaling.launch import sweeps  # pylint: disable=g-import-not-at-top
+  if not args.config:
+    raise ConfigError("--config is required (e.g. --config configs/sweeps/model_size.py)")
+  sweep = sweeps.load_sweep(args.config)
+  root = _workdir_root(args)
+  if sweep is not None:
+    for flag in ("workdir", "results"):
+      if getattr(args, flag):
+        raise ConfigError(f"--{flag} is for an experiment config; a sweep places its runs under "
+                          f"--workdir-root / --bucket")
+    runs = sweeps.expand(sweep, workdir_root=root, extra_overrides=args.overrides)
+  else:
+    workdir = args.workdir
+    if workdir and root and "://" not in workdir and not workdir.startswith("/"):
+      workdir = f"{root.rstrip('/')}/{workdir}"
+    runs = [sweeps.single_run(args.config, args.overrides, workdir or "", args.command,
+                              args.results or "")]
+  patterns = [p.strip() for item in args.only for p in item.split(",")]
+  return sweeps.select(runs, patterns)
+
+
+def run_command(args, launcher: str, prog: str) -> int:
+  from ldm_scaling.launch import local, sweeps, tpu  # pylint: disable=g-import-not-at-top
+  if launcher == "tpu" and args.teardown:
+    opts = _tpu_options(args)
+    runs = build_runs(args) if args.config else []
+    steps = tpu.teardown(opts, runs)
+    if args.dry_run:
+      print(tpu.format_plan(steps))
+      return 0
+    tpu.execute(steps)
+    return 0
+
+  runs = build_runs(args)
+  errors = [None] * len(runs) if args.no_validate else sweeps.validate_runs(runs)
+  bad = sum(e is not None for e in errors)
+  if bad:
+    print(sweeps.describe(runs, errors))
+    print(f"{prog}: error: {bad} of {len(runs)} run(s) have configs that do not load (listed "
+          f"above); nothing launched", file=sys.stderr)
+    return 2
+  if launcher == "tpu":
+    opts = _tpu_options(args)
+    runs = tpu.prepare_runs(runs, opts)  # as the slice runs them (mesh added)
+  print(sweeps.describe(runs))
+
+  if launcher == "tpu":
+    steps = tpu.plan(runs, opts)  # adding the mesh again is a no-op
+    text = tpu.format_plan(steps, tpu.teardown(opts, runs), tpu.monitor_commands(opts, runs))
+    if args.dry_run:
+      print(text)
+      return 0
+    tpu.execute(steps)
+    print("\n".join(line for line in text.splitlines() if line.startswith("#   ")))
+    return 0
+
+  if args.dry_run:
+    return 0
+  outcomes = local.run_all(runs, parallel=args.parallel, force=args.force,
+                           log_root=args.log_root or local.DEFAULT_LOG_ROOT,
+                           log=lambda msg: print(msg, flush=True))
+  print(f"{prog}: {local.summary(outcomes)}")
+  return 1 if any(o.status in ("failed", "incomplete") for o in outcomes) else 0
+
+
+def _errors():
+  from ldm_scaling.launch import tpu  # pylint: disable=g-import-not-at-top
+  return (ConfigError, tpu.LaunchError, FileNotFoundError)
+
+
+def cmd_sweep(args) -> int:
+  try:
+    return run_command(args, args.launcher, "ldm-scaling sweep")
+  except _errors() as e:
+    print(f"ldm-scaling sweep: error: {e}", file=sys.stderr)
+    return 2
+
+
+def add_parsers(sub) -> None:
+  p = sub.add_parser("sweep", help="launch a sweep's runs here or on a TPU VM slice (or print "
+                     "them with --dry-run)", description=DESCRIPTION)
+  add_arguments(p)
+  p.set_defaults(func=cmd_sweep)
+
+
+def main(argv: Sequence[str] | None = None, *, launcher: str, prog: str) -> int:
+  """Entry point of the ``launch/*.py`` scripts (the launcher fixed, otherwise as ``sweep``)."""
+  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+  add_arguments(parser, launcher=launcher)
+  args, unknown = parser.parse_known_args(argv)
+  try:
+    args.overrides = cli._split_overrides(unknown)  # pylint: disable=protected-access
+    return run_command(args, launcher, prog)
+  except _errors() as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,434 @@
+"""The ``gcloud`` command sequence that runs a sweep on every worker of a TPU VM slice.
+
+:func:`plan` turns runs into steps, each an argument list (printed with ``shlex.join``):
+
+1. create the slice: ``gcloud compute tpus tpu-vm create`` or, with ``queued``, a queued resource
+   (``queued-resources create --node-id ... [--spot | --best-effort]``) and a wait until ACTIVE;
+2. install the package on all workers (``tpu-vm ssh --worker=all``): a tarball copied with
+   ``tpu-vm scp --worker=all`` (by default ``git archive HEAD`` of this checkout) or a
+   ``git clone`` of a URL at a ref, then ``pip install -e`` with ``jax[tpu]`` at the pinned version;
+3. start the runs, one after another, on all workers at once (``--worker=all``): every worker
+   executes the same ``python3 -m ldm_scaling train ... --workdir gs://...`` under ``nohup``, its
+   output in ``~/ldm-scaling-logs/<run>.log``, copied to ``<workdir>/logs/<worker hostname>.log``
+   when the run ends; a finished run leaves ``<workdir>/launch.done`` and is skipped next time.
+
+:func:`teardown` deletes the slice (``tpu-vm delete`` or ``queued-resources delete --force``).
+
+Multi-host slices: every worker is one JAX process of the same program, so every worker must read
+and write the same checkpoint directory: a host-local workdir is refused (``gs://`` or a shared
+file system declared with ``workdir_is_shared``). The processes find each other either through the
+trainer's own detection (``distributed="auto"``) or, by default, through variables the launcher
+sets from the TPU VM metadata server (``LDM_SCALING_COORDINATOR`` = worker 0's address,
+``_NUM_PROCESSES``, ``_PROCESS_ID`` = this worker's number, read by
+``ldm_scaling.train.distributed``) -- the same values ``jax.distributed.initialize()`` finds
+itself on a TPU VM, made explicit because the trainer's TPU detection keys on environment variables
+that GKE sets and a plain TPU VM may not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from typing import Callable, Sequence
+
+from ldm_scaling.config import ConfigError
+from ldm_scaling.launch import topology as topo_lib
+from ldm_scaling.launch.local import SUCCESS
+from ldm_scaling.launch.sweeps import Run
+
+LOG_DIR = "ldm-scaling-logs"            # on each worker, relative to the home directory
+REMOTE_TARBALL = "ldm-scaling-src.tar.gz"
+DEFAULT_TARBALL = "/tmp/ldm-scaling-src.tar.gz"
+COORDINATOR_PORT = 8482                 # the port jax.distributed uses on Cloud TPU VMs
+GCLOUD_INSTALL_HINT = (
+    "gcloud (the Google Cloud CLI) is not on PATH: install it (https://cloud.google.com/sdk/docs/"
+    "install, or `sudo apt-get install google-cloud-cli`), run `gcloud auth login` and `gcloud "
+    "config set project PROJECT`, then launch again; --dry-run prints the commands without it")
+
+
+class LaunchError(ValueError):
+  """A launch that cannot go ahead (tool missing, unsafe workdir, a step that failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuOptions:
+  tpu_name: str                  # "{run}" in it: one slice per run
+  zone: str
+  accelerator_type: str
+  project: str = ""
+  runtime_version: str = ""      # "" = the generation's (topology.RUNTIME_VERSIONS)
+  queued: bool = False           # queued resource instead of tpu-vm create
+  spot: bool = False
+  best_effort: bool = False      # queued only; gcloud alpha
+  source_git: str = ""           # git URL to clone on the workers ...
+  source_ref: str = ""           # ... at this branch, tag or commit
+  source_tarball: str = ""       # ... or this local tarball; neither: git archive HEAD
+  remote_dir: str = "ldm-scaling"  # on each worker, relative to the home directory
+  python: str = "python3"
+  jax_spec: str = ""             # "" = jax[tpu] at the version setup.py pins
+  skip_create: bool = False      # the slice exists already
+  workdir_is_shared: bool = False  # a non-gs:// workdir that all workers share (NFS, gcsfuse)
+  distributed: str = "metadata"  # metadata | auto (see the module docstring)
+  auto_mesh: bool = True         # add mesh.fsdp when the model needs it (topology.default_mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  argv: tuple[str, ...]
+  comment: str
+  kind: str = "gcloud"           # gcloud | local | wait (poll argv until it prints ACTIVE)
+
+  @property
+  def shell(self) -> str:
+    return shlex.join(self.argv)
+
+
+def dquote(arg: str) -> str:
+  """Shell-quotes ``arg`` for the remote script, preferring double quotes: the script is itself
+  single-quoted inside the ssh ``--command``, and double quotes nest there without escapes.
+  Strings with ``$`` or a backtick (expanded inside double quotes) get shlex's single quotes."""
+  quoted = shlex.quote(arg)
+  if quoted == arg or "$" in arg or "`" in arg:
+    return quoted
+  return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dquote_join(argv: Sequence[str]) -> str:
+  return " ".join(dquote(a) for a in argv)
+
+
+def default_jax_spec() -> str:
+  """``jax[tpu]==<the jax version this package pins>`` (libtpu matching that jax)."""
+  try:
+    for req in importlib.metadata.requires("ldm-scaling") or ():
+      match = re.fullmatch(r"jax\s*==\s*([\w.]+)", req.split(";")[0].strip())
+      if match:
+        return f"jax[tpu]=={match.group(1)}"
+  except importlib.metadata.PackageNotFoundError:
+    pass
+  return "jax[tpu]"
+
+
+def _check_options(opts: TpuOptions) -> topo_lib.Topology:
+  for field in ("tpu_name", "zone", "accelerator_type"):
+    if not getattr(opts, field):
+      raise ConfigError(f"the TPU launcher needs --{field.replace('_', '-')}")
+  if opts.best_effort and not opts.queued:
+    raise ConfigError("--best-effort is a queued-resource tier: add --queued")
+  if opts.spot and opts.best_effort:
+    raise ConfigError("choose one of --spot and --best-effort")
+  if opts.source_git and opts.source_tarball:
+    raise ConfigError("choose one source: --source-git URL or --source-tarball PATH")
+  if opts.source_ref and not opts.source_git:
+    raise ConfigError("--source-ref needs --source-git")
+  if opts.distributed not in ("metadata", "auto"):
+    raise ConfigError(f"--distributed must be metadata or auto, got {opts.distributed!r}")
+  return topo_lib.topology(opts.accelerator_type)
+
+
+def _scope(opts: TpuOptions) -> list[str]:
+  return [f"--zone={opts.zone}"] + ([f"--project={opts.project}"] if opts.project else [])
+
+
+def _gcloud(*args: str, alpha: bool = False) -> list[str]:
+  return ["gcloud", *(["alpha"] if alpha else []), "compute", "tpus", *args]
+
+
+def slice_name(opts: TpuOptions, run: Run | None = None) -> str:
+  """The TPU name; ``{run}`` in ``tpu_name`` becomes the run's name made TPU-legal (lowercase
+  letters, digits, hyphens; a letter first)."""
+  if "{run}" not in opts.tpu_name:
+    return opts.tpu_name
+  label = re.sub(r"[^a-z0-9-]+", "-", (run.name if run else "run").lower()).strip("-")
+  name = opts.tpu_name.replace("{run}", label)
+  return name if name[:1].isalpha() else "t" + name
+
+
+# -------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def create_steps(opts: TpuOptions, name: str, topo: topo_lib.Topology) -> list[Step]:
+  version = opts.runtime_version or topo.runtime_version
+  if opts.queued:
+    argv = _gcloud("queued-resources", "create", name, f"--node-id={name}", *_scope(opts),
+                   f"--accelerator-type={opts.accelerator_type}", f"--runtime-version={version}",
+                   alpha=opts.best_effort)
+    argv += ["--spot"] if opts.spot else []
+    argv += ["--best-effort"] if opts.best_effort else []
+    describe = _gcloud("queued-resources", "describe", name, *_scope(opts),
+                       "--format=value(state.state)")
+    return [Step(tuple(argv), f"request {opts.accelerator_type} slice {name} "
+                 f"({topo.chips} chips, {topo.hosts} host(s)) as a queued resource"),
+            Step(tuple(describe), f"wait until queued resource {name} is ACTIVE", kind="wait")]
+  argv = _gcloud("tpu-vm", "create", name, *_scope(opts),
+                 f"--accelerator-type={opts.accelerator_type}", f"--version={version}")
+  argv += ["--spot"] if opts.spot else []
+  return [Step(tuple(argv), f"create {opts.accelerator_type} slice {name} ({topo.chips} chips, "
+               f"{topo.hosts} host(s))")]
+
+
+def _ssh(opts: TpuOptions, name: str, remote_command: str, worker: str = "all") -> list[str]:
+  return _gcloud("tpu-vm", "ssh", name, *_scope(opts), f"--worker={worker}", "--command",
+                 remote_command)
+
+
+def pack_step(opts: TpuOptions) -> Step | None:
+  """The local step that builds the source tarball (None when a tarball or git URL is given)."""
+  if opts.source_git or opts.source_tarball:
+    return None
+  return Step(("git", "archive", "--format=tar.gz", f"--output={DEFAULT_TARBALL}", "HEAD"),
+              "pack the committed HEAD of this checkout (commit first: uncommitted changes are "
+              "not in it)", kind="local")
+
+
+def install_steps(opts: TpuOptions, name: str) -> list[Step]:
+  d = dquote(opts.remote_dir)
+  pip = dquote_join([opts.python, "-m", "pip", "install", "-q", "-e", opts.remote_dir,
+                     opts.jax_spec or default_jax_spec()])
+  if opts.source_git:
+    fetch = (f"rm -rf {d} && git clone -q {dquote(opts.source_git)} {d}"
+             + (f" && git -C {d} checkout -q {dquote(opts.source_ref)}"
+                if opts.source_ref else ""))
+    return [Step(tuple(_ssh(opts, name, f"set -e; {fetch}; {pip}")),
+                 f"clone {opts.source_git}{'@' + opts.source_ref if opts.source_ref else ''} "
+                 f"and install it on every worker of {name}")]
+  tarball = opts.source_tarball or DEFAULT_TARBALL
+  scp = _gcloud("tpu-vm", "scp", tarball, f"{name}:{REMOTE_TARBALL}", *_scope(opts),
+                "--worker=all")
+  unpack = f"rm -rf {d} && mkdir -p {d} && tar -xzf {REMOTE_TARBALL} -C {d}"
+  return [Step(tuple(scp), f"copy {tarball} to every worker of {name}"),
+          Step(tuple(_ssh(opts, name, f"set -e; {unpack}; {pip}")),
+               f"unpack and install it on every worker of {name}")]
+
+
+# Shell helpers of the remote script: constant text (no user data, no single quotes, so that the
+# script nests in the ssh --command with one level of quoting), quoted once as a whole.
+_HELPERS = r"""exists() {
+  case "$1" in gs://*) gcloud storage ls "$1" >/dev/null 2>&1 ;; *) test -e "$1" ;; esac
+}
+put() {
+  case "$2" in
+    gs://*) gcloud storage cp "$1" "$2" >/dev/null 2>&1 ;;
+    *) mkdir -p "$(dirname "$2")" && cp "$1" "$2" ;;
+  esac
+}
+run_one() {
+  name=$1; logdir=$2; kind=$3; shift 3
+  case "$kind" in train) success="TRAIN_DONE" ;; *) success="EVAL_DONE" ;; esac
+  log="$HOME/LOGDIR/$name.log"
+  if exists "$logdir/launch.done"; then echo "$name: finished earlier, skipped"; return 0; fi
+  echo "$name: start $(date -u +%FT%TZ) on $(hostname)"
+  "$@" > "$log" 2>&1; rc=$?
+  echo "$name: exit $rc $(date -u +%FT%TZ)"
+  put "$log" "$logdir/logs/$(hostname).log" || echo "$name: could not copy $log to $logdir/logs/"
+  if [ "$rc" -eq 0 ] && grep -q "$success" "$log"; then
+    date -u +%FT%TZ > "$log.done" && put "$log.done" "$logdir/launch.done"
+  fi
+}""".replace("LOGDIR", LOG_DIR).replace("TRAIN_DONE", SUCCESS["train"]).replace(
+    "EVAL_DONE", SUCCESS["eval"])
+
+# Worker 0's address and this worker's number from the TPU VM metadata server, parsed as
+# jax._src.clusters.cloud_tpu_cluster.GceTpuCluster does (endpoints: "host" or "name:id:ip").
+_METADATA_ENV = r"""md() {
+  curl -sf -H "Metadata-Flavor: Google" \
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
+}
+IFS=, read -ra endpoints <<< "$(md worker-network-endpoints)"
+export LDM_SCALING_COORDINATOR="${endpoints[0]##*:}:PORT"
+export LDM_SCALING_NUM_PROCESSES=${#endpoints[@]}
+export LDM_SCALING_PROCESS_ID=$(md agent-worker-number)""".replace("PORT", str(COORDINATOR_PORT))
+
+
+def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
+  """The bash script every worker runs (under nohup): the runs one after another."""
+  lines = [f"cd {dquote(opts.remote_dir)} || exit 1", f'mkdir -p "$HOME/{LOG_DIR}"',
+           _HELPERS]
+  if topo.multi_host and opts.distributed == "metadata":
+    lines.append(_METADATA_ENV)
+  for run in runs:
+    argv = [opts.python, "-m", "ldm_scaling", *run.args]
+    lines.append(dquote_join(["run_one", run.name, run.logdir, run.command, *argv]))
+  lines.append('echo "all runs ended $(date -u +%FT%TZ)"')
+  return "\n".join(lines)
+
+
+def start_command(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
+  """The ``--command`` of the start step: the script in the background, logging per worker."""
+  sweep_log = f"{LOG_DIR}/{runs[0].sweep}.log"
+  return (f"mkdir -p {LOG_DIR} && nohup bash -c {shlex.quote(remote_script(runs, opts, topo))} "
+          f"> {dquote(sweep_log)} 2>&1 < /dev/null &")
+
+
+def _check_runs(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> list[str]:
+  """Refuses what cannot work on the slice; returns warnings for what works but may surprise."""
+  warnings = []
+  for run in runs:
+    paths = {"workdir": run.workdir, "logdir": run.logdir, "results": run.results}
+    local = {k: v for k, v in paths.items() if v and not v.startswith("gs://")}
+    if topo.multi_host and run.command == "eval":
+      raise LaunchError(
+          f"run {run.name}: eval on a multi-host slice ({opts.accelerator_type}, {topo.hosts} "
+          f"hosts) is not supported by this launcher; evaluate on a single-host slice "
+          f"({', '.join(t.accelerator_type for t in topo_lib.presets() if not t.multi_host)})")
+    if local and topo.multi_host and not opts.workdir_is_shared:
+      key, value = next(iter(local.items()))
+      raise LaunchError(
+          f"run {run.name}: {key} {value!r} is host-local, but {opts.accelerator_type} has "
+          f"{topo.hosts} hosts, each a process of the same run: every worker must write the "
+          f"same checkpoint directory. Use a gs:// workdir (--bucket gs://BUCKET or "
+          f"--workdir-root gs://BUCKET/path), or pass --workdir-is-shared if {value!r} is a "
+          f"file system all workers mount")
+    if local and not opts.workdir_is_shared:
+      warnings.append(f"run {run.name}: {', '.join(local.values())} is on the TPU VM's disk and "
+                      f"is deleted with the slice; copy it off or use gs://")
+  return warnings
+
+
+def with_mesh(runs: Sequence[Run], topo: topo_lib.Topology) -> list[Run]:
+  """Adds ``mesh.fsdp=k`` to train runs whose model needs FSDP on this slice
+  (:func:`topology.default_mesh`), unless the run sets the mesh itself."""
+  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
+  out = []
+  for run in runs:
+    if run.command != "train" or any(o.startswith("mesh.") for o in run.overrides):
+      out.append(run)
+      continue
+    config = cfglib.load(run.config, run.overrides)
+    if (config.mesh.fsdp, config.mesh.tensor) != (1, 1):
+      out.append(run)
+      continue
+    mesh = topo_lib.default_mesh(topo, topo_lib.approx_params(config.model.width))
+    if mesh["fsdp"] > 1:
+      run = dataclasses.replace(run, overrides=run.overrides + (f"mesh.fsdp={mesh['fsdp']}",))
+    out.append(run)
+  return out
+
+
+def prepare_runs(runs: Sequence[Run], opts: TpuOptions) -> list[Run]:
+  """The runs as the slice will run them: checked (:func:`plan` refuses the same), with the mesh
+  added where the model needs FSDP (``auto_mesh``)."""
+  topo = _check_options(opts)
+  _check_runs(runs, opts, topo)
+  return with_mesh(runs, topo) if opts.auto_mesh else list(runs)
+
+
+def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
+  """Every step from creating the slice(s) to starting the runs (teardown: :func:`teardown`)."""
+  topo = _check_options(opts)
+  if not runs:
+    raise ConfigError("no runs to launch")
+  warnings = _check_runs(runs, opts, topo)
+  if opts.auto_mesh:
+    runs = with_mesh(runs, topo)
+  groups: dict[str, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(slice_name(opts, run), []).append(run)
+  steps = [Step((), f"WARNING: {w}", kind="note") for w in warnings]
+  pack = pack_step(opts)
+  if pack:
+    steps.append(pack)
+  for name, group in groups.items():
+    if not opts.skip_create:
+      steps += create_steps(opts, name, topo)
+    steps += install_steps(opts, name)
+    steps.append(Step(tuple(_ssh(opts, name, start_command(group, opts, topo))),
+                      f"start {len(group)} run(s) on every worker of {name} "
+                      f"(one after another, in the background)"))
+  return steps
+
+
+def teardown(opts: TpuOptions, runs: Sequence[Run] = ()) -> list[Step]:
+  """The steps that delete the slice(s)."""
+  _check_options(opts)
+  if "{run}" in opts.tpu_name and not runs:
+    raise ConfigError(f"--tpu-name {opts.tpu_name!r} names one slice per run: give the sweep's "
+                      f"--config so that teardown knows the runs")
+  names = list(dict.fromkeys(slice_name(opts, r) for r in runs)) or [slice_name(opts)]
+  steps = []
+  for name in names:
+    if opts.queued:
+      argv = _gcloud("queued-resources", "delete", name, *_scope(opts), "--force", "--quiet",
+                     alpha=opts.best_effort)
+      steps.append(Step(tuple(argv), f"delete queued resource {name} and its TPU"))
+    else:
+      argv = _gcloud("tpu-vm", "delete", name, *_scope(opts), "--quiet")
+      steps.append(Step(tuple(argv), f"delete TPU {name}"))
+  return steps
+
+
+def monitor_commands(opts: TpuOptions, runs: Sequence[Run]) -> list[str]:
+  name = slice_name(opts, runs[0]) if runs else slice_name(opts)
+  tail = f"tail -n 20 {LOG_DIR}/{runs[0].sweep if runs else '*'}.log"
+  return [shlex.join(_ssh(opts, name, tail, worker="0"))]
+
+
+def format_plan(steps: Sequence[Step], teardown_steps: Sequence[Step] = (),
+                monitor: Sequence[str] = ()) -> str:
+  """The dry-run text: one shell line per step, each after a comment saying what it does."""
+  lines = []
+  for step in steps:
+    if step.kind == "note":
+      lines.append(f"# {step.comment}")
+    elif step.kind == "wait":
+      lines.append(f"# {step.comment}: repeat until it prints ACTIVE")
+      lines.append(step.shell)
+    else:
+      lines.append(f"# {step.comment}")
+      lines.append(step.shell)
+  if monitor:
+    lines.append("# follow the runs (worker 0):")
+    lines += [f"#   {m}" for m in monitor]
+  if teardown_steps:
+    lines.append("# when the runs have ended, delete the slice:")
+    lines += [f"#   {s.shell}" for s in teardown_steps]
+  return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# Execution.
+
+
+def require_gcloud() -> str:
+  path = shutil.which("gcloud")
+  if not path:
+    raise LaunchError(GCLOUD_INSTALL_HINT)
+  return path
+
+
+def execute(steps: Sequence[Step], *, log: Callable[[str], None] = print,
+            run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+            poll_seconds: float = 60.0, wait_timeout: float = 24 * 3600.0) -> None:
+  """Runs the steps in order; stops at the first that fails."""
+  if any(s.kind in ("gcloud", "wait") for s in steps):
+    require_gcloud()
+  for step in steps:
+    if step.kind == "note":
+      log(f"# {step.comment}")
+      continue
+    log(f"# {step.comment}\n{step.shell}")
+    if step.kind == "wait":
+      deadline = time.monotonic() + wait_timeout
+      while True:
+        state = run(list(step.argv), capture_output=True, text=True, check=False).stdout.strip()
+        if state == "ACTIVE":
+          break
+        if state in ("FAILED", "SUSPENDED", "SUSPENDING"):
+          raise LaunchError(f"queued resource is {state}: delete it (--teardown) and launch "
+                            f"again, or inspect it with `gcloud compute tpus queued-resources "
+                            f"describe`")
+        if time.monotonic() > deadline:
+          raise LaunchError(f"queued resource not ACTIVE after {wait_timeout:.0f} s (state "
+                            f"{state or 'unknown'}); it stays queued: launch again with "
+                            f"--skip-create once it is ACTIVE")
+        log(f"  state {state or 'unknown'}; checking again in {poll_seconds:.0f} s")
+        time.sleep(poll_seconds)
+      continue
+    proc = run(list(step.argv), check=False)
+    if proc.returncode != 0:
+      raise LaunchError(f"step failed with exit code {proc.returncode}: {step.shell}")

@@ -1,0 +1,418 @@
+"""Sweeps and launchers: expansions, the TPU command sequence (golden files), quoting, refusals,
+the local launcher.
+
+Golden files (tests/golden/*.txt) hold the exact `launch/tpu_vm.py ... --dry-run` output. After an
+intended change of the generated commands, regenerate them and review the diff:
+
+  LDM_SCALING_REGEN_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_launch.py -k golden
+  git diff tests/golden/
+"""
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ldm_scaling.config import ConfigError
+from ldm_scaling.launch import commands, local, sweeps, topology, tpu
+from ldm_scaling.models import cost
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO, "tests", "golden")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+  monkeypatch.chdir(REPO)  # config paths are relative to the repository root
+
+
+def _expand(spec, **kw):
+  return sweeps.expand(sweeps.load_sweep(spec), **kw)
+
+
+def _sweep(**fields):
+  sweep = sweeps.sweep_config()
+  sweep.name = fields.pop("name", "s")
+  sweep.base = fields.pop("base", "configs/t2i.py")
+  for key, value in fields.items():
+    sweep[key] = value
+  return sweep
+
+
+# -------------------------------------------------------------------------------------------------
+# Sweep expansion.
+
+
+def test_model_size_sweep_is_the_paper_widths_and_every_config_loads():
+  runs = _expand("configs/sweeps/model_size.py")
+  widths = sorted(cost.PAPER_TABLE1)
+  assert len(widths) == 11 and len(runs) == 11
+  assert [r.name for r in runs] == [f"w{w}" for w in widths]
+  assert len({r.workdir for r in runs}) == 11
+  assert all(r.workdir == f"{sweeps.DEFAULT_WORKDIR_ROOT}/model_size/w{w}"
+             for r, w in zip(runs, widths))
+  from ldm_scaling import config as cfglib
+  for run, width in zip(runs, widths):
+    config = cfglib.load(run.config, run.overrides)
+    assert config.model.width == width and config.train.steps == 500_000
+    # 64-wide heads need every level width (w, 2w, 4w, 4w) to be a multiple of 64: w itself.
+    fixed_heads = width % 64 != 0
+    assert config.model.num_heads == (8 if fixed_heads else 0), width
+    assert ("model.num_heads=8" in run.overrides) == fixed_heads
+  assert {w for w in widths if w % 64} == {96, 160, 224, 288}
+
+
+def test_sweep_arguments_and_counts_are_the_product_of_the_axes():
+  runs = _expand("configs/sweeps/sampler_steps.py:widths=(64,128),steps=1000")
+  assert len(runs) == 2 * 3 * 6
+  assert len({r.name for r in runs}) == len(runs)
+  assert runs[0].name == "w64-ddim-s4" and runs[-1].name == "w128-dpm++-s50"
+  assert runs[0].workdir.endswith("/model_size/w64") and runs[0].command == "eval"
+  assert len({r.results for r in runs}) == 1  # one results table for the sweep
+  cfg = _expand("configs/sweeps/cfg.py:widths=(64,128)")
+  assert len(cfg) == 2 * 8 and cfg[1].name == "w64-cfg2"
+  grouped = _expand("configs/sweeps/cfg.py:widths=(64,128),per_scale=false")
+  assert [r.name for r in grouped] == ["w64", "w128"]
+  assert "eval.cfg_scales=(1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)" in grouped[0].overrides
+  assert all(e is None for e in sweeps.validate_runs(cfg[:3] + grouped))
+
+
+def test_zip_axis_steps_together_and_overrides_reach_every_run():
+  sweep = _sweep(axes=(("model.width", (64, 128)),),
+                 zip=(("train.lr", (1e-4, 2e-4, 4e-4)), ("train.steps", (10, 20, 40))),
+                 labels=(("model.width", "w"), ("train.lr", "lr")),
+                 overrides=(("train.batch_size", 8),))
+  runs = sweeps.expand(sweep, workdir_root="gs://b/x", extra_overrides=["--config.train.seed=3"])
+  assert len(runs) == 2 * 3
+  from ldm_scaling import config as cfglib
+  pairs = []
+  for run in runs:
+    config = cfglib.load(run.config, run.overrides)
+    pairs.append((config.model.width, config.train.lr, config.train.steps))
+    assert config.train.batch_size == 8 and config.train.seed == 3
+  assert pairs == [(w, lr, s) for w in (64, 128)
+                   for lr, s in ((1e-4, 10), (2e-4, 20), (4e-4, 40))]
+  assert runs[0].name == "w64-lr0.0001-steps=10" and runs[0].workdir == "gs://b/x/s/" + runs[0].name
+
+
+def test_unknown_axis_names_the_key_and_the_closest_valid_keys():
+  with pytest.raises(ConfigError, match=r"unknown sweep axis 'model\.widht'.*model\.width"):
+    sweeps.expand(_sweep(axes=(("model.widht", (64,)),)))
+  with pytest.raises(ConfigError, match=r"'eval\.cfg_scale'.*eval\.cfg_scales"):
+    sweeps.expand(_sweep(axes=(("eval.cfg_scale", (1.0,)),)))
+  with pytest.raises(ConfigError, match="is a config section"):
+    sweeps.expand(_sweep(axes=(("model", (64,)),)))
+  with pytest.raises(ConfigError, match="same value of its axis 'model.width'"):
+    sweeps.expand(_sweep(axes=(("model.width", (64, 128)),)),
+                  extra_overrides=["--config.model.width=96"])
+  with pytest.raises(ConfigError, match="unknown override 'train.stpes'.*train.steps"):
+    sweeps.expand(_sweep(), extra_overrides=["train.stpes=3"])
+  with pytest.raises(ConfigError, match="equal lengths"):
+    sweeps.expand(_sweep(zip=(("train.lr", (1.0, 2.0)), ("train.steps", (1,)))))
+
+
+def test_values_are_checked_by_loading_each_run():
+  # Width 224 without the unet_heads rule: the key is valid, the value is not (heads of 64).
+  runs = sweeps.expand(_sweep(axes=(("model.width", (128, 224)),)))
+  errors = sweeps.validate_runs(runs)
+  assert errors[0] is None and "num_heads" in errors[1]
+
+
+def test_distillation_sweep_pairs_teachers_with_objectives():
+  runs = _expand("configs/sweeps/distillation.py:widths=(128,224),student_steps=100")
+  assert [r.name for r in runs] == ["w128-consistency", "w128-scale_wise", "w224-consistency",
+                                    "w224-scale_wise"]
+  teachers = {r.name: r for r in _expand("configs/sweeps/model_size.py:widths=(128,224)")}
+  for run in runs:
+    teacher = teachers[run.name.split("-")[0]]
+    assert f"teacher: {teacher.workdir}" in run.notes
+    assert set(teacher.overrides) <= set(run.overrides)  # same width and heads as the teacher
+  from ldm_scaling.train import objectives
+  for run, error in zip(runs, sweeps.validate_runs(runs)):
+    name = run.name.split("-", 1)[1]
+    if name in objectives.OBJECTIVES:
+      assert error is None
+    else:
+      assert "unknown objective.name" in error and repr(name) in error
+
+
+def test_format_value_round_trips_through_config_flags():
+  from ldm_scaling import config as cfglib
+  config = cfglib.load("configs/t2i.py", [
+      "eval.samplers=" + sweeps.format_value(("dpm++", "ddim")),
+      "eval.cfg_scales=" + sweeps.format_value((1.5,)),
+      "train.async_checkpointing=" + sweeps.format_value(False),
+      "train.lr=" + sweeps.format_value(2e-4)])
+  assert config.eval.samplers == ("dpm++", "ddim") and config.eval.cfg_scales == (1.5,)
+  assert config.train.async_checkpointing is False and config.train.lr == 2e-4
+
+
+# -------------------------------------------------------------------------------------------------
+# The CLI and the scripts.
+
+
+def test_cli_dry_run_prints_one_shell_command_per_run():
+  env = dict(os.environ, USE_TF="0")
+  entry_point = os.path.join(os.path.dirname(sys.executable), "ldm-scaling")  # .venv/bin/
+  proc = subprocess.run([entry_point, "sweep", "--config",
+                         "configs/sweeps/model_size.py:widths=(64,224),steps=100", "--dry-run",
+                         "--workdir-root", "runs/s"],
+                        cwd=REPO, capture_output=True, text=True, env=env, check=False)
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if not l.startswith("#")]
+  expected = [
+      ["ldm-scaling", "train", "--config", "configs/t2i.py:steps=100",
+       "--config.model.width=64", "--workdir", "runs/s/model_size/w64"],
+      ["ldm-scaling", "train", "--config", "configs/t2i.py:steps=100",
+       "--config.model.width=224", "--config.model.num_heads=8", "--workdir",
+       "runs/s/model_size/w224"]]
+  assert [shlex.split(l) for l in lines] == expected
+
+
+def test_cli_refuses_invalid_runs_and_experiment_configs_without_workdir(capsys):
+  from ldm_scaling.train import objectives
+  ready = {"consistency", "scale_wise"} <= set(objectives.OBJECTIVES)
+  code = commands.main(["--config", "configs/sweeps/distillation.py:widths=(64,)", "--dry-run"],
+                       launcher="local", prog="launch/local.py")
+  out = capsys.readouterr()
+  assert code == (0 if ready else 2)
+  if not ready:
+    assert "# INVALID w64-consistency: unknown objective.name" in out.out
+    assert "nothing launched" in out.err
+  from ldm_scaling import cli
+  assert cli.main(["sweep", "--config", "configs/t2i.py", "--dry-run"]) == 2
+  assert "experiment config, not a sweep: give --workdir" in capsys.readouterr().err
+
+
+def test_launch_script_runs_an_experiment_config_as_one_run():
+  proc = subprocess.run([sys.executable, "launch/local.py", "--config", "configs/t2i.py:width=64",
+                         "--workdir", "runs/w64", "--config.train.steps=5", "--dry-run"],
+                        cwd=REPO, capture_output=True, text=True, check=False,
+                        env=dict(os.environ, USE_TF="0"))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[-1] == ("ldm-scaling train --config configs/t2i.py:width=64 "
+                                          "--config.train.steps=5 --workdir runs/w64")
+
+
+def test_sweep_help(capsys):
+  from ldm_scaling import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(["sweep", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "--dry-run" in out and "--accelerator-type" in out and "--parallel" in out
+
+
+# -------------------------------------------------------------------------------------------------
+# TPU VM launcher.
+
+GOLDEN_CASES = {
+    "tpu_model_size_v4-32.txt": [
+        "--config", "configs/sweeps/model_size.py:widths=(64,224,768)", "--tpu-name", "ldm-v4",
+        "--zone", "us-central2-b", "--project", "my-project", "--accelerator-type", "v4-32",
+        "--bucket", "gs://my-bucket", "--source-tarball", "dist/ldm-scaling.tar.gz",
+        "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+    "tpu_cfg_v6e-8_queued.txt": [
+        "--config", "configs/sweeps/cfg.py:widths=(128,),per_scale=false", "--tpu-name",
+        "ldm-eval", "--zone", "europe-west4-a", "--accelerator-type", "v6e-8", "--queued",
+        "--spot", "--bucket", "gs://my-bucket", "--source-git",
+        "https://github.com/example/ldm-scaling.git", "--source-ref", "v0.1",
+        "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+    "tpu_teardown_queued.txt": [
+        "--teardown", "--tpu-name", "ldm-v5p", "--zone", "us-east5-a", "--accelerator-type",
+        "v5p-32", "--queued", "--best-effort", "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_tpu_dry_run_matches_golden(name, capsys, monkeypatch):
+  monkeypatch.setenv("PATH", "/nonexistent")  # the dry run needs no gcloud
+  assert commands.main(GOLDEN_CASES[name], launcher="tpu", prog="launch/tpu_vm.py") == 0
+  out = capsys.readouterr().out
+  path = os.path.join(GOLDEN, name)
+  if os.environ.get("LDM_SCALING_REGEN_GOLDEN"):
+    os.makedirs(GOLDEN, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(out)
+  with open(path, encoding="utf-8") as f:
+    assert out == f.read()
+
+
+def _opts(**kw):
+  base = dict(tpu_name="t", zone="z", accelerator_type="v4-32", jax_spec="jax[tpu]==1")
+  base.update(kw)
+  return tpu.TpuOptions(**base)
+
+
+def test_multi_host_slice_refuses_a_host_local_workdir():
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root="/tmp/sweeps")
+  with pytest.raises(tpu.LaunchError, match="host-local.*every worker must write the same"):
+    tpu.plan(runs, _opts())
+  assert tpu.plan(runs, _opts(workdir_is_shared=True))  # a mount every worker shares
+  single = tpu.plan(runs, _opts(accelerator_type="v4-8"))  # one host: allowed, with a warning
+  assert single[0].kind == "note" and "deleted with the slice" in single[0].comment
+  gs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root="gs://b/r")
+  assert all(s.kind != "note" for s in tpu.plan(gs, _opts()))
+
+
+def test_missing_gcloud_is_a_clear_error_but_dry_run_works(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv("PATH", str(tmp_path))
+  args = ["--config", "configs/sweeps/model_size.py:widths=(64,)", "--tpu-name", "t", "--zone",
+          "z", "--accelerator-type", "v4-8", "--bucket", "gs://b", "--source-tarball", "x.tgz"]
+  assert commands.main(args + ["--dry-run"], launcher="tpu", prog="p") == 0
+  assert "gcloud compute tpus tpu-vm create t" in capsys.readouterr().out
+  assert commands.main(args, launcher="tpu", prog="p") == 2
+  err = capsys.readouterr().err
+  assert "gcloud (the Google Cloud CLI) is not on PATH" in err and "--dry-run" in err
+
+
+def test_every_command_round_trips_through_the_shell_quoting():
+  runs = _expand("configs/sweeps/cfg.py:widths=(64,),per_scale=false", workdir_root="gs://b/it's")
+  steps = tpu.plan(runs, _opts(accelerator_type="v6e-8", source_git="https://h/r.git",
+                               source_ref="main"))
+  steps += tpu.teardown(_opts())
+  for step in steps:
+    assert shlex.split(step.shell) == list(step.argv)
+  start = next(s for s in steps if "start" in s.comment)
+  remote = start.argv[start.argv.index("--command") + 1]
+  words = shlex.split(remote)
+  script = words[words.index("-c") + 1]
+  run_lines = [l for l in script.splitlines() if l.startswith("run_one ")]
+  assert [shlex.split(l) for l in run_lines] == [
+      ["run_one", r.name, r.logdir, r.command, "python3", "-m", "ldm_scaling", *r.args]
+      for r in runs]
+
+
+def _executable(path, text):
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _run_start_command(tmp_path, runs, accelerator_type, curl=None, **opts):
+  """Runs the start step's remote command with a real bash in a fake home, a stub python3 that
+  records its argv (NUL-separated) and the LDM_SCALING_* variables, and optionally a stub curl
+  (the metadata server); returns (argv lines, env lines) once every run left its marker."""
+  home = tmp_path / "home"
+  (home / "ldm-scaling").mkdir(parents=True)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  argv_file, env_file = tmp_path / "argv.txt", tmp_path / "env.txt"
+  _executable(bin_dir / "python3",
+              "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done >> "
+              f"{argv_file}\nprintf '\\n' >> {argv_file}\n"
+              "echo \"$LDM_SCALING_COORDINATOR $LDM_SCALING_NUM_PROCESSES $LDM_SCALING_PROCESS_ID\""
+              f" >> {env_file}\necho 'ldm-scaling train: done at step 5'\n")
+  if curl:
+    _executable(bin_dir / "curl", curl)
+  topo = topology.topology(accelerator_type)
+  remote = tpu.start_command(runs, _opts(accelerator_type=accelerator_type, **opts), topo)
+  env = dict(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(home))
+  subprocess.run(["bash", "-c", remote], cwd=home, env=env, check=True, timeout=20)
+  markers = [os.path.join(r.logdir, "launch.done") for r in runs]
+  deadline = time.time() + 20
+  while not all(map(os.path.exists, markers)) and time.time() < deadline:
+    time.sleep(0.05)
+  assert all(map(os.path.exists, markers))
+  argvs = [line.split("\0")[:-1] for line in argv_file.read_text().strip("\n").split("\n")]
+  return argvs, env_file.read_text().splitlines()
+
+
+def test_start_command_executes_the_runs_with_their_exact_arguments(tmp_path):
+  """Quoting, nohup, per-worker logs and the finished marker, end to end in a real bash."""
+  sweep = _sweep(name="q", axes=(("eval.samplers", ("dpm++", "ddim")),),
+                 labels=(("eval.samplers", ""),),
+                 overrides=(("train.sample_prompts", ("a \"red\" circle", "it's $HOME")),))
+  runs = sweeps.expand(sweep, workdir_root=str(tmp_path / "runs"))
+  argvs, _ = _run_start_command(tmp_path, runs, "v4-8")
+  assert argvs == [["-m", "ldm_scaling", *r.args] for r in runs]
+  assert "it's $HOME" in "".join(argvs[0])  # not expanded
+  logs = os.listdir(os.path.join(runs[0].logdir, "logs"))
+  assert len(logs) == 1
+  with open(os.path.join(runs[0].logdir, "logs", logs[0]), encoding="utf-8") as f:
+    assert "done at step 5" in f.read()
+
+
+@pytest.mark.parametrize("endpoints", ["t1v-w-0:uid0:10.1.0.5,t1v-w-1:uid1:10.1.0.6",
+                                       "10.1.0.5,10.1.0.6"])
+def test_multi_host_start_reads_the_coordinator_from_the_metadata_server(tmp_path, endpoints):
+  # Both formats of worker-network-endpoints that JAX's GceTpuCluster accepts; this is worker 1.
+  curl = ("#!/bin/sh\ncase \"$*\" in\n"
+          f"  *worker-network-endpoints*) printf '%s' '{endpoints}' ;;\n"
+          "  *agent-worker-number*) printf 1 ;;\n  *) exit 22 ;;\nesac\n")
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root=str(tmp_path / "r"))
+  _, env = _run_start_command(tmp_path, runs, "v4-32", curl=curl, workdir_is_shared=True)
+  assert env == [f"10.1.0.5:{tpu.COORDINATOR_PORT} 2 1"]
+
+
+def test_topology_presets_match_the_cloud_tpu_tables():
+  # (chips, hosts, runtime) as in the Cloud TPU docs: v4/v5p names count 2 cores per chip and
+  # have 4 chips per host; v5e/v6e have 8 chips per host.
+  expected = {
+      "v4-8": (4, 1, "tpu-ubuntu2204-base"), "v4-32": (16, 4, "tpu-ubuntu2204-base"),
+      "v5litepod-8": (8, 1, "v2-alpha-tpuv5-lite"), "v5litepod-16": (16, 2, "v2-alpha-tpuv5-lite"),
+      "v5litepod-256": (256, 32, "v2-alpha-tpuv5-lite"), "v5p-8": (4, 1, "v2-alpha-tpuv5"),
+      "v5p-32": (16, 4, "v2-alpha-tpuv5"), "v6e-8": (8, 1, "v2-alpha-tpuv6e"),
+      "v6e-16": (16, 2, "v2-alpha-tpuv6e")}
+  got = {t.accelerator_type: (t.chips, t.hosts, t.runtime_version) for t in topology.presets()}
+  assert got == expected
+  with pytest.raises(ConfigError, match="unknown TPU accelerator type"):
+    topology.topology("v9-8")
+
+
+def test_default_mesh_shards_only_models_that_need_it():
+  v4 = topology.topology("v4-32")
+  # 4.9B (paper: 5e9) x 20 B = 100 GB of state; half of 32 GiB per chip -> >= 5.8 chips -> 8.
+  assert topology.default_mesh(v4, 5e9) == dict(data=-1, fsdp=8, tensor=1)
+  assert topology.default_mesh(v4, 39e6) == dict(data=-1, fsdp=1, tensor=1)
+  # v5p: 95 GiB per chip -> 100e9 / (47.5 * 2**30) = 1.96 -> 2.
+  assert topology.default_mesh(topology.topology("v5p-8"), 5e9)["fsdp"] == 2
+  with pytest.raises(ConfigError, match="use a larger slice"):
+    topology.default_mesh(topology.topology("v4-8"), 5e9)
+
+
+# -------------------------------------------------------------------------------------------------
+# Local launcher.
+
+
+def _stub_python(tmp_path):
+  """A stand-in for `python -m ldm_scaling`: behaves by the run's workdir name."""
+  stub = tmp_path / "python"
+  stub.write_text(
+      "#!/bin/sh\necho \"args: $*\"\n"
+      "case \"$*\" in\n"
+      "  *fail*) echo boom; exit 3 ;;\n"
+      "  *preempt*) echo 'ldm-scaling train: preempted at step 2'; exit 0 ;;\n"
+      "  *) echo 'ldm-scaling train: done at step 5'; exit 0 ;;\nesac\n")
+  stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+  return str(stub)
+
+
+def test_local_launcher_logs_marks_skips_and_reports(tmp_path):
+  runs = [sweeps.Run(sweep="s", name=n, command="train", config="c.py", overrides=("a.b=1",),
+                     workdir=str(tmp_path / n), logdir=str(tmp_path / n))
+          for n in ("ok", "fail", "preempt")]
+  python = _stub_python(tmp_path)
+  outcomes = local.run_all(runs, parallel=2, python=python, log=lambda _: None)
+  assert [o.status for o in outcomes] == ["done", "failed", "incomplete"]
+  assert outcomes[1].returncode == 3
+  log = (tmp_path / "ok" / "launch.log").read_text()
+  assert runs[0].shell in log and f"args: -m ldm_scaling {shlex.join(runs[0].args)}" in log
+  assert [os.path.exists(tmp_path / n / "launch.done") for n in ("ok", "fail", "preempt")] == [
+      True, False, False]
+  again = local.run_all(runs, python=python, log=lambda _: None)
+  assert [o.status for o in again] == ["skipped", "failed", "incomplete"]
+  forced = local.run_all(runs, python=python, force=True, log=lambda _: None)
+  assert forced[0].status == "done"
+  assert (tmp_path / "ok" / "launch.log").read_text().count("=====") == 2
+  assert "1 done, 1 incomplete, 1 failed" in local.summary(outcomes)
+
+
+def test_local_launcher_puts_logs_of_remote_workdirs_under_log_root(tmp_path):
+  run = sweeps.Run(sweep="s", name="r", command="train", config="c.py", overrides=(),
+                   workdir="gs://b/s/r", logdir="gs://b/s/r")
+  outcome = local.run_one(run, log_root=str(tmp_path), python=_stub_python(tmp_path))
+  assert outcome.status == "done" and outcome.log == str(tmp_path / "s" / "r" / "launch.log")
