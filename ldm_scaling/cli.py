@@ -134,6 +134,25 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def cmd_study(args) -> int:
+  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import study  # pylint: disable=g-import-not-at-top
+  if args.config is None:
+    raise ConfigError("--config is required (e.g. --config configs/study/cpu_mini.py)")
+  spec = args.config
+  if args.quick:
+    spec += ",quick" if ":" in spec else ":quick"
+  config = cfglib.load(spec, args.overrides)
+  workdir = args.workdir or ("runs/study-quick" if args.quick else "runs/study")
+  command = " ".join(["ldm-scaling", "study", "--config", args.config,
+                      *(["--quick"] if args.quick else []), "--workdir", workdir,
+                      *args.overrides])
+  summary = study.run(config, workdir, command=command,
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  print(json.dumps(summary))
+  return 0
+
+
 # -------------------------------------------------------------------------------------------------
 
 
@@ -216,12 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
                  "(one process per host of a slice)")
   p.set_defaults(func=cmd_eval)
 
+  p = sub.add_parser("study", help="the end-to-end scaling study (train sizes, eval grid, report)",
+                     description="Trains the offline CLIP/VAE if absent, one UNet per study.widths "
+                     "(compute-matched), evaluates the grid and writes figures and report.md. "
+                     "Resumable: rerun the same command after an interruption.")
+  _add_config_arg(p, required=True)
+  p.add_argument("--workdir", default=None,
+                 help="study directory (default runs/study, runs/study-quick with --quick)")
+  p.add_argument("--quick", action="store_true",
+                 help="the config's CI-sized variant (its `quick` argument; minutes)")
+  p.set_defaults(func=cmd_study)
+
   from ldm_scaling.eval import commands as eval_commands  # pylint: disable=g-import-not-at-top
   eval_commands.add_parsers(sub)  # fid, fid-weights
   from ldm_scaling.data import commands as data_commands  # pylint: disable=g-import-not-at-top
   data_commands.add_parsers(sub)  # prepare-data
   from ldm_scaling.models import commands as model_commands  # pylint: disable=g-import-not-at-top
   model_commands.add_parsers(sub)  # train-clip, train-vae
+  from ldm_scaling.launch import commands as launch_commands  # pylint: disable=g-import-not-at-top
+  launch_commands.add_parsers(sub)  # sweep
+  from ldm_scaling.analysis import commands as analysis_cmds  # pylint: disable=g-import-not-at-top
+  analysis_cmds.add_parsers(sub)  # analyze, advise
   return parser
 
 
@@ -231,10 +265,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from ldm_scaling.data import manifest, pipeline  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import fid, images  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import convert  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.analysis import table as analysis_table  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
   return (ConfigError, FileNotFoundError, pipeline.DataError, manifest.ManifestError,
           manifest.BadExampleError, convert.ConversionError, fid.StatsMismatchError,
-          images.ImageError, results.EmptyTableError)
+          images.ImageError, results.EmptyTableError, analysis_table.AnalysisError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

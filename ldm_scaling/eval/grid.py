@@ -136,6 +136,17 @@ def clip_scorer(config, eval_cfg):
   return clip_score.CLIPScorer.from_pretrained(directory, label=OFFLINE_CLIP_LABEL)
 
 
+def feature_batch(num_samples: int, largest: int = 64) -> int:
+  """The FID feature batch for cells of ``num_samples`` images: the last batch is padded to a
+  full one, so a batch that divides the count wastes nothing (16 -> 16, 128 -> 64, 100 -> 50)."""
+  if num_samples <= largest:
+    return num_samples
+  for d in range(largest, largest // 2 - 1, -1):
+    if num_samples % d == 0:
+      return d
+  return largest
+
+
 def tile(images: np.ndarray, cols: int = 4) -> np.ndarray:
   n, h, w, c = images.shape
   rows = -(-n // cols)
@@ -176,7 +187,8 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     table.write_tables()
     return table
 
-  extractor = extractor or fid.FeatureExtractor()
+  extractor = extractor or fid.FeatureExtractor(
+      batch_size=feature_batch(max(p[2].num_samples for p in todo)))
   small = sorted({p[2].num_samples for p in todo if p[2].num_samples <= 2048})
   if small:
     log(f"note: {small} samples per cell <= 2048 feature dimensions: the generated covariance is "
@@ -184,10 +196,11 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
         f"number of samples (the paper uses 30k)")
   done_s, started = 0.0, time.perf_counter()
   loaded: dict = {}
+  shared: dict = {}
   for k, (workdir, config, e, step, cell) in enumerate(todo):
     t0 = time.perf_counter()
     if loaded.get("key") != (workdir, step):
-      loaded = _load(workdir, step, config, e, extractor, log)
+      loaded = _load(workdir, step, config, e, extractor, log, shared)
     key = _key(workdir, config, e, step, cell)
     out = generate.generate(
         config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
@@ -230,30 +243,44 @@ def _key(workdir, config, e, step, cell) -> dict:
               cfg_scale=cell.cfg_scale, scale_schedule="")
 
 
-def _load(workdir, step, config, e, extractor, log) -> dict:
-  """Everything a run's cells share: weights, prompts, encoders, reference statistics."""
-  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import fid, frechet  # pylint: disable=g-import-not-at-top
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
+  """Everything a checkpoint's cells share. ``shared`` memoises across checkpoints and runs what
+  does not depend on the weights: encoders, prompts, reference statistics, the cost model (which
+  compiles two forwards), the CLIP scorer."""
   from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   _, weights = checkpoint.load_weights(workdir, step=step, which="ema")
+  run = _memo(shared, ("run", workdir), lambda: _load_run(config, e, extractor, log))
+  cost = _memo(shared, ("cost", repr(config.model.to_dict()), repr(config.cost.to_dict())),
+               lambda: costlib.model_cost(config.model, config.cost))
+  log(f"loaded {workdir} step {step}: width {config.model.width}, {cost.params / 1e6:.2f}M "
+      f"params, normalised cost {cost.norm_cost:.4f}; {len(run['prompts'])} prompts; FID "
+      f"reference {run['reference_id']}")
+  return dict(run, key=(workdir, step), params=weights["unet"], params_count=cost.params,
+              norm_cost=cost.norm_cost)
+
+
+def _memo(cache: dict, key, make):
+  if key not in cache:
+    cache[key] = make()
+  return cache[key]
+
+
+def _load_run(config, e, extractor, log) -> dict:
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import fid, frechet  # pylint: disable=g-import-not-at-top
   conditioning, decoding = generate.components(config, required=True, log=log)
   prompts, images = eval_prompts_and_images(config, e.num_samples)
   ref = fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
                             split=config.data.eval_split, resolution=config.data.resolution,
                             n=e.fid_reference_n, extractor=extractor,
                             directory=e.stats_dir or None)
-  cost = costlib.model_cost(config.model, config.cost)
-  log(f"loaded {workdir} step {step}: width {config.model.width}, {cost.params / 1e6:.2f}M "
-      f"params, normalised cost {cost.norm_cost:.4f}; {len(prompts)} prompts; FID reference "
-      f"{config.data.name}/{config.data.eval_split} n={e.fid_reference_n}")
   return dict(
-      key=(workdir, step), params=weights["unet"], params_count=cost.params,
       apply_fn=generate.unet_apply(models.build(config.model)), prompts=prompts,
       conditioning=generate.Conditioning(_Memo(conditioning.encode), conditioning.label),
-      decoding=decoding, latent_size=data.latent_size(config), norm_cost=cost.norm_cost,
+      decoding=decoding, latent_size=data.latent_size(config),
       reference=frechet.Reference(ref),
       reference_id=f"{config.data.name}/{config.data.eval_split}@{config.data.resolution}px "
                    f"n={e.fid_reference_n}",

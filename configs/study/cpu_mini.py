@@ -1,0 +1,53 @@
+"""The CPU scaling study (the README's main job): a model-size sweep on 2 CPU cores.
+
+  ldm-scaling study --config configs/study/cpu_mini.py --workdir runs/study          # <= 45 min
+  ldm-scaling study --config configs/study/cpu_mini.py:quick --workdir runs/quick    # <= 5 min
+
+Embedded 32 px captioned-shapes data, the offline small CLIP and small-f4 VAE (8x8x4 latents;
+trained first if absent), and three widths of the CPU-scale SD-2.x UNet (3 levels c, 2c, 2c; see
+configs/cpu_t2i.py) trained with compute-matched schedules: the widest trains ``steps`` steps and
+each narrower one proportionally more, so every model gets the same training FLOPs (normalised
+cost x steps). The eval
+grid is 2 samplers x 4 step counts x 3 CFG scales per model, FID against the held-out split.
+
+Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (the widest run's).
+"""
+
+from ldm_scaling import config as cfglib
+from ldm_scaling.models import offline, unet
+
+CPU_UNET = dict(channel_mult=(1, 2, 2), attn_levels=(True, True, False), layers_per_block=1,
+                norm_groups=16)
+
+
+def get_config(arg=None):
+  arg = cfglib.parse_arg(arg, quick=False, steps=0)
+  config = offline.apply(cfglib.base_config())
+  config.model.update(CPU_UNET)
+  config.model.update(unet.preset(32, CPU_UNET["channel_mult"]))
+  config.cost.update(latent_size=config.data.resolution // 4, text_len=config.text.max_length)
+  config.clip.steps = 400           # ~2 min here; the CLIP is the conditioning and the CLIP score
+  config.vae.steps = 800            # ~3 min here
+  config.train.update(
+      steps=500, batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine",
+      end_lr_factor=0.1, ema_decay=0.99, log_every=100, keep_checkpoints=4, best_metric="",
+      sample_every=0)
+  config.study.update(widths=(32, 48, 64), schedule="equal_compute",
+                      fid_curve_cell=("ddim", 16, 3.0))
+  # 2 samplers x 4 step counts x 3 CFG scales per model. 64 samples per cell is what 2 cores
+  # afford (InceptionV3 runs at ~11 images/s here): FIDs are biased upward at n << 2048 and
+  # comparable between cells, not with papers.
+  config.eval.update(
+      samplers=("ddim", "dpm++"), steps=(4, 8, 16, 32), cfg_scales=(1.0, 3.0, 6.0),
+      num_samples=64, fid_reference_n=512, batch_size=64, grid_images=16)
+  if arg.quick:
+    config.data.shapes_sizes = (2000, 256)
+    config.clip.steps = 60
+    config.vae.steps = 60
+    config.train.update(steps=12, warmup_steps=2, log_every=6)
+    config.study.update(widths=(16, 32, 48), fid_curve_cell=("ddim", 4, 4.0))
+    config.eval.update(steps=(2, 4), cfg_scales=(1.0, 4.0), num_samples=16, fid_reference_n=64,
+                       batch_size=16, grid_images=4)
+  if arg.steps:
+    config.train.steps = arg.steps
+  return config
