@@ -96,10 +96,11 @@ def plan(config: ml_collections.ConfigDict, root: str) -> list[RunPlan]:
 
 def finished_step(workdir: str) -> int | None:
   """The run's latest complete checkpoint step (None without one), read without compiling."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return None
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(checkpoint.absolute(workdir), "checkpoints")
+  if not checkpoint.is_dir(directory):
+    return None
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   manager.close()
@@ -142,6 +143,7 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
         command: str = "") -> dict:
   """Runs (or resumes) the study in ``root``; returns a summary (paths, wall times, verdict)."""
   validate(config)
+  root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
   clock = _Clock(root, log)
   _write_study_config(root, config)
@@ -242,28 +244,56 @@ def _train(config, workdir: str, log) -> None:
 
 
 def verdict(frame) -> tuple[str, list[str]]:
-  """Whether the paper's finding holds in ``frame``: per sampler, the Pareto front over sizes
-  (FID at each model's optimal CFG vs sampling cost) is owned by a smaller model at its cheapest
-  end and by a bigger one at its most expensive end. Returns (reproduced | partly | not
-  reproduced, one line per sampler)."""
+  """Whether the paper's finding holds in ``frame``, per sampler, from FID at each model's optimal
+  CFG vs sampling cost (latest checkpoints):
+
+  * *holds*: the Pareto front over sizes is owned by the smallest model at its cheap end and by a
+    bigger one at its expensive end, **and** somewhere both were sampled a bigger model beats a
+    smaller one at equal cost (a crossover);
+  * *partly*: the front pattern holds, but the bigger model only wins at costs beyond the smaller
+    one's most expensive sample (no crossover inside the common range);
+  * otherwise it does not hold.
+
+  Also states the noise scale: the largest rise of a model's optimal-CFG FID when its steps grow
+  (FID should not get worse with more steps), below which differences are not meaningful.
+  Returns (reproduced | partly reproduced | not reproduced, lines)."""
   from ldm_scaling import analysis  # pylint: disable=g-import-not-at-top
   lines, outcomes = [], []
+  smallest = int(frame["width"].min())
+  opt = analysis.optimal_cfg(frame, "fid", checkpoint="latest")
+  rises = [float(max(0.0, part.sort_values("steps")["fid"].diff().max()))
+           for _, part in opt.groupby(["model", "sampler"]) if len(part) > 1]
+  noise = max(rises) if rises else float("nan")
+  cross = analysis.crossovers(frame, "fid")
   for sampler in sorted(frame["sampler"].unique()):
     segments = analysis.frontier_segments(analysis.pareto_front(frame, "fid", sampler), "fid")
     owners = list(segments["width"])
-    low, high = owners[0], owners[-1]
-    smallest = int(frame["width"].min())
-    holds = low < high and low == smallest
-    outcomes.append(holds)
+    front = owners[0] == smallest and owners[-1] > owners[0]
+    mine = cross[cross["sampler"] == sampler]
+    crossing = mine[mine["status"].isin(["crossover", "bigger_better_throughout"])]
     order = " -> ".join(f"w{w}" for w in owners)
-    lines.append(
-        f"{sampler}: front owners from low to high sampling cost: {order}. "
-        + ("A smaller model wins at low cost and a bigger one at high cost."
-           if holds else
-           f"Not the paper's pattern: w{low} owns the cheapest end and w{high} the most "
-           f"expensive one."))
-  outcome = ("reproduced" if all(outcomes) else "partly reproduced" if any(outcomes)
-             else "not reproduced")
+    line = f"**{sampler}**: Pareto-front owners from low to high sampling cost: {order}. "
+    if front and len(crossing):
+      outcomes.append("holds")
+      pairs = ", ".join(f"{r.big} beats {r.small} beyond cost {r.crossover_cost:.3g}"
+                        for r in crossing.itertuples())
+      line += f"The smallest model owns the cheap end and bigger ones win at higher cost ({pairs})."
+    elif front:
+      outcomes.append("partly")
+      line += (f"The smallest model owns the cheap end and w{owners[-1]} the expensive end, but "
+               f"only at costs beyond the smaller models' most expensive samples: where both "
+               f"were sampled at equal cost, no bigger model beats a smaller one (no crossover).")
+    else:
+      outcomes.append("no")
+      line += (f"Not the paper's pattern: w{owners[0]} owns the cheapest end and w{owners[-1]} "
+               f"the most expensive one.")
+    lines.append(line)
+  if rises and noise > 0:
+    lines.append(f"Noise: a model's optimal-CFG FID rises by up to {noise:.1f} when its steps "
+                 f"grow (it should not), so differences below about {noise:.1f} FID are within "
+                 f"this study's noise (n={int(frame['n'].max())} samples per cell).")
+  outcome = ("reproduced" if all(o == "holds" for o in outcomes)
+             else "partly reproduced" if any(o != "no" for o in outcomes) else "not reproduced")
   return outcome, lines
 
 
@@ -297,7 +327,8 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) + ").", "",
       "## Verdict", "",
       f"Mei et al.'s finding — smaller models give better FID at low sampling cost, larger ones "
-      f"at high cost — is **{outcome}** at this scale:", "",
+      f"at high cost — is **{outcome}** at this scale (computed from the table; see "
+      f"`ldm_scaling.study.verdict` for the rule):", "",
       *[f"- {line}" for line in lines], "",
       "Scale caveats: 32 px synthetic shapes, UNets of "
       f"{min(r.params for r in runs) / 1e6:.1f}–{max(r.params for r in runs) / 1e6:.1f}M "
@@ -325,9 +356,14 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
 
 def environment() -> dict:
   """What the report records about where it ran."""
+  here = os.path.dirname(__file__)
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False, cwd=os.path.dirname(__file__)).stdout.strip()
+                            text=True, check=False, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", here],
+                           capture_output=True, text=True, check=False, cwd=here).stdout.strip()
+    if commit and dirty:
+      commit += " + uncommitted changes"
   except OSError:
     commit = ""
   import jax  # pylint: disable=g-import-not-at-top

@@ -31,9 +31,9 @@ def _env(devices=1):
   return env
 
 
-def _run(workdir, *overrides, devices=1, extra=(), check=True):
+def _run(workdir, *overrides, devices=1, extra=(), check=True, cwd=None):
   proc = subprocess.run([sys.executable, TOY, str(workdir), *extra, *overrides],
-                        env=_env(devices), capture_output=True, text=True, timeout=600)
+                        env=_env(devices), capture_output=True, text=True, timeout=600, cwd=cwd)
   if check and proc.returncode:
     raise AssertionError(f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
   return proc
@@ -65,7 +65,7 @@ def _wait_for_step(workdir, proc, step, timeout=300):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   steps = "train.steps=14"
-  _run(tmp_path / "straight", steps, extra=["--delay", "0.05"])
+  _run("straight", steps, extra=["--delay", "0.05"], cwd=tmp_path)  # a relative workdir too
   kill_at = random.Random().randint(4, 11)
   workdir = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, TOY, str(workdir), "--delay", "0.3", steps],

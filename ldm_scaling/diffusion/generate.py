@@ -245,8 +245,12 @@ def save_grid(path: str, images: np.ndarray, row_labels: Sequence[str],
     for c in range(cols):
       cell = Image.fromarray(images[r * cols + c]).resize((cw, ch), Image.NEAREST)
       canvas.paste(cell, (left + c * (cw + pad), y))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)
+  import io  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out, buf = epath.Path(path), io.BytesIO()  # local or gs://
+  canvas.save(buf, format="PNG")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buf.getvalue())
 
 
 def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | None,

@@ -43,8 +43,8 @@ def checkpoint_steps(workdir: str, which: str) -> list[int]:
   """``latest`` | ``all`` | comma-separated steps -> the run's checkpoint steps to evaluate."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = os.path.join(checkpoint.absolute(workdir), "checkpoints")
+  if not checkpoint.is_dir(directory):
     raise checkpoint.RunNotFoundError(f"no checkpoints in {workdir!r}; train it first")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   available = sorted(manager.all_steps())
@@ -136,6 +136,15 @@ def clip_scorer(config, eval_cfg):
   return clip_score.CLIPScorer.from_pretrained(directory, label=OFFLINE_CLIP_LABEL)
 
 
+def _save_png(path, image: np.ndarray) -> None:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buf.getvalue())
+
+
 def feature_batch(num_samples: int, largest: int = 64) -> int:
   """The FID feature batch for cells of ``num_samples`` images: the last batch is padded to a
   full one, so a batch that divides the count wastes nothing (16 -> 16, 128 -> 64, 100 -> 50)."""
@@ -218,11 +227,8 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
         fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
         wall_s=round(time.perf_counter() - t0, 3), time=time.time())
     row.update(loaded["scorer"].score(out.images, loaded["prompts"]).columns())
-    grids = os.path.join(table_dir, "grids")
-    os.makedirs(grids, exist_ok=True)
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    Image.fromarray(tile(out.images[:e.grid_images])).save(
-        os.path.join(grids, f"{results.cell_id(row)}.png"))
+    _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
+              tile(out.images[:e.grid_images]))
     table.add(row)
     table.write_tables()
     done_s += time.perf_counter() - t0
@@ -236,9 +242,14 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
   return table
 
 
+def run_id(workdir: str) -> str:
+  """The ``run`` column: the absolute local path, or the URL of a remote (``gs://``) workdir."""
+  return workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)
+
+
 def _key(workdir, config, e, step, cell) -> dict:
   del e
-  return dict(run=os.path.abspath(workdir), checkpoint_step=int(step),
+  return dict(run=run_id(workdir), checkpoint_step=int(step),
               objective=config.objective.name, sampler=cell.sampler, steps=cell.steps,
               cfg_scale=cell.cfg_scale, scale_schedule="")
 

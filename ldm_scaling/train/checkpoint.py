@@ -29,7 +29,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, best_metric: str | None,
                async_save: bool = True, data: bool = True):
-    self.directory = os.path.join(workdir, "checkpoints")
+    self.directory = os.path.join(absolute(workdir), "checkpoints")
     self.best_metric = best_metric
     policies = [cm.LatestN(keep)]
     if best_metric:
@@ -107,17 +107,27 @@ class RunNotFoundError(FileNotFoundError):
   """A workdir without a (complete) checkpoint."""
 
 
+def absolute(path: str) -> str:
+  """orbax needs absolute checkpoint paths: a local path made absolute; URLs (gs://) as given."""
+  return path if "://" in path else os.path.abspath(path)
+
+
+def is_dir(path: str) -> bool:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).is_dir()
+
+
 def load_run_config(workdir: str):
   """The config a run was trained with (``<workdir>/config.json``), validated and locked."""
   import json  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / "config.json"
+  if not path.is_file():
     raise RunNotFoundError(f"{workdir!r} is not a training workdir (no config.json); train one "
                            f"with `ldm-scaling train --config ... --workdir {workdir}`")
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)["config"]
+  data = json.loads(path.read_text())["config"]
   config = cfglib.base_config()
   config.update_from_flattened_dict(cfglib.flatten(ml_collections.ConfigDict(data)))
   cfglib.validate(config)
@@ -131,8 +141,8 @@ def load_weights(workdir: str, step: int | None = None, which: str = "ema",
   without reading optimiser state. ``step=None`` takes the latest complete checkpoint."""
   if which not in ("ema", "params"):
     raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = os.path.join(absolute(workdir), "checkpoints")
+  if not is_dir(directory):
     raise RunNotFoundError(f"no checkpoints in {workdir!r}; train first with `ldm-scaling train "
                            f"--config ... --workdir {workdir}`")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),

@@ -15,8 +15,13 @@ _initialized = False
 
 
 def on_tpu_vm() -> bool:
+  """GKE sets the TPU_* variables; a plain Cloud TPU VM has none of them but exposes its chips as
+  /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later). There ``jax.distributed.initialize()``
+  finds its peers through the metadata server."""
+  import glob  # pylint: disable=g-import-not-at-top
   return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID")
-              or os.environ.get("TPU_ACCELERATOR_TYPE"))
+              or os.environ.get("TPU_ACCELERATOR_TYPE") or glob.glob("/dev/accel[0-9]*")
+              or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

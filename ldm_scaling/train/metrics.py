@@ -26,15 +26,28 @@ def make_writer(workdir: str, is_main: bool):
   from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top
 
   class JsonlWriter(interface.MetricWriter):
-    """One JSON object per ``write_scalars`` call: ``{"step": s, "loss": ..., ...}``."""
+    """One JSON object per ``write_scalars`` call: ``{"step": s, "loss": ..., ...}``. Appends to
+    a local file; object stores (``gs://``) cannot append, so there the file is rewritten whole
+    at each flush (it stays small: one line per ``train.log_every`` steps)."""
 
     def __init__(self, path: str):
-      self._file = open(path, "a", encoding="utf-8")
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      self._path = epath.Path(path)
+      self._remote = "://" in path
+      self._lines = (self._path.read_text().splitlines(keepends=True)
+                     if self._remote and self._path.exists() else [])
+      self._file = None if self._remote else open(path, "a", encoding="utf-8")
+
+    def _write(self, line: str):
+      if self._remote:
+        self._lines.append(line)
+      else:
+        self._file.write(line)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
       row = {"step": int(step), "time": time.time()}
       row.update({k: _jsonable(v) for k, v in scalars.items()})
-      self._file.write(json.dumps(row) + "\n")
+      self._write(json.dumps(row) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
       self.write_scalars(step, {k: v for k, v in values.items() if np.ndim(v) == 0})
@@ -55,14 +68,19 @@ def make_writer(workdir: str, is_main: bool):
       pass
 
     def write_hparams(self, hparams):
-      self._file.write(json.dumps({"hparams": {k: _jsonable(v) if isinstance(v, (int, float))
-                                               else str(v) for k, v in hparams.items()}}) + "\n")
+      self._write(json.dumps({"hparams": {k: _jsonable(v) if isinstance(v, (int, float))
+                                          else str(v) for k, v in hparams.items()}}) + "\n")
 
     def flush(self):
-      self._file.flush()
+      if self._remote:
+        self._path.write_text("".join(self._lines))
+      else:
+        self._file.flush()
 
     def close(self):
-      self._file.close()
+      self.flush()
+      if self._file is not None:
+        self._file.close()
 
   default = metric_writers.create_default_writer(workdir, just_logging=not is_main,
                                                  asynchronous=False)

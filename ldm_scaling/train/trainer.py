@@ -26,6 +26,7 @@ import threading
 from typing import Any, Callable
 
 import flax
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,11 +84,10 @@ def check_batch_layout(config, num_devices: int, process_count: int) -> dict[str
 
 def _check_workdir(workdir: str, config) -> None:
   """Refuses to resume a workdir created by a structurally different experiment."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return
-  with open(path, encoding="utf-8") as f:
-    old = json.load(f)["config"]
+  old = json.loads(path.read_text())["config"]
   new = json.loads(json.dumps(config.to_dict(), default=list))
   changed = [s for s in _STRUCTURAL if old.get(s) != new.get(s)]
   if changed:
@@ -114,7 +114,7 @@ def _write_partitioning(workdir: str, abstract, shardings) -> None:
     rows[jax.tree_util.keystr(path)] = dict(shape=list(leaf.shape), spec=str(sharding.spec),
                                             bytes=nbytes, bytes_per_device=local)
     total, per_device = total + nbytes, per_device + local
-  _dump_json(os.path.join(workdir, "partitioning.json"),
+  _dump_json(epath.Path(workdir) / "partitioning.json",
              dict(total_bytes=total, bytes_per_device=per_device, leaves=rows))
   log.info("train state: %.2f GB total, %.2f GB per device", total / 1e9, per_device / 1e9)
 
@@ -122,17 +122,17 @@ def _write_partitioning(workdir: str, abstract, shardings) -> None:
 def _write_config(workdir: str, config) -> None:
   if jax.process_index() != 0:
     return
-  _dump_json(os.path.join(workdir, "config.json"),
+  _dump_json(epath.Path(workdir) / "config.json",
              dict(config=config.to_dict(), hash=cfglib.config_hash(config)))
 
 
-def _dump_json(path: str, obj) -> None:
-  """Writes via a temporary file and a rename: other hosts that read the file while the primary
-  writes it (``_check_workdir`` on a shared workdir) see the old or the new file, never half."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, default=list)
-  os.replace(tmp, path)
+def _dump_json(path: epath.Path, obj) -> None:
+  """Writes via a temporary file and a rename (local or ``gs://``): other hosts that read the file
+  while the primary writes it (``_check_workdir`` on a shared workdir) see the old or the new
+  file, never half of one."""
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  tmp.write_text(json.dumps(obj, indent=1, default=list))
+  tmp.replace(path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   num_devices, process_count = jax.device_count(), jax.process_count()
   check_batch_layout(config, num_devices, process_count)
   objective = objectives.build(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   _check_workdir(workdir, config)
   _write_config(workdir, config)
 
@@ -372,7 +372,9 @@ def _write_preview(objective, state, step: int, workdir: str, writer) -> None:
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
   generate.save_grid(path, preview["images"], preview["prompts"], [""], [preview["label"]])
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  writer.write_images(step, {"samples": np.asarray(Image.open(path).convert("RGB"))[None]})
+  with epath.Path(path).open("rb") as f:
+    image = np.asarray(Image.open(f).convert("RGB"))
+  writer.write_images(step, {"samples": image[None]})
   log.info("wrote %s", path)
 
 

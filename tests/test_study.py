@@ -1,0 +1,120 @@
+"""The end-to-end study (`ldm-scaling study --quick`): interrupted, rerun, nothing recomputed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ldm_scaling import cli
+from ldm_scaling import config as cfglib
+from ldm_scaling import study
+from ldm_scaling.eval import results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "study", "cpu_mini.py")
+
+
+def test_quick_study_resumes_after_kill(tmp_path):
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+  root = tmp_path / "study"
+  argv = [sys.executable, "-m", "ldm_scaling", "study", "--config", CONFIG, "--quick",
+          "--workdir", str(root)]
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  rows = root / "results" / "rows"
+  deadline = time.time() + 900
+  while time.time() < deadline:  # interrupt it in the eval phase, after a few cells
+    if rows.exists() and len(list(rows.glob("*.json"))) >= 3:
+      break
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = {p.name: p.read_text() for p in rows.glob("*.json")}
+  ckpts = {w: study.finished_step(str(root / "runs" / f"w{w}")) for w in (16, 32, 48)}
+
+  out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Nothing recomputed: components and runs are found, finished cells are skipped.
+  assert "train-clip" not in out.stderr and "train-vae" not in out.stderr
+  for w in (16, 32, 48):
+    assert f"width {w}: already trained ({ckpts[w]} steps)" in out.stderr
+  assert f"{len(before)} already in" in out.stderr
+  after = {p.name: p.read_text() for p in rows.glob("*.json")}
+  assert all(after[k] == v for k, v in before.items())
+
+  frame = results.load(str(root / "results"))
+  config = cfglib.load(CONFIG + ":quick")
+  grid_cells = 3 * 2 * 2 * 2              # widths x samplers x steps x cfg at the last checkpoint
+  curve_cells = 3 * 3                     # ddim/4/cfg 4 at the 3 earlier kept checkpoints
+  assert len(frame) == grid_cells + curve_cells
+  assert not frame.duplicated(list(results.CELL_KEYS)).any()
+  assert sorted(frame["width"].unique()) == list(config.study.widths)
+  # Compute-matched: steps x normalised cost equal across widths (to rounding of the steps).
+  plans = study.plan(config, str(root))
+  computes = [p.train_compute for p in plans]
+  assert max(computes) / min(computes) < 1.1
+  assert {p.steps for p in plans} == {int(s) for s in ckpts.values()}
+
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  report = (root / "report.md").read_text()
+  assert summary["verdict"] in report and "local-clip-small" in report
+  for path in summary["figures"]:
+    assert os.path.getsize(path) > 1000
+  timings = json.loads((root / "timings.json").read_text())
+  assert len(timings) == 2 and "eval" in timings[1]["phases"]
+
+
+def test_study_bad_input(tmp_path, capsys):
+  assert cli.main(["study", "--config", CONFIG, "--quick", "--workdir", str(tmp_path),
+                   "--config.study.widths=()"]) == 2
+  assert "study.widths is empty" in capsys.readouterr().err
+  assert cli.main(["study", "--config", CONFIG, "--workdir", str(tmp_path),
+                   "--config.study.schedule=equal_flops"]) == 2
+  assert "study.schedule must be one of" in capsys.readouterr().err
+  assert cli.main(["study", "--config", CONFIG, "--workdir", str(tmp_path),
+                   "--config.study.widths=(32,40)"]) == 2
+  assert "not divisible by model.norm_groups=16" in capsys.readouterr().err
+
+
+def test_study_refuses_other_config_in_same_workdir(tmp_path):
+  config = cfglib.load(CONFIG + ":quick")
+  study._write_study_config(str(tmp_path), config)
+  other = cfglib.load(CONFIG + ":quick", ["train.lr=0.01"])
+  with pytest.raises(cfglib.ConfigError, match=r"different config \(changed: train.lr"):
+    study._write_study_config(str(tmp_path), other)
+
+
+def _frame(fids):
+  """A hand-made table: {(width, steps): fid} for one sampler at CFG 3; norm cost = width / 100."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  rows = []
+  for (width, steps), value in fids.items():
+    row = {c: None for c in results.COLUMNS}
+    row.update(run=f"/runs/w{width}", checkpoint_step=100, objective="denoising", sampler="ddim",
+               steps=steps, cfg_scale=3.0, scale_schedule="", width=width, params=width * 1000,
+               norm_cost=width / 100, sampling_cost=width / 100 * steps, fid=value, n=64)
+    rows.append(row)
+  return pd.DataFrame(rows)
+
+
+def test_verdict_rule_on_hand_made_tables():
+  # w1 (cost 0.01/step) vs w2 (0.02/step). Common costs 0.08 (w1 8 steps, w2 4 steps) and 0.16.
+  crossing = _frame({(1, 4): 50, (1, 8): 40, (1, 16): 35,
+                     (2, 4): 45, (2, 8): 30, (2, 16): 20})
+  outcome, lines = study.verdict(crossing)
+  # At cost 0.08 w1 has 40 < w2's 45; at 0.16 w2 has 30 < w1's 35: a crossover in between.
+  assert outcome == "reproduced" and "w2 beats w1 beyond cost" in lines[0]
+  beyond = _frame({(1, 4): 50, (1, 8): 40, (1, 16): 30,
+                   (2, 4): 45, (2, 8): 35, (2, 16): 20})  # w2 better only past w1's costs
+  outcome, lines = study.verdict(beyond)
+  assert outcome == "partly reproduced" and "no crossover" in lines[0]
+  small_wins = _frame({(1, 4): 30, (1, 8): 20, (1, 16): 10,
+                       (2, 4): 45, (2, 8): 35, (2, 16): 25})
+  assert study.verdict(small_wins)[0] == "not reproduced"
+  noisy = _frame({(1, 4): 50, (1, 8): 53, (1, 16): 35, (2, 4): 45, (2, 8): 30, (2, 16): 20})
+  assert "rises by up to 3.0" in study.verdict(noisy)[1][-1]
