@@ -147,8 +147,13 @@ def cmd_study(args) -> int:
   command = " ".join(["ldm-scaling", "study", "--config", args.config,
                       *(["--quick"] if args.quick else []), "--workdir", workdir,
                       *args.overrides])
-  summary = study.run(config, workdir, command=command,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    summary = study.run(config, workdir, command=command,
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  except trainer.NonFiniteError as e:
+    print(f"ldm-scaling study: training stopped: {e}", file=sys.stderr)
+    return 3
   print(json.dumps(summary))
   return 0
 

@@ -143,6 +143,10 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
         command: str = "") -> dict:
   """Runs (or resumes) the study in ``root``; returns a summary (paths, wall times, verdict)."""
   validate(config)
+  if "://" in root:
+    raise ConfigError(f"--workdir {root!r}: the study writes a local directory (it is a one-machine "
+                      f"job); for gs:// runs on a TPU slice use `ldm-scaling sweep` + "
+                      f"`ldm-scaling eval` (docs/launch.md)")
   root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
   clock = _Clock(root, log)

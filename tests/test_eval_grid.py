@@ -61,6 +61,9 @@ def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
       break
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.1)
+  else:
+    proc.kill()
+    pytest.fail("the eval job wrote no 3 rows within 600 s")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
@@ -82,7 +85,7 @@ def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
   assert len(list((table_dir / "grids").glob("*.png"))) == 8
   # A third run finds nothing to do.
   again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-  assert "0 to do" in again.stderr
+  assert ", 0 to do" in again.stderr
 
 
 def test_grid_bad_input(tiny_run, tmp_path, capsys):
@@ -99,8 +102,27 @@ def test_grid_bad_input(tiny_run, tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(run), "--results", str(tmp_path / "t"),
                    "--config", cfg]) == 2
   assert "has no checkpoints for steps [7]" in capsys.readouterr().err
+  cfg = _eval_config(tmp_path / "bad3.py", run, num_samples=8, fid_reference_n=100_000)
+  assert cli.main(["eval", "--workdir", str(run), "--results", str(tmp_path / "t"),
+                   "--config", cfg]) == 2
+  assert "lower eval.fid_reference_n" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match="run `ldm-scaling eval` first"):
     results.load(str(tmp_path / "t"))  # nothing was written
   (tmp_path / "t").mkdir()
   with pytest.raises(results.EmptyTableError, match="has no rows"):
     results.load(str(tmp_path / "t"))
+
+
+def test_table_directory_with_only_a_csv_loads(tmp_path):
+  """A copied table (docs/study/results holds results.csv, not rows/) reads like the original."""
+  table = results.Table(str(tmp_path / "orig"))
+  row = {c: 1 for c in results.COLUMNS}
+  for steps in (4, 8):
+    table.add(dict(row, steps=steps, run="r", sampler="ddim"))
+  table.write_tables()
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  (copy / "results.csv").write_text((tmp_path / "orig" / "results.csv").read_text())
+  frame = results.load(str(copy))
+  assert sorted(frame["steps"]) == [4, 8]
+  assert frame.equals(results.load(str(tmp_path / "orig" / "results.csv")))

@@ -32,6 +32,9 @@ def test_quick_study_resumes_after_kill(tmp_path):
       break
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     time.sleep(0.2)
+  else:
+    proc.kill()
+    pytest.fail("the study evaluated no 3 cells within 900 s")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   before = {p.name: p.read_text() for p in rows.glob("*.json")}
@@ -79,6 +82,8 @@ def test_study_bad_input(tmp_path, capsys):
   assert cli.main(["study", "--config", CONFIG, "--workdir", str(tmp_path),
                    "--config.study.widths=(32,40)"]) == 2
   assert "not divisible by model.norm_groups=16" in capsys.readouterr().err
+  assert cli.main(["study", "--config", CONFIG, "--quick", "--workdir", "gs://bucket/study"]) == 2
+  assert "the study writes a local directory" in capsys.readouterr().err
 
 
 def test_study_refuses_other_config_in_same_workdir(tmp_path):

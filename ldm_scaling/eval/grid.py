@@ -230,7 +230,8 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
               tile(out.images[:e.grid_images]))
     table.add(row)
-    table.write_tables()
+    if count == 1:  # one process: keep the CSV current; shards regenerate it when they finish
+      table.write_tables()
     done_s += time.perf_counter() - t0
     eta = done_s / (k + 1) * (len(todo) - k - 1)
     clip_col = next(c for c in row if c.startswith("clip_score["))
@@ -238,6 +239,7 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
         f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
         f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
         f"({time.perf_counter() - t0:.1f} s, ETA {_fmt(eta)})")
+  table.write_tables()
   log(f"eval grid: {len(todo)} cells in {_fmt(time.perf_counter() - started)}")
   return table
 
@@ -256,19 +258,25 @@ def _key(workdir, config, e, step, cell) -> dict:
 
 def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
   """Everything a checkpoint's cells share. ``shared`` memoises across checkpoints and runs what
-  does not depend on the weights: encoders, prompts, reference statistics, the cost model (which
-  compiles two forwards), the CLIP scorer."""
+  does not depend on the weights: encoders, prompts and reference statistics (per data /
+  conditioning / eval settings), the UNet apply function (per model). The cost model caches its
+  own compiled measurements."""
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   _, weights = checkpoint.load_weights(workdir, step=step, which="ema")
-  run = _memo(shared, ("run", workdir), lambda: _load_run(config, e, extractor, log))
-  cost = _memo(shared, ("cost", repr(config.model.to_dict()), repr(config.cost.to_dict())),
-               lambda: costlib.model_cost(config.model, config.cost))
+  inputs = tuple(config[s].to_dict() for s in ("data", "text", "vae", "clip"))
+  run = _memo(shared, repr(("inputs", inputs, e.to_dict())),
+              lambda: _load_run(config, e, extractor, log))
+  apply_fn = _memo(shared, repr(("model", config.model.to_dict())),
+                   lambda: generate.unet_apply(models.build(config.model)))
+  cost = costlib.model_cost(config.model, config.cost)
   log(f"loaded {workdir} step {step}: width {config.model.width}, {cost.params / 1e6:.2f}M "
       f"params, normalised cost {cost.norm_cost:.4f}; {len(run['prompts'])} prompts; FID "
       f"reference {run['reference_id']}")
   return dict(run, key=(workdir, step), params=weights["unet"], params_count=cost.params,
-              norm_cost=cost.norm_cost)
+              norm_cost=cost.norm_cost, apply_fn=apply_fn)
 
 
 def _memo(cache: dict, key, make):
@@ -279,17 +287,20 @@ def _memo(cache: dict, key, make):
 
 def _load_run(config, e, extractor, log) -> dict:
   from ldm_scaling import data  # pylint: disable=g-import-not-at-top
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
   from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import fid, frechet  # pylint: disable=g-import-not-at-top
   conditioning, decoding = generate.components(config, required=True, log=log)
   prompts, images = eval_prompts_and_images(config, e.num_samples)
+  available = len(data.source(config, config.data.eval_split).records)
+  if available < e.fid_reference_n:
+    raise ConfigError(f"eval.fid_reference_n={e.fid_reference_n} but {config.data.eval_split!r} "
+                      f"has only {available} images; lower eval.fid_reference_n")
   ref = fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
                             split=config.data.eval_split, resolution=config.data.resolution,
                             n=e.fid_reference_n, extractor=extractor,
                             directory=e.stats_dir or None)
   return dict(
-      apply_fn=generate.unet_apply(models.build(config.model)), prompts=prompts,
+      prompts=prompts,
       conditioning=generate.Conditioning(_Memo(conditioning.encode), conditioning.label),
       decoding=decoding, latent_size=data.latent_size(config),
       reference=frechet.Reference(ref),

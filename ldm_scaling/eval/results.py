@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import uuid
 from typing import Any, Iterable, Mapping
 
 from etils import epath
@@ -52,7 +52,7 @@ class Table:
       raise ValueError(f"results row lacks columns {missing}")
     self.rows_dir.mkdir(parents=True, exist_ok=True)
     path = self.rows_dir / f"{cell_id(row)}.json"
-    tmp = self.rows_dir / f".{path.name}.tmp{os.getpid()}"
+    tmp = self.rows_dir / f".{path.name}.tmp{uuid.uuid4().hex}"
     tmp.write_text(json.dumps(dict(row), sort_keys=True, default=_json_default))
     tmp.replace(path)
 
@@ -89,7 +89,7 @@ def _ordered_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def _atomic_write(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  tmp = path.parent / f".{path.name}.tmp{uuid.uuid4().hex}"  # unique across hosts
   tmp.write_text(text)
   tmp.replace(path)
 
@@ -104,6 +104,8 @@ def load(path: str):
   :class:`EmptyTableError` with a hint when there is nothing to analyse."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
+  if p.is_dir() and not (p / "rows").exists() and (p / "results.csv").exists():
+    return load(str(p / "results.csv"))  # a copied table (e.g. docs/study/results): CSV only
   if p.is_dir():
     rows = Table(str(p)).rows()
     frame = pd.DataFrame(rows, columns=_ordered_columns(rows)) if rows else pd.DataFrame()

@@ -39,8 +39,9 @@ def make_writer(workdir: str, is_main: bool):
       self._file = None if self._remote else open(path, "a", encoding="utf-8")
 
     def _write(self, line: str):
-      if self._remote:
-        self._lines.append(line)
+      if self._remote:  # rewritten whole: an object cannot be appended to, and a hard kill
+        self._lines.append(line)  # must not lose what was logged
+        self._path.write_text("".join(self._lines))
       else:
         self._file.write(line)
 
@@ -72,13 +73,10 @@ def make_writer(workdir: str, is_main: bool):
                                           else str(v) for k, v in hparams.items()}}) + "\n")
 
     def flush(self):
-      if self._remote:
-        self._path.write_text("".join(self._lines))
-      else:
+      if self._file is not None:
         self._file.flush()
 
     def close(self):
-      self.flush()
       if self._file is not None:
         self._file.close()
 
