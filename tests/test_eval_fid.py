@@ -131,6 +131,27 @@ def test_eight_fake_devices_match_one_device(extractor, tmp_path):
   np.testing.assert_allclose(eight, one, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [3, 70])  # 70: more than one unrolled chunk (a loop of 2 x 35)
+@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 7), 1), ((1, 1), 1)])
+def test_cpu_conv_layout_equals_batched_conv(n, kernel, stride):
+  """The CPU layout (1x1 convs as matmuls, spatial convs one image at a time) against a plain
+  batched lax.conv with BatchNorm applied after it, as torchvision's BasicConv2d does."""
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n, 36, 36, 5)).astype(np.float32)
+  pad = (0, 0) if stride > 1 else (kernel[0] // 2, kernel[1] // 2)
+  conv = inception.BasicConv2d(6, kernel, stride, pad, per_example=True)
+  p = jax.tree.map(np.asarray, inception.sh.unbox(conv.init(jax.random.key(0), x))["params"])
+  p.update(bn_mean=p["bn_mean"] + 0.3, bn_var=p["bn_var"] * 2.0, bn_bias=p["bn_bias"] + 0.1)
+  got = np.asarray(jax.jit(conv.apply)({"params": p}, x))
+  y = jax.lax.conv_general_dilated(x, p["kernel"], (stride, stride),
+                                   ((pad[0], pad[0]), (pad[1], pad[1])),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   precision=jax.lax.Precision.HIGHEST)
+  want = np.maximum((np.asarray(y) - p["bn_mean"]) / np.sqrt(p["bn_var"] + 1e-3) * p["bn_scale"]
+                    + p["bn_bias"], 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_image_sizes_and_float_inputs(extractor):
   small, big = _images(2, 4, size=48), _images(1, 5, size=80)
   together = extractor([small, big])

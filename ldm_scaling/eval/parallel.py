@@ -37,7 +37,9 @@ class BatchMapper:
   call, rows sharded over the mesh's ``data`` axis, parameters replicated.
 
   Every call sees the same padded shape (``batch_size`` rounded up to a multiple of the device
-  count), so it compiles once per input shape; padded rows are dropped from the results.
+  count), so it compiles once per input shape; padded rows are dropped from the results. ``fn``
+  runs under ``jax.shard_map``: each device applies it to its own rows (so ``fn`` must treat rows
+  independently, and may slice its batch without cross-device traffic).
   """
 
   def __init__(self, fn: Callable[..., Any], params: Any, batch_size: int,
@@ -50,7 +52,15 @@ class BatchMapper:
     self._rows = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     replicated = NamedSharding(self.mesh, P())
     self.params = jax.device_put(params, replicated)
-    self._fn = jax.jit(fn, out_shardings=self._rows)
+    self._fn = jax.jit(self._per_device(fn), out_shardings=self._rows)
+
+  def _per_device(self, fn):
+    rows = P(tuple(self.mesh.axis_names))
+
+    def mapped(params, *arrays):
+      in_specs = (P(),) + (rows,) * len(arrays)
+      return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=rows)(params, *arrays)
+    return mapped
 
   @property
   def num_devices(self) -> int:
