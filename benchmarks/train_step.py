@@ -4,8 +4,10 @@ Both run the same thing: the SD-2.x UNet at one width (cross-attention dim 1024,
 the eps-prediction denoising loss, backward, AdamW, on the same batch shape, on this machine's CPU.
 Ours is the trainer's real step (``trainer.make_train_step`` with the denoising objective, EMA and
 clipping included); torch's is the usual ``loss.backward(); opt.step()``. Also prints our MFU
-against a measured f32 matmul peak (FLOPs of the step from XLA's cost analysis and, for
-comparison, from the cost model: 3 x forward).
+against a measured f32 matmul peak: model FLOPs (the cost model's forward FLOPs x 3 for forward +
+backward, the usual MFU convention), with XLA's cost analysis of the compiled step for comparison
+(it counts a loop body once, so it undercounts chunked attention, and it counts rematerialised
+work).
 
   python benchmarks/train_step.py [--width 128] [--batch 8] [--latent 32] [--steps 5]
 
@@ -143,7 +145,7 @@ def main():
     t_torch.append(run_torch(args.steps))
   ours_s, torch_s = min(t_ours), min(t_torch)
   ex_ours, ex_torch = args.batch / ours_s, args.batch / torch_s
-  tflops = xla_flops / ours_s / 1e12  # one device
+  tflops = model_flops / ours_s / 1e12  # one device
   mfu = tflops / peak
   print(f"width {args.width}, batch {args.batch}, latent {args.latent}x{args.latent}x4, "
         f"77 tokens x 1024, f32, {jax.device_count()} device(s) ({jax.devices()[0].platform})")
@@ -152,7 +154,8 @@ def main():
   print(f"torch: {torch_s * 1e3:8.1f} ms/step  {ex_torch:7.2f} examples/s")
   print(f"speedup vs torch: {ex_ours / ex_torch:.2f}x")
   print(f"step FLOPs: XLA {xla_flops / 1e9:.1f} G, cost model 3 x forward {model_flops / 1e9:.1f} G")
-  print(f"f32 matmul peak {peak:.3f} TFLOP/s; ours {tflops:.3f} TFLOP/s = MFU {mfu:.1%}")
+  print(f"f32 matmul peak {peak:.3f} TFLOP/s; ours {tflops:.3f} TFLOP/s of model FLOPs = "
+        f"MFU {mfu:.1%}")
   print(json.dumps(dict(benchmark="train_step", width=args.width, batch=args.batch,
                         latent=args.latent, examples_per_s=round(ex_ours, 3),
                         torch_examples_per_s=round(ex_torch, 3),

@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",              # compute dtype
       param_dtype="float32",        # master weights
       remat="none",                 # none | block (rematerialise every res/transformer block)
+      attn_query_chunk=-1,          # self-attention queries per chunk: -1 auto (128 on CPU, dense
+                                    # on TPU/GPU), 0 dense, n > 0 chunks of n (same values)
   ))
 
   # The measurement setting of Mei et al. Table 1 and the sampling-cost convention.

@@ -158,6 +158,9 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
   config.model.width = 320
   config.train.steps = 4  # extending a run is fine
   assert trainer.train(config, str(tmp_path), make_data=train_toy.make_data()).step == 4
+  config.model.attn_query_chunk = 0  # so is changing how attention is computed (same values)
+  config.train.steps = 5
+  assert trainer.train(config, str(tmp_path), make_data=train_toy.make_data()).step == 5
 
 
 def test_batch_not_divisible_by_mesh_on_8_devices(tmp_path):

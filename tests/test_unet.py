@@ -112,6 +112,42 @@ def test_conversion_reports_mismatches():
   assert "extra.weight" in msg and "conv_in/bias" in msg
 
 
+def test_chunked_attention_equals_dense_attention_and_its_gradient():
+  """The query-chunked attention (lax.map + remat) against jax.nn.dot_product_attention."""
+  from ldm_scaling.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 64, 3, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 64, 3, 8)), jnp.float32) for _ in range(2))
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  ref = jax.nn.dot_product_attention
+  for chunk in (0, 16, 32):
+    got = lambda q, k, v, c=chunk: layers.attention(q, k, v, c)
+    np.testing.assert_allclose(got(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    for g, r in zip(jax.grad(loss(got), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+  assert layers.query_chunk_for(0, 1024) == 0
+  assert layers.query_chunk_for(128, 1024) == 128
+  assert layers.query_chunk_for(128, 128) == 0    # one chunk: nothing to split
+  assert layers.query_chunk_for(96, 1000) == 0    # does not divide: dense
+  assert layers.query_chunk_for(-1, 1024) == (128 if jax.default_backend() == "cpu" else 0)
+
+
+def test_attention_chunking_changes_neither_outputs_nor_cost():
+  config = tiny_config()
+  x, t, ctx = _inputs()
+  outs = []
+  for chunk in (0, 64):
+    config.model.attn_query_chunk = chunk
+    model = models.build(config.model)
+    params = model.init(jax.random.key(0), x, t, ctx)
+    outs.append(model.apply(params, x, t, ctx))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+  config.model.attn_query_chunk = 0
+  dense = cost.measure(config.model, config.cost)
+  config.model.attn_query_chunk = 64
+  assert cost.measure(config.model, config.cost) == dense
+
+
 def test_remat_changes_nothing_numerically():
   config = tiny_config()
   x, t, ctx = _inputs()
@@ -164,6 +200,7 @@ def test_param_count_equals_diffusers_at_every_paper_width(width):
     (dict(width=96, num_heads=5), "not divisible by model.num_heads=5"),
     (dict(channel_mult=(1, 2)), "attn_levels has 4 entries but channel_mult has 2"),
     (dict(dtype="float8x"), "unknown dtype"),
+    (dict(attn_query_chunk=-2), "attn_query_chunk must be -1 \\(auto\\), 0 \\(dense\\)"),
     (dict(name="dit"), "unknown model.name 'dit'; available: unet"),
 ])
 def test_bad_model_configs(update, match):

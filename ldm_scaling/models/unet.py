@@ -80,13 +80,15 @@ class BasicTransformerBlock(nn.Module):
   deterministic: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  query_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, context):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, head_dim=self.head_dim, dropout=self.dropout, **kw)
+    chunked = dict(attn, query_chunk=self.query_chunk)
     d = self.deterministic
-    x = x + layers.Attention(**attn, name="attn1")(layers.layer_norm(name="norm1", **kw)(x),
+    x = x + layers.Attention(**chunked, name="attn1")(layers.layer_norm(name="norm1", **kw)(x),
                                                    deterministic=d)
     x = x + layers.Attention(**attn, name="attn2")(layers.layer_norm(name="norm2", **kw)(x),
                                                    context, deterministic=d)
@@ -106,6 +108,7 @@ class Transformer2D(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  query_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, context):
@@ -118,7 +121,7 @@ class Transformer2D(nn.Module):
     block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.depth):
       h = block(self.heads, self.head_dim, self.dropout, self.deterministic,
-                name=f"transformer_blocks_{i}", **kw)(h, context)
+                query_chunk=self.query_chunk, name=f"transformer_blocks_{i}", **kw)(h, context)
     h = layers.dense(ch, name="proj_out", axes=(sh.MLP, sh.EMBED), **kw)(h)
     return x + h.reshape(b, hgt, wid, ch)
 
@@ -144,6 +147,7 @@ class _Blocks:
   remat: bool
   dtype: Any
   param_dtype: Any
+  query_chunk: int = 0
 
   def resnet(self, out_channels, name):
     cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
@@ -152,7 +156,8 @@ class _Blocks:
 
   def transformer(self, heads, name):
     return Transformer2D(heads[0], heads[1], heads[2], self.groups, self.dropout,
-                         self.deterministic, self.remat, self.dtype, self.param_dtype, name=name)
+                         self.deterministic, self.remat, self.dtype, self.param_dtype,
+                         self.query_chunk, name=name)
 
   def conv(self, features, name, **kw):
     return layers.conv(features, name=name, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
@@ -252,6 +257,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"
+  attn_query_chunk: int = -1
 
   def heads(self, channels: int) -> tuple[int, int, int]:
     """(heads, head_dim, depth) of the transformer at ``channels`` features."""
@@ -262,7 +268,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, context, train: bool = False):
     blocks = _Blocks(self.norm_groups, self.dropout, not train, self.remat == "block",
-                     self.dtype, self.param_dtype)
+                     self.dtype, self.param_dtype, self.attn_query_chunk)
     widths = [self.width * m for m in self.channel_mult]
     levels = len(widths)
     x = x.astype(self.dtype)
@@ -304,7 +310,8 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
       num_heads=cfg.num_heads, transformer_depth=cfg.transformer_depth,
       cross_attn_dim=cfg.cross_attn_dim, norm_groups=cfg.norm_groups,
       in_channels=cfg.in_channels, out_channels=cfg.out_channels, dropout=cfg.dropout,
-      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
+      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
+      attn_query_chunk=cfg.attn_query_chunk)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -324,6 +331,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"model.{key} must be >= 1, got {cfg[key]}")
   if not 0.0 <= cfg.dropout < 1.0:
     raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+  if cfg.attn_query_chunk < -1:
+    raise ConfigError(f"model.attn_query_chunk must be -1 (auto), 0 (dense) or a chunk size, got "
+                      f"{cfg.attn_query_chunk}")
   if cfg.remat not in ("none", "block"):
     raise ConfigError(f"model.remat must be 'none' or 'block', got {cfg.remat!r}")
   for key in ("dtype", "param_dtype"):

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Sections whose change makes an existing workdir's checkpoints a different experiment.
 _STRUCTURAL = ("model", "objective", "diffusion")
+# Keys of structural sections that change how the same numbers are computed, not what is trained.
+_HOW_NOT_WHAT = {"model": ("remat", "attn_query_chunk")}
 
 
 class NonFiniteError(RuntimeError):
@@ -89,13 +91,15 @@ def _check_workdir(workdir: str, config) -> None:
     return
   old = json.loads(path.read_text())["config"]
   new = json.loads(json.dumps(config.to_dict(), default=list))
-  changed = [s for s in _STRUCTURAL if old.get(s) != new.get(s)]
+  what = lambda cfg, s: {k: v for k, v in (cfg.get(s) or {}).items()
+                         if k not in _HOW_NOT_WHAT.get(s, ())}
+  changed = [s for s in _STRUCTURAL if what(old, s) != what(new, s)]
   if changed:
     raise ConfigError(
         f"workdir {workdir!r} holds a run with different {', '.join(changed)} settings; resuming "
         f"it with this config would mix two experiments. Use a new --workdir (or restore the "
         f"old settings).")
-  others = [s for s in new if s not in _STRUCTURAL and old.get(s) != new.get(s)]
+  others = [s for s in new if s not in changed and old.get(s) != new.get(s)]
   if others:
     log.warning("resuming %s with changed %s settings", workdir, ", ".join(others))
 
