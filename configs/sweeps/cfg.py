@@ -22,13 +22,11 @@ def get_config(arg=None):
   arg = cfglib.parse_arg(arg, widths=tuple(sorted(cost.PAPER_TABLE1)), steps=500_000,
                          base="configs/t2i.py", root=sweeps.DEFAULT_WORKDIR_ROOT,
                          scales=SCALES, sampler="ddim", sampling_steps=50, per_scale=True)
-  widths = ",".join(str(int(w)) for w in arg.widths)
   sweep = sweeps.sweep_config()
   sweep.name = "cfg"
   sweep.command = "eval"
   sweep.base = arg.base
-  sweep.source = (f"configs/sweeps/model_size.py:widths=({widths},),steps={arg.steps},"
-                  f"base={arg.base},root={arg.root}")
+  sweep.source = sweeps.model_size_source(arg)
   scales = tuple(float(s) for s in arg.scales)
   fixed = [("eval.samplers", (arg.sampler,)), ("eval.steps", (arg.sampling_steps,))]
   if arg.per_scale:

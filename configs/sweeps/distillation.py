@@ -25,13 +25,11 @@ def get_config(arg=None):
   arg = cfglib.parse_arg(arg, widths=TEACHERS, objectives=OBJECTIVES, steps=500_000,
                          student_steps=50_000, base="configs/t2i.py",
                          root=sweeps.DEFAULT_WORKDIR_ROOT, teacher_key="")
-  widths = ",".join(str(int(w)) for w in arg.widths)
   sweep = sweeps.sweep_config()
   sweep.name = "distillation"
   sweep.command = "train"
   sweep.base = f"{arg.base}:steps={arg.student_steps}"
-  sweep.source = (f"configs/sweeps/model_size.py:widths=({widths},),steps={arg.steps},"
-                  f"base={arg.base},root={arg.root}")
+  sweep.source = sweeps.model_size_source(arg)
   sweep.source_overrides = True
   sweep.source_key = arg.teacher_key
   sweep.axes = (("objective.name", tuple(arg.objectives)),)

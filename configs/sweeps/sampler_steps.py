@@ -22,13 +22,11 @@ def get_config(arg=None):
   arg = cfglib.parse_arg(arg, widths=tuple(sorted(cost.PAPER_TABLE1)), steps=500_000,
                          base="configs/t2i.py", root=sweeps.DEFAULT_WORKDIR_ROOT,
                          samplers=SAMPLERS, sampling_steps=STEPS, cfg=7.5)
-  widths = ",".join(str(int(w)) for w in arg.widths)
   sweep = sweeps.sweep_config()
   sweep.name = "sampler_steps"
   sweep.command = "eval"
   sweep.base = arg.base
-  sweep.source = (f"configs/sweeps/model_size.py:widths=({widths},),steps={arg.steps},"
-                  f"base={arg.base},root={arg.root}")
+  sweep.source = sweeps.model_size_source(arg)
   sweep.axes = (("eval.samplers", tuple(arg.samplers)),
                 ("eval.steps", tuple(int(s) for s in arg.sampling_steps)))
   sweep.overrides = (("eval.cfg_scales", (float(arg.cfg),)),)

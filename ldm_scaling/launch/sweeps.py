@@ -70,6 +70,14 @@ def sweep_config() -> ml_collections.ConfigDict:
   return c
 
 
+def model_size_source(arg: Any) -> str:
+  """``sweep.source`` naming the model-size sweep's runs for ``arg``'s widths, steps, base and root
+  (what the eval and distillation sweeps run on)."""
+  widths = ",".join(str(int(w)) for w in arg.widths)
+  return (f"configs/sweeps/model_size.py:widths=({widths},),steps={arg.steps},"
+          f"base={arg.base},root={arg.root}")
+
+
 def is_sweep(config: Any) -> bool:
   return (isinstance(config, ml_collections.ConfigDict) and "axes" in config
           and "command" in config and "base" in config)
