@@ -181,12 +181,17 @@ def make_train_step(objective, tx, config, lr_fn) -> Callable:
     loss, aux, grads = loss_and_grads(state.params, frozen, state.ema, batch, rng)
     grad_norm = optim.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = TrainState(step=state.step + 1, params=params,
-                     ema=optim.ema_update(state.ema, params, decay), opt_state=opt_state)
-    # NaN guard: a non-finite step leaves the state exactly as it was.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return TrainState(step=state.step + 1, params=params,
+                        ema=optim.ema_update(state.ema, params, decay), opt_state=opt_state)
+
+    # NaN guard: a non-finite step leaves the state exactly as it was. A cond, not a per-leaf
+    # jnp.where: the where reads every old optimizer moment twice, so XLA copies each donated
+    # buffer before updating it in place (w128: 2,059 copies, the update 486 -> 276 ms).
+    new = jax.lax.cond(finite, update, lambda state: state, state)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step),
                    finite=finite.astype(jnp.float32))
     return new, metrics
