@@ -132,6 +132,40 @@ def test_chunked_attention_equals_dense_attention_and_its_gradient():
   assert layers.query_chunk_for(-1, 1024) == (128 if jax.default_backend() == "cpu" else 0)
 
 
+def test_split_weight_grad_conv_equals_lax_conv_and_its_gradients(monkeypatch):
+  """layers.conv_general_dilated (weight gradient summed over batch pieces on CPU) against
+  lax.conv_general_dilated: same forward values and input gradient, weight gradient equal up to
+  summation order, in f32 and bf16; and which shapes take the split."""
+  from ldm_scaling.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # the rule is a CPU rule
+  monkeypatch.setattr(layers, "CPU_SPLIT_WEIGHT_GRAD_MIN_PIXELS", 64)
+  assert layers.split_weight_grad_pieces((6, 8, 8, 32), (3, 3, 32, 48)) == 6
+  assert layers.split_weight_grad_pieces((12, 8, 8, 32), (3, 3, 32, 48)) == 6  # divides, <= 8
+  assert layers.split_weight_grad_pieces((7, 8, 8, 32), (3, 3, 32, 48)) == 7
+  assert layers.split_weight_grad_pieces((6, 8, 8, 32), (1, 1, 32, 48)) == 1  # 1x1: a matmul
+  assert layers.split_weight_grad_pieces((6, 4, 8, 32), (3, 3, 32, 48)) == 1  # too few pixels
+  assert layers.split_weight_grad_pieces((6, 8, 8, 32), (3, 3, 32, 4)) == 1   # too few channels
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 8, 8, 32)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 32, 48)) / 17, jnp.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  pad = ((1, 1), (1, 1))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
+  got = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn)
+  assert "custom_vjp" in str(jax.make_jaxpr(got)(x, w))       # the split path is taken
+  assert "custom_vjp" not in str(jax.make_jaxpr(  # strided: XLA's own gradient
+      lambda x, w: layers.conv_general_dilated(x, w, (2, 2), pad, dimension_numbers=dn))(x, w))
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    xd, wd = x.astype(dtype), w.astype(dtype)
+    np.testing.assert_array_equal(jax.jit(got)(xd, wd), jax.jit(ref)(xd, wd))
+    loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, w).astype(jnp.float32)))
+    (gx, gw), (rx, rw) = (jax.jit(jax.grad(loss(fn), (0, 1)))(xd, wd) for fn in (got, ref))
+    assert gw.dtype == dtype
+    np.testing.assert_array_equal(gx, rx)
+    np.testing.assert_allclose(np.float32(gw), np.float32(rw), rtol=tol,
+                               atol=tol * float(jnp.abs(rw.astype(jnp.float32)).max()))
+
+
 def test_attention_chunking_changes_neither_outputs_nor_cost():
   config = tiny_config()
   x, t, ctx = _inputs()
