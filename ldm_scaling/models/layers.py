@@ -55,7 +55,8 @@ def dense(features: int, *, name: str, axes=(sh.EMBED, sh.MLP), use_bias: bool =
 # than its forward pass, and faster one example at a time: at 32x32, 8 examples, 128 -> 128
 # channels, 42 ms batched vs 14 ms as 8 per-example gradients summed (forward 10 ms); at 64x64,
 # 4 examples, 320 -> 320, 746 vs 250 ms. Below these sizes the batched form wins (16x16x256: 14 vs
-# 20 ms; 32x32 128 -> 4: 4 vs 19 ms). Measured by /benchmarks/train_step.py's step as a whole.
+# 20 ms; 32x32 128 -> 4: 4 vs 19 ms). Thresholds from timing these shapes alone; the effect on
+# the whole train step is in benchmarks/README.md.
 CPU_SPLIT_WEIGHT_GRAD_MIN_PIXELS = 1024
 CPU_SPLIT_WEIGHT_GRAD_MIN_CHANNELS = 32
 CPU_SPLIT_WEIGHT_GRAD_MAX_PIECES = 8
