@@ -103,6 +103,10 @@ def _split_bwd(padding, pieces, res, dy):
 _conv_split_weight_grad.defvjp(_split_fwd, _split_bwd)
 
 
+def _ones(values) -> bool:
+  return values is None or all(v == 1 for v in values)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
                          **kwargs):
@@ -113,9 +117,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
-  unit = lambda d: d is None or all(v == 1 for v in d)  # pylint: disable=unnecessary-lambda-assignment
-  if (kwargs or precision is not None or feature_group_count != 1 or not unit(window_strides)
-      or not unit(lhs_dilation) or not unit(rhs_dilation) or isinstance(padding, str)
+  if (kwargs or precision is not None or feature_group_count != 1 or not _ones(window_strides)
+      or not _ones(lhs_dilation) or not _ones(rhs_dilation) or isinstance(padding, str)
       or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return plain()
