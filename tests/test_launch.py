@@ -8,6 +8,7 @@ intended change of the generated commands, regenerate them and review the diff:
   git diff tests/golden/
 """
 
+import dataclasses
 import os
 import shlex
 import stat
@@ -336,6 +337,28 @@ def test_start_command_executes_the_runs_with_their_exact_arguments(tmp_path):
     assert "done at step 5" in f.read()
 
 
+def test_tpu_marker_skips_the_same_command_and_reruns_a_changed_one(tmp_path):
+  """The remote script's run_one in a real bash: a marker only counts for the command it records."""
+  logdir = tmp_path / "run"
+  (tmp_path / "home" / tpu.LOG_DIR).mkdir(parents=True)
+  calls = tmp_path / "calls.txt"
+
+  def run_one(*argv):
+    script = (tpu._HELPERS + "\nrun_one r " + shlex.quote(str(logdir)) + " train "
+              + shlex.join(["sh", "-c", f"echo \"$0\" >> {calls}; echo 'ldm-scaling train: "
+                                        "done at step 5'", *argv]))
+    return subprocess.run(["bash", "-c", script], env=dict(PATH="/usr/bin:/bin",
+                          HOME=str(tmp_path / "home")), capture_output=True, text=True,
+                          check=True, timeout=20).stdout
+
+  run_one("steps=5")
+  assert (logdir / "launch.done").exists()
+  assert "finished earlier, skipped" in run_one("steps=5")
+  assert "records another command" in run_one("steps=10\nwith a newline")
+  assert "finished earlier, skipped" in run_one("steps=10\nwith a newline")
+  assert calls.read_text().splitlines() == ["steps=5", "steps=10", "with a newline"]  # ran twice
+
+
 @pytest.mark.parametrize("endpoints", ["t1v-w-0:uid0:10.1.0.5,t1v-w-1:uid1:10.1.0.6",
                                        "10.1.0.5,10.1.0.6"])
 def test_multi_host_start_reads_the_coordinator_from_the_metadata_server(tmp_path, endpoints):
@@ -408,6 +431,13 @@ def test_local_launcher_logs_marks_skips_and_reports(tmp_path):
   forced = local.run_all(runs, python=python, force=True, log=lambda _: None)
   assert forced[0].status == "done"
   assert (tmp_path / "ok" / "launch.log").read_text().count("=====") == 2
+  # The marker records the command: other overrides (more steps, say) run again, then skip.
+  longer = dataclasses.replace(runs[0], overrides=("a.b=2",))
+  said = []
+  assert local.run_all([longer], python=python, log=said.append)[0].status == "done"
+  assert any(l.startswith("[rerun] ok:") and runs[0].shell in l for l in said)
+  assert local.run_all([longer], python=python, log=lambda _: None)[0].status == "skipped"
+  assert local.run_all(runs[:1], python=python, log=lambda _: None)[0].status == "done"
   assert "1 done, 1 incomplete, 1 failed" in local.summary(outcomes)
 
 

@@ -2,8 +2,9 @@
 
 Each run's output goes to ``<logdir>/launch.log`` (appended, one header per attempt; a ``gs://``
 logdir is replaced by ``<log_root>/<sweep>/<run>/launch.log`` here). A run that succeeded gets a
-marker ``<logdir>/launch.done``; a later launch of the same sweep skips runs with a marker
-(``force`` reruns them). Without a marker the run is started again, which is always safe: the
+marker ``<logdir>/launch.done`` that records its command; a later launch skips a run whose marker
+records the same command (``force`` reruns them) and runs it again when the command changed (other
+overrides, e.g. more steps). Without a marker the run is started again, which is always safe: the
 trainer resumes from its latest complete checkpoint and ``ldm-scaling eval`` skips cells already in
 its results table; the marker only saves their start-up (restoring a 5B checkpoint takes minutes).
 
@@ -61,8 +62,19 @@ def command(run: Run, python: str = sys.executable) -> list[str]:
   return [python, "-m", "ldm_scaling", *run.args]
 
 
+def marker_command(run: Run, log_root: str = DEFAULT_LOG_ROOT) -> str | None:
+  """The command line recorded in the run's marker ("<time> <command>"), or None without one."""
+  try:
+    with open(os.path.join(local_logdir(run, log_root), MARKER), encoding="utf-8") as f:
+      line = f.readline().rstrip("\n")
+  except FileNotFoundError:
+    return None
+  return line.split(" ", 2)[2] if line.count(" ") >= 2 else ""
+
+
 def finished(run: Run, log_root: str = DEFAULT_LOG_ROOT) -> bool:
-  return os.path.exists(os.path.join(local_logdir(run, log_root), MARKER))
+  """Whether this exact command succeeded before (a marker for other overrides does not count)."""
+  return marker_command(run, log_root) == run.shell
 
 
 def _succeeded(run: Run, returncode: int, output: str) -> bool:
@@ -116,6 +128,9 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, force: bool = False,
                             os.path.join(local_logdir(run, log_root), LOG))
       log(f"[skip] {run.name}: finished earlier ({MARKER} in {local_logdir(run, log_root)})")
     else:
+      if not force and marker_command(run, log_root) is not None:
+        log(f"[rerun] {run.name}: its {MARKER} records another command "
+            f"({marker_command(run, log_root)}); running this one")
       todo.append(i)
   lock = threading.Lock()
 

@@ -10,7 +10,8 @@
 3. start the runs, one after another, on all workers at once (``--worker=all``): every worker
    executes the same ``python3 -m ldm_scaling train ... --workdir gs://...`` under ``nohup``, its
    output in ``~/ldm-scaling-logs/<run>.log``, copied to ``<workdir>/logs/<worker hostname>.log``
-   when the run ends; a finished run leaves ``<workdir>/launch.done`` and is skipped next time.
+   when the run ends; a finished run leaves ``<workdir>/launch.done`` (its time and a checksum of
+   its command) and is skipped next time unless its command changed.
 
 :func:`teardown` deletes the slice (``tpu-vm delete`` or ``queued-resources delete --force``).
 
@@ -212,6 +213,9 @@ def install_steps(opts: TpuOptions, name: str) -> list[Step]:
 _HELPERS = r"""exists() {
   case "$1" in gs://*) gcloud storage ls "$1" >/dev/null 2>&1 ;; *) test -e "$1" ;; esac
 }
+get() {
+  case "$1" in gs://*) gcloud storage cat "$1" 2>/dev/null ;; *) cat "$1" 2>/dev/null ;; esac
+}
 put() {
   case "$2" in
     gs://*) gcloud storage cp "$1" "$2" >/dev/null 2>&1 ;;
@@ -222,13 +226,19 @@ run_one() {
   name=$1; logdir=$2; kind=$3; shift 3
   case "$kind" in train) success="TRAIN_DONE" ;; *) success="EVAL_DONE" ;; esac
   log="$HOME/LOGDIR/$name.log"
-  if exists "$logdir/launch.done"; then echo "$name: finished earlier, skipped"; return 0; fi
+  sum=$(echo "$*" | cksum)
+  if exists "$logdir/launch.done"; then
+    if [ "$(get "$logdir/launch.done" | sed -n 2p)" = "$sum" ]; then
+      echo "$name: finished earlier, skipped"; return 0
+    fi
+    echo "$name: launch.done records another command, running this one"
+  fi
   echo "$name: start $(date -u +%FT%TZ) on $(hostname)"
   "$@" > "$log" 2>&1; rc=$?
   echo "$name: exit $rc $(date -u +%FT%TZ)"
   put "$log" "$logdir/logs/$(hostname).log" || echo "$name: could not copy $log to $logdir/logs/"
   if [ "$rc" -eq 0 ] && grep -q "$success" "$log"; then
-    date -u +%FT%TZ > "$log.done" && put "$log.done" "$logdir/launch.done"
+    { date -u +%FT%TZ; echo "$sum"; } > "$log.done" && put "$log.done" "$logdir/launch.done"
   fi
 }""".replace("LOGDIR", LOG_DIR).replace("TRAIN_DONE", SUCCESS["train"]).replace(
     "EVAL_DONE", SUCCESS["eval"])
