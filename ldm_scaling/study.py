@@ -96,15 +96,9 @@ def plan(config: ml_collections.ConfigDict, root: str) -> list[RunPlan]:
 
 def finished_step(workdir: str) -> int | None:
   """The run's latest complete checkpoint step (None without one), read without compiling."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(checkpoint.absolute(workdir), "checkpoints")
-  if not checkpoint.is_dir(directory):
-    return None
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  return step
+  steps = checkpoint.available_steps(workdir)
+  return steps[-1] if steps else None
 
 
 class _Clock:

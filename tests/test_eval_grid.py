@@ -126,3 +126,21 @@ def test_table_directory_with_only_a_csv_loads(tmp_path):
   frame = results.load(str(copy))
   assert sorted(frame["steps"]) == [4, 8]
   assert frame.equals(results.load(str(tmp_path / "orig" / "results.csv")))
+
+
+def test_available_steps_lists_only_complete_checkpoints(tmp_path):
+  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5, best_metric=None, async_save=False,
+                                 data=False)
+  for step in (2, 4):
+    ckpt.save(step, {"w": np.full(3, step, np.float32)}, None, {"step": step})
+  ckpt.close()
+  # What a save killed before orbax's final rename leaves behind does not count.
+  (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000").mkdir()
+  assert checkpoint.available_steps(str(tmp_path)) == [2, 4]
+  assert checkpoint.available_steps(str(tmp_path / "never_trained")) == []
+  assert grid.checkpoint_steps(str(tmp_path), "latest") == [4]
+  assert grid.checkpoint_steps(str(tmp_path), "all") == [2, 4]
+  with pytest.raises(checkpoint.RunNotFoundError, match=r"no checkpoints for steps \[6\]"):
+    grid.checkpoint_steps(str(tmp_path), "2,6")

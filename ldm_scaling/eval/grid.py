@@ -41,14 +41,11 @@ def cells(eval_cfg) -> list[Cell]:
 
 def checkpoint_steps(workdir: str, which: str) -> list[int]:
   """``latest`` | ``all`` | comma-separated steps -> the run's checkpoint steps to evaluate."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(checkpoint.absolute(workdir), "checkpoints")
+  directory = checkpoint.checkpoints_dir(workdir)
   if not checkpoint.is_dir(directory):
     raise checkpoint.RunNotFoundError(f"no checkpoints in {workdir!r}; train it first")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  available = sorted(manager.all_steps())
-  manager.close()
+  available = checkpoint.available_steps(workdir)
   if not available:
     raise checkpoint.RunNotFoundError(f"no complete checkpoint in {directory!r}")
   if which == "latest":

@@ -29,7 +29,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, best_metric: str | None,
                async_save: bool = True, data: bool = True):
-    self.directory = os.path.join(absolute(workdir), "checkpoints")
+    self.directory = checkpoints_dir(workdir)
     self.best_metric = best_metric
     policies = [cm.LatestN(keep)]
     if best_metric:
@@ -117,6 +117,23 @@ def is_dir(path: str) -> bool:
   return epath.Path(path).is_dir()
 
 
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(absolute(workdir), "checkpoints")
+
+
+def available_steps(workdir: str) -> list[int]:
+  """The run's complete checkpoint steps, ascending ([] without a checkpoints directory), listed
+  read-only without restoring anything."""
+  directory = checkpoints_dir(workdir)
+  if not is_dir(directory):
+    return []
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
 def load_run_config(workdir: str):
   """The config a run was trained with (``<workdir>/config.json``), validated and locked."""
   import json  # pylint: disable=g-import-not-at-top
@@ -141,7 +158,7 @@ def load_weights(workdir: str, step: int | None = None, which: str = "ema",
   without reading optimiser state. ``step=None`` takes the latest complete checkpoint."""
   if which not in ("ema", "params"):
     raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
-  directory = os.path.join(absolute(workdir), "checkpoints")
+  directory = checkpoints_dir(workdir)
   if not is_dir(directory):
     raise RunNotFoundError(f"no checkpoints in {workdir!r}; train first with `ldm-scaling train "
                            f"--config ... --workdir {workdir}`")
