@@ -29,6 +29,7 @@ import ml_collections
 
 from ldm_scaling import config as cfglib
 from ldm_scaling.config import ConfigError
+from ldm_scaling.train.metrics import format_duration
 
 SCHEDULES = ("equal_compute", "equal_steps")
 
@@ -129,8 +130,7 @@ class _Clock:
 def _eta_line(done: float, total: float, elapsed: float) -> str:
   if done <= 0:
     return "ETA unknown"
-  left = elapsed / done * (total - done)
-  return f"ETA {int(left) // 60}m{int(left) % 60:02d}s"
+  return f"ETA {format_duration(elapsed / done * (total - done))}"
 
 
 def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], None] = print,

@@ -242,3 +242,10 @@ def test_denoising_on_embedded_data_with_frozen_encoders(tiny_run, capsys):
   assert summary["conditioning"].startswith("text encoder")
   assert summary["decoder"].startswith("VAE") and "at step 3" in summary["model"]
   assert summary["latent_size"] == 8 and out.exists()
+
+
+def test_format_duration_by_hand():
+  from ldm_scaling.train import metrics  # pylint: disable=g-import-not-at-top
+  assert [metrics.format_duration(s) for s in (0, 59.9, 61, 3599, 3600, 3 * 3600 + 125)] == [
+      "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "3h02m"]
+  assert metrics.format_duration(float("nan")) == "?"

@@ -23,6 +23,7 @@ import numpy as np
 from ldm_scaling import config as cfglib
 from ldm_scaling.config import ConfigError
 from ldm_scaling.eval import results
+from ldm_scaling.train.metrics import format_duration
 
 OFFLINE_CLIP_LABEL = "local-clip-small"
 
@@ -235,9 +236,9 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     log(f"[{k + 1}/{len(todo)}] {os.path.basename(workdir.rstrip('/'))} step {step} "
         f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
         f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
-        f"({time.perf_counter() - t0:.1f} s, ETA {_fmt(eta)})")
+        f"({time.perf_counter() - t0:.1f} s, ETA {format_duration(eta)})")
   table.write_tables()
-  log(f"eval grid: {len(todo)} cells in {_fmt(time.perf_counter() - started)}")
+  log(f"eval grid: {len(todo)} cells in {format_duration(time.perf_counter() - started)}")
   return table
 
 
@@ -305,7 +306,3 @@ def _load_run(config, e, extractor, log) -> dict:
                    f"n={e.fid_reference_n}",
       scorer=clip_scorer(config, e))
 
-
-def _fmt(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 60}m{seconds % 60:02d}s"
