@@ -28,6 +28,7 @@ from typing import Callable
 import ml_collections
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import files
 from ldm_scaling.config import ConfigError
 from ldm_scaling.train.metrics import format_duration
 
@@ -118,10 +119,7 @@ class _Clock:
 
   def phase(self, name: str, seconds: float) -> None:
     self.invocation["phases"][name] = round(seconds, 1)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.history, f, indent=1)
-    os.replace(tmp, self.path)
+    files.atomic_write_text(self.path, json.dumps(self.history, indent=1))
 
   def total(self) -> float:
     return sum(sum(inv["phases"].values()) for inv in self.history)
@@ -213,9 +211,7 @@ def _write_study_config(root: str, config) -> None:
       raise ConfigError(f"{root!r} holds a study with a different config (changed: "
                         f"{', '.join(changed[:8])}); use another --workdir or the old config")
     return
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(now, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.atomic_write_text(path, json.dumps(now, indent=1))
 
 
 def _ensure_components(config, log) -> None:
@@ -345,9 +341,7 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
       f"curves) is in [analysis/summary.md](analysis/summary.md); the table in "
       f"[results/results.csv](results/results.csv).", ""]
   path = os.path.join(root, "report.md")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(text))
-  os.replace(path + ".tmp", path)
+  files.atomic_write_text(path, "\n".join(text))
   return dict(report=path, verdict=outcome, figures=made["figures"],
               results=os.path.join(table_dir, "results.csv"))
 

@@ -249,3 +249,11 @@ def test_format_duration_by_hand():
   assert [metrics.format_duration(s) for s in (0, 59.9, 61, 3599, 3600, 3 * 3600 + 125)] == [
       "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "3h02m"]
   assert metrics.format_duration(float("nan")) == "?"
+
+
+def test_atomic_write_text_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+  from ldm_scaling import files  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "config.json"
+  files.atomic_write_text(path, "old")
+  files.atomic_write_text(str(path), "new")
+  assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]

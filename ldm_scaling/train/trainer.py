@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import files
 from ldm_scaling import sharding as sh
 from ldm_scaling.config import ConfigError
 from ldm_scaling.train import checkpoint as ckpt_lib
@@ -134,9 +135,7 @@ def _dump_json(path: epath.Path, obj) -> None:
   """Writes via a temporary file and a rename (local or ``gs://``): other hosts that read the file
   while the primary writes it (``_check_workdir`` on a shared workdir) see the old or the new
   file, never half of one."""
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  tmp.write_text(json.dumps(obj, indent=1, default=list))
-  tmp.replace(path)
+  files.atomic_write_text(path, json.dumps(obj, indent=1, default=list))
 
 
 # -------------------------------------------------------------------------------------------------
