@@ -18,11 +18,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "study", "cpu_mini.py")
 
 
-def test_quick_study_resumes_after_kill(tmp_path):
+def test_quick_study_resumes_after_kill(tmp_path, offline_components):
+  """The quick study, cut to two widths and one sampler, on the session's offline components (the
+  same data, CLIP and VAE recipes, trained once per test session): killed in its eval phase, rerun,
+  nothing recomputed."""
   env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
   root = tmp_path / "study"
+  components = offline_components.config
+  overrides = ["study.widths=(16,32)", "eval.samplers=('ddim',)",
+               f"data.data_dir={components.data.data_dir}", f"clip.dir={components.clip.dir}",
+               f"vae.dir={components.vae.dir}"]
   argv = [sys.executable, "-m", "ldm_scaling", "study", "--config", CONFIG, "--quick",
-          "--workdir", str(root)]
+          "--workdir", str(root), *(f"--config.{o}" for o in overrides)]
+  config = cfglib.load(CONFIG + ":quick", overrides)
+  widths = list(config.study.widths)
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   rows = root / "results" / "rows"
@@ -38,25 +47,26 @@ def test_quick_study_resumes_after_kill(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   before = {p.name: p.read_text() for p in rows.glob("*.json")}
-  ckpts = {w: study.finished_step(str(root / "runs" / f"w{w}")) for w in (16, 32, 48)}
+  ckpts = {w: study.finished_step(str(root / "runs" / f"w{w}")) for w in widths}
 
   out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   # Nothing recomputed: components and runs are found, finished cells are skipped.
   assert "train-clip" not in out.stderr and "train-vae" not in out.stderr
-  for w in (16, 32, 48):
+  assert f"offline CLIP: {components.clip.dir}" in out.stderr
+  for w in widths:
     assert f"width {w}: already trained ({ckpts[w]} steps)" in out.stderr
   assert f"{len(before)} already in" in out.stderr
   after = {p.name: p.read_text() for p in rows.glob("*.json")}
   assert all(after[k] == v for k, v in before.items())
 
   frame = results.load(str(root / "results"))
-  config = cfglib.load(CONFIG + ":quick")
-  grid_cells = 3 * 2 * 2 * 2              # widths x samplers x steps x cfg at the last checkpoint
-  curve_cells = 3 * 3                     # ddim/4/cfg 4 at the 3 earlier kept checkpoints
-  assert len(frame) == grid_cells + curve_cells
+  e = config.eval
+  grid_cells = len(widths) * len(e.samplers) * len(e.steps) * len(e.cfg_scales)  # last checkpoint
+  curve_cells = len(widths) * 3  # the fid_curve_cell at the 3 earlier kept checkpoints
+  assert len(frame) == grid_cells + curve_cells == 2 * 1 * 2 * 2 + 6
   assert not frame.duplicated(list(results.CELL_KEYS)).any()
-  assert sorted(frame["width"].unique()) == list(config.study.widths)
+  assert sorted(frame["width"].unique()) == widths
   # Compute-matched: steps x normalised cost equal across widths (to rounding of the steps).
   plans = study.plan(config, str(root))
   computes = [p.train_compute for p in plans]
