@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from typing import Any, Iterable, Mapping
 
 from etils import epath
+
+from ldm_scaling import files
 
 # The key of a cell: rows with equal keys are the same measurement.
 CELL_KEYS = ("run", "checkpoint_step", "objective", "sampler", "steps", "cfg_scale",
@@ -52,9 +53,7 @@ class Table:
       raise ValueError(f"results row lacks columns {missing}")
     self.rows_dir.mkdir(parents=True, exist_ok=True)
     path = self.rows_dir / f"{cell_id(row)}.json"
-    tmp = self.rows_dir / f".{path.name}.tmp{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(dict(row), sort_keys=True, default=_json_default))
-    tmp.replace(path)
+    files.atomic_write_text(path, json.dumps(dict(row), sort_keys=True, default=_json_default))
 
   def rows(self) -> list[dict[str, Any]]:
     if not self.rows_dir.exists():
@@ -69,10 +68,10 @@ class Table:
     import pandas as pd  # pylint: disable=g-import-not-at-top
     rows = self.rows()
     self.root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(self.root / "results.jsonl",
+    files.atomic_write_text(self.root / "results.jsonl",
                   "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     frame = pd.DataFrame(rows, columns=_ordered_columns(rows))
-    _atomic_write(self.root / "results.csv", frame.to_csv(index=False))
+    files.atomic_write_text(self.root / "results.csv", frame.to_csv(index=False))
 
 
 def _json_default(value):
@@ -86,12 +85,6 @@ def _json_default(value):
 def _ordered_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
   extra = sorted({k for r in rows for k in r} - set(COLUMNS))
   return list(COLUMNS) + extra
-
-
-def _atomic_write(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp{uuid.uuid4().hex}"  # unique across hosts
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 class EmptyTableError(ValueError):
