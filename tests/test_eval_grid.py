@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,9 +50,10 @@ CELLS = 4  # 2 samplers x 1 step count x 2 CFG scales
 
 
 def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
-  run, _ = tiny_run
+  run = tmp_path / "study" / "runs" / "w32"
+  shutil.copytree(tiny_run[0], run)
   cfg = _eval_config(tmp_path / "grid.py", run, stats_dir=str(tmp_path / "stats"), **GRID)
-  table_dir = tmp_path / "table"
+  table_dir = tmp_path / "study" / "results"
   argv = [sys.executable, "-m", "ldm_scaling", "eval", "--workdir", str(run), "--results",
           str(table_dir), "--config", cfg]
   proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -84,9 +86,26 @@ def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
   np.testing.assert_allclose(frame["sampling_cost"], frame["norm_cost"] * frame["steps"],
                              rtol=1e-6)
   assert len(list((table_dir / "grids").glob("*.png"))) == CELLS
-  # A third run finds nothing to do.
+  assert set(frame["run"]) == {os.path.join("..", "runs", "w32")}  # relative to the table
+  # A third run finds nothing to do, also after the study (runs + results) moved elsewhere.
+  moved = tmp_path / "moved"
+  shutil.move(tmp_path / "study", moved)
+  cfg = _eval_config(tmp_path / "grid_moved.py", moved / "runs" / "w32",
+                     stats_dir=str(tmp_path / "stats"), **GRID)
+  argv = [sys.executable, "-m", "ldm_scaling", "eval", "--workdir", str(moved / "runs" / "w32"),
+          "--results", str(moved / "results"), "--config", cfg]
   again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-  assert ", 0 to do" in again.stderr
+  assert again.returncode == 0 and ", 0 to do" in again.stderr, again.stderr[-3000:]
+
+
+def test_run_ids_relative_to_a_local_table_absolute_otherwise(tmp_path):
+  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
+  run, table = str(tmp_path / "s" / "runs" / "w16"), str(tmp_path / "s" / "results")
+  assert grid.run_id(run, table) == os.path.join("..", "runs", "w16")
+  assert grid.run_id(run) == run and grid.run_id(run, "gs://b/results") == run
+  assert grid.run_id("gs://b/runs/w16/", table) == "gs://b/runs/w16"
+  # Tables written before relative ids keyed cells by the absolute path: still found.
+  assert grid.run_ids(run, table) == [os.path.join("..", "runs", "w16"), run]
 
 
 def test_grid_bad_input(tiny_run, tmp_path, capsys):

@@ -187,7 +187,8 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
       for cell in cells(e):
         plan.append((workdir, config, e, step, cell))
   mine = [p for i, p in enumerate(plan) if i % count == index]
-  todo = [p for p in mine if not table.has(_key(*p))]
+  todo = [p for p in mine if not any(table.has(_key(*p, run=r))
+                                     for r in run_ids(p[0], table_dir))]
   log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
       f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
   if not todo:
@@ -208,7 +209,7 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     t0 = time.perf_counter()
     if loaded.get("key") != (workdir, step):
       loaded = _load(workdir, step, config, e, extractor, log, shared)
-    key = _key(workdir, config, e, step, cell)
+    key = _key(workdir, config, e, step, cell, run=run_id(workdir, table_dir))
     out = generate.generate(
         config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
         sampler=cell.sampler, steps=cell.steps, cfg_scales=[cell.cfg_scale], seed=e.seed,
@@ -242,14 +243,27 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
   return table
 
 
-def run_id(workdir: str) -> str:
-  """The ``run`` column: the absolute local path, or the URL of a remote (``gs://``) workdir."""
-  return workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)
+def run_id(workdir: str, table_dir: str | None = None) -> str:
+  """The ``run`` column: a remote (``gs://``) workdir's URL; a local workdir's path relative to a
+  local results directory (``../runs/w16``), so a study moved or copied as a whole keeps its cells
+  (and hosts that mount it elsewhere agree); else the absolute path."""
+  if "://" in workdir:
+    return workdir.rstrip("/")
+  path = os.path.abspath(workdir)
+  if table_dir is None or "://" in table_dir:
+    return path
+  return os.path.relpath(path, os.path.abspath(table_dir))
 
 
-def _key(workdir, config, e, step, cell) -> dict:
-  del e
-  return dict(run=run_id(workdir), checkpoint_step=int(step),
+def run_ids(workdir: str, table_dir: str) -> list[str]:
+  """The ``run`` values under which a finished cell may be stored: :func:`run_id`, then the
+  absolute path that tables written before relative ids used."""
+  return list(dict.fromkeys([run_id(workdir, table_dir), run_id(workdir)]))
+
+
+def _key(workdir, config, e, step, cell, *, run: str) -> dict:
+  del workdir, e
+  return dict(run=run, checkpoint_step=int(step),
               objective=config.objective.name, sampler=cell.sampler, steps=cell.steps,
               cfg_scale=cell.cfg_scale, scale_schedule="")
 
