@@ -123,14 +123,15 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, force: bool = False,
   outcomes: dict[int, Outcome] = {}
   todo = []
   for i, run in enumerate(runs):
-    if not force and finished(run, log_root):
+    recorded = None if force else marker_command(run, log_root)
+    if recorded == run.shell:
       outcomes[i] = Outcome(run, "skipped", None,
                             os.path.join(local_logdir(run, log_root), LOG))
       log(f"[skip] {run.name}: finished earlier ({MARKER} in {local_logdir(run, log_root)})")
     else:
-      if not force and marker_command(run, log_root) is not None:
-        log(f"[rerun] {run.name}: its {MARKER} records another command "
-            f"({marker_command(run, log_root)}); running this one")
+      if recorded is not None:
+        log(f"[rerun] {run.name}: its {MARKER} records another command ({recorded}); "
+            f"running this one")
       todo.append(i)
   lock = threading.Lock()
 
