@@ -187,8 +187,8 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
       for cell in cells(e):
         plan.append((workdir, config, e, step, cell))
   mine = [p for i, p in enumerate(plan) if i % count == index]
-  todo = [p for p in mine if not any(table.has(_key(*p, run=r))
-                                     for r in run_ids(p[0], table_dir))]
+  todo = [(workdir, config, e, step, cell) for workdir, config, e, step, cell in mine
+          if not any(table.has(_key(r, config, step, cell)) for r in run_ids(workdir, table_dir))]
   log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
       f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
   if not todo:
@@ -209,7 +209,7 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     t0 = time.perf_counter()
     if loaded.get("key") != (workdir, step):
       loaded = _load(workdir, step, config, e, extractor, log, shared)
-    key = _key(workdir, config, e, step, cell, run=run_id(workdir, table_dir))
+    key = _key(run_id(workdir, table_dir), config, step, cell)
     out = generate.generate(
         config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
         sampler=cell.sampler, steps=cell.steps, cfg_scales=[cell.cfg_scale], seed=e.seed,
@@ -261,8 +261,7 @@ def run_ids(workdir: str, table_dir: str) -> list[str]:
   return list(dict.fromkeys([run_id(workdir, table_dir), run_id(workdir)]))
 
 
-def _key(workdir, config, e, step, cell, *, run: str) -> dict:
-  del workdir, e
+def _key(run: str, config, step, cell) -> dict:
   return dict(run=run, checkpoint_step=int(step),
               objective=config.objective.name, sampler=cell.sampler, steps=cell.steps,
               cfg_scale=cell.cfg_scale, scale_schedule="")
