@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "vectors and latents instead of images, all labelled so.")
   _add_config_arg(p, required=False)
   p.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
-  p.add_argument("--sampler", help="ddim | ddpm | dpm++ | euler (default: eval.samplers[0])")
+  p.add_argument("--sampler",
+                 help="ddim | ddpm | dpm++ | euler | lcm (default: eval.samplers[0])")
   p.add_argument("--steps", type=int, help="sampling steps (default: eval.steps[0])")
   p.add_argument("--cfg-scale", help="guidance scale(s), comma-separated: one grid column each "
                  "(default: eval.cfg_scales)")

@@ -179,12 +179,21 @@ def base_config() -> ml_collections.ConfigDict:
       sample_cfg=3.0,
   ))
 
-  # Training objective (ldm_scaling.train.objectives): denoising, later distillation objectives.
+  # Training objective (ldm_scaling.train.objectives): denoising | consistency (docs/training.md).
   c.objective = ml_collections.ConfigDict(dict(
       name="denoising",
       # pipeline: batches of images/latents + tokens, frozen VAE and text encoder run in the step;
       # embeddings: batches of latents + text embeddings (precomputed, or synthetic in benchmarks)
       inputs="pipeline",
+      # consistency distillation (ldm_scaling.diffusion.consistency); the student starts as the
+      # teacher, its target network is the trainer's EMA (train.ema_decay; LCM used 0.95)
+      teacher="",                   # the teacher's training workdir (same model and diffusion)
+      teacher_weights="ema",        # ema | params: which of the teacher's weights
+      solver_steps=50,              # the teacher's DDIM grid; also the lcm sampler's grid
+      cfg_scale=8.0,                # the teacher's guidance scale (the student needs none)
+      loss="huber",                 # huber | l2
+      huber_c=0.001,
+      timestep_scaling=10.0,        # boundary scalings c_skip, c_out (as diffusers' LCMScheduler)
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
@@ -243,6 +252,8 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+      if default and all(isinstance(v, str) for v in default):  # names: (ddim,dpm++) is fine
+        return tuple(w.strip() for w in text.strip().strip("()[]").split(",") if w.strip())
       raise ConfigError(f"config argument {key}={text!r}: expected a tuple like (1,2)") from None
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
   return text
@@ -349,6 +360,14 @@ def _first_unknown_override(spec: str, overrides: Iterable[str]) -> str | None:
     if key not in schema and not any(k.startswith(key + ".") for k in schema):
       return repr(key)
   return None
+
+
+def with_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config saved as a dict (config.json, study_config.json), completed with today's defaults
+  for keys added to the schema since it was written (so older runs still compare equal)."""
+  config = base_config()
+  config.update_from_flattened_dict(flatten(ml_collections.ConfigDict(saved)))
+  return config
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

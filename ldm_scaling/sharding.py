@@ -107,6 +107,22 @@ def unbox(tree):
                       is_leaf=is_box)
 
 
+def replace_values(boxed, values):
+  """``boxed`` (a tree with logical-axis boxes) holding ``values`` (the same tree, unboxed) instead:
+  keeps the axis names, so the new values shard like the old. Shapes must match."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+
+  def put(old, new):
+    old_value = old.unbox(apply_constraint=False) if is_box(old) else old
+    if old_value.shape != new.shape:
+      raise ValueError(f"shape {new.shape} does not fit a parameter of shape {old_value.shape}")
+    new = new.astype(old_value.dtype)
+    return old.replace_boxed(new) if is_box(old) else new
+  return jax.tree.map(put, boxed, values, is_leaf=is_box)
+
+
 def tree_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
   """NamedShardings for a (possibly boxed) abstract tree: logical names -> mesh axes by ``rules``,
   unannotated leaves replicated, non-dividing axes dropped."""

@@ -205,9 +205,11 @@ def _write_study_config(root: str, config) -> None:
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
     if old["hash"] != now["hash"]:
-      changed = sorted(k for k, v in cfglib.flatten(ml_collections.ConfigDict(now["config"]))
-                       .items() if cfglib.flatten(ml_collections.ConfigDict(old["config"]))
-                       .get(k) != v)
+      before = cfglib.flatten(cfglib.with_defaults(old["config"]))
+      changed = sorted(k for k, v in cfglib.flatten(cfglib.with_defaults(now["config"])).items()
+                       if before.get(k) != v)
+      if not changed:  # written before keys were added to the schema; same study
+        return
       raise ConfigError(f"{root!r} holds a study with a different config (changed: "
                         f"{', '.join(changed[:8])}); use another --workdir or the old config")
     return

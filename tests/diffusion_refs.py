@@ -68,6 +68,9 @@ def diffusers_scheduler(sampler, schedule, prediction):
     return diffusers.DPMSolverMultistepScheduler(
         algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
         lower_order_final=True, final_sigmas_type="zero", **common)
+  if sampler == "lcm":
+    return diffusers.LCMScheduler(original_inference_steps=50, timestep_scaling=10.0,
+                                  clip_sample=False, **common)
   raise ValueError(sampler)
 
 
@@ -76,18 +79,21 @@ def diffusers_sample(scheduler, apply_fn, x_start, context, uncond, scales, step
   """diffusers' sampling loop (as its pipelines run it) over the same model function: separate
   conditional and unconditional evaluations, guidance on the model output, ``scheduler.step``.
   ``step_noise(i)`` supplies the noise a stochastic step draws (DDIM ``variance_noise``; for
-  DDPM, ``randn_tensor`` is patched to return it)."""
+  DDPM and LCM, ``randn_tensor`` is patched to return it)."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers.schedulers import scheduling_ddpm  # pylint: disable=g-import-not-at-top
+  from diffusers.schedulers import scheduling_lcm  # pylint: disable=g-import-not-at-top
   apply_fn = jax.jit(apply_fn)
   scheduler.set_timesteps(steps)
   x = torch.from_numpy(np.array(x_start, np.float32))
   w = torch.from_numpy(np.array(scales, np.float32))[:, None, None, None]
   uncond = np.broadcast_to(uncond, context.shape)
-  original = scheduling_ddpm.randn_tensor
+  patched = (scheduling_ddpm, scheduling_lcm)
+  originals = [m.randn_tensor for m in patched]
   current = {}
   if step_noise is not None:
-    scheduling_ddpm.randn_tensor = lambda *a, **k: current["noise"]
+    for m in patched:
+      m.randn_tensor = lambda *a, **k: current["noise"]
   try:
     for i, t in enumerate(scheduler.timesteps):
       tt = np.full((x.shape[0],), float(t), np.float32)
@@ -101,7 +107,8 @@ def diffusers_sample(scheduler, apply_fn, x_start, context, uncond, scales, step
           kw["variance_noise"] = current["noise"]
       x = scheduler.step(out, t, x, **kw).prev_sample
   finally:
-    scheduling_ddpm.randn_tensor = original
+    for m, original in zip(patched, originals):
+      m.randn_tensor = original
   return x.numpy()
 
 

@@ -20,6 +20,11 @@ def test_parse_arg_types_and_bare_flags():
   assert arg.name == "x"
   assert arg.mult == (1, 2)
   assert cfglib.parse_arg(None, width=320).width == 320
+  names = cfglib.parse_arg("objectives=(consistency,scale_wise),samplers=('dpm++',)",
+                           objectives=("consistency",), samplers=("ddim",))
+  assert names.objectives == ("consistency", "scale_wise") and names.samplers == ("dpm++",)
+  with pytest.raises(ConfigError, match="expected a tuple"):
+    cfglib.parse_arg("mult=(a,b)", mult=(1,))
 
 
 @pytest.mark.parametrize("arg,match", [

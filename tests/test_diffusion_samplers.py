@@ -48,6 +48,8 @@ CASES = (
        ("dpm++", dict(name="cosine"), "x0", 16, 0.0)]
     + [("euler", dict(name="rectified_flow", flow_shift=shift), "flow", n, 0.0)
        for shift in (1.0, 3.0) for n in (4, 28)]
+    + [("lcm", {}, "eps", n, 0.0) for n in (1, 2, 4, 8)]
+    + [("lcm", dict(name="cosine"), "v", 4, 0.0), ("lcm", {}, "x0", 3, 0.0)]
 )
 
 

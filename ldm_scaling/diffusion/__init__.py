@@ -4,7 +4,8 @@
   SD3's shift; zero-terminal-SNR rescale) and diffusers-exact inference grids;
 * ``parametrisation``: eps / v / x0 / flow predictions and exact conversions;
 * ``training``: denoising loss, targets, uniform and min-SNR-gamma weightings;
-* ``samplers``: the sampler registry (``ddim``, ``ddpm``, ``dpm++``, ``euler``);
+* ``samplers``: the sampler registry (``ddim``, ``ddpm``, ``dpm++``, ``euler``, ``lcm``);
+* ``consistency``: consistency distillation (boundary scalings, teacher step, loss);
 * ``guidance``: per-sample classifier-free guidance in one batched call;
 * ``sampling``: ``run`` / ``sample``: the whole trajectory as one compiled program, with cost.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from ldm_scaling.config import ConfigError
-from ldm_scaling.diffusion import parametrisation, samplers, schedules, training
+from ldm_scaling.diffusion import consistency, parametrisation, samplers, schedules, training
 from ldm_scaling.diffusion.samplers import SAMPLERS, Options
 from ldm_scaling.diffusion.sampling import Samples, run, sample
 from ldm_scaling.diffusion.schedules import Schedule
@@ -33,7 +34,9 @@ def schedule_from_config(cfg: ml_collections.ConfigDict) -> Schedule:
 
 
 def options_from_config(config: ml_collections.ConfigDict) -> Options:
-  return Options(eta=float(config.eval.ddim_eta))
+  o = config.objective
+  return Options(eta=float(config.eval.ddim_eta), lcm_solver_steps=int(o.solver_steps),
+                 lcm_timestep_scaling=float(o.timestep_scaling))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -65,5 +68,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
       samplers.build_grid(name, schedule, int(steps), d.prediction, options)
 
 
-__all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "parametrisation", "run", "sample",
-           "samplers", "schedule_from_config", "schedules", "training", "validate"]
+__all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "consistency", "parametrisation", "run",
+           "sample", "samplers", "schedule_from_config", "schedules", "training", "validate"]

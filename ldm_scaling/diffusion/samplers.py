@@ -14,7 +14,9 @@ Grids reproduce diffusers 0.35's schedulers (see docs/diffusion.md for the detai
 * ``ddpm``: ``DDPMScheduler`` ancestral sampling, ``variance_type="fixed_small"``;
 * ``dpm++``: ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``,
   midpoint, ``lower_order_final``, ``final_sigmas_type="zero"`` (DPM-Solver++(2M));
-* ``euler``: ``FlowMatchEulerDiscreteScheduler`` (rectified-flow schedules only).
+* ``euler``: ``FlowMatchEulerDiscreteScheduler`` (rectified-flow schedules only);
+* ``lcm``: ``LCMScheduler`` multistep consistency sampling, for consistency-distilled students
+  (``ldm_scaling.diffusion.consistency``; 1 to ``solver_steps`` evaluations).
 
 On a ``rectified_flow`` schedule every sampler steps the same shifted sigma grid (diffusers'
 ``FlowMatchEulerDiscreteScheduler``); there deterministic DDIM is the Euler step.
@@ -63,6 +65,8 @@ class Grid:
 class Options:
   """Sampler settings beyond (sampler, steps); hashable (part of the compiled-program key)."""
   eta: float = 0.0  # ddim: 0 = deterministic DDIM, 1 = DDPM-like posterior noise
+  lcm_solver_steps: int = 50          # lcm: the distillation's solver grid (objective.solver_steps)
+  lcm_timestep_scaling: float = 10.0  # lcm: the boundary scalings' s (objective.timestep_scaling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Sampler:
   run: Callable[[Denoise, jax.Array, Grid, jax.Array, Options], jax.Array]
   stochastic: Callable[[Options], bool]
   evals_per_step: int = 1        # network evaluations per step (the sampling-cost convention)
-  schedules: str = "any"         # "any" or "flow": the schedules it integrates
+  schedules: str = "any"         # "any", "flow" or "discrete": the schedules it integrates
 
 
 def step_noise(keys: jax.Array, i, shape) -> jax.Array:
@@ -234,11 +238,35 @@ def euler(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: 
   return _scan(lambda x, i, c: x + c["dt"] * denoise(x, i).velocity, x, grid)
 
 
+# --- LCM (multistep consistency sampling) -------------------------------------------------------
+
+
+def lcm_grid(schedule: Schedule, steps: int, options: Options) -> Grid:
+  from ldm_scaling.diffusion import consistency  # pylint: disable=g-import-not-at-top
+  consistency.check(schedule, options.lcm_solver_steps)
+  ts = consistency.lcm_timesteps(schedule.num_train_timesteps, options.lcm_solver_steps, steps)
+  ab = schedule.alphas_cumprod
+  c_skip, c_out = consistency.boundary_scalings(ts, options.lcm_timestep_scaling)
+  # After the last step the sample is the denoised one (no re-noising), as diffusers does.
+  a_next, s_next = _vp(np.concatenate([ab[ts[1:]], np.ones(1, np.float32)]))
+  return _grid(ts, *_vp(ab[ts]), skip=c_skip, out=c_out, x0=a_next, noise=s_next)
+
+
+def lcm(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: Options):
+  del options
+
+  def step(x, i, c):
+    denoised = c["skip"] * x + c["out"] * denoise(x, i).x0
+    return c["x0"] * denoised + c["noise"] * step_noise(keys, i, x.shape).astype(x.dtype)
+  return _scan(step, x, grid)
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(ddim_grid, ddim, stochastic=lambda o: o.eta > 0),
     "ddpm": Sampler(ddpm_grid, ddpm, stochastic=lambda o: True),
     "dpm++": Sampler(dpm_grid, dpm_solver_pp_2m, stochastic=lambda o: False),
     "euler": Sampler(euler_grid, euler, stochastic=lambda o: False, schedules="flow"),
+    "lcm": Sampler(lcm_grid, lcm, stochastic=lambda o: True, schedules="discrete"),
 }
 
 
@@ -257,6 +285,9 @@ def check(name: str, schedule: Schedule, prediction: str, options: Options) -> N
         f"sampler {name!r} integrates the rectified-flow ODE and needs "
         f"diffusion.schedule='rectified_flow' (got {schedule.name!r}); for a discrete schedule "
         f"use 'ddim', the same first-order step of its probability-flow ODE")
+  if spec.schedules == "discrete" and schedule.is_flow:
+    raise ConfigError(f"sampler {name!r} samples consistency-distilled models of a discrete "
+                      f"schedule; diffusion.schedule='rectified_flow' has none")
   if not 0.0 <= options.eta <= 1.0:
     raise ConfigError(f"ddim eta must be in [0, 1], got {options.eta}")
 

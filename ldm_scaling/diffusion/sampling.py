@@ -180,7 +180,7 @@ def sample(config, apply_fn: guidance.ApplyFn, params, noise, context, *, key,
   sampler = sampler if sampler is not None else config.eval.samplers[0]
   steps = steps if steps is not None else int(config.eval.steps[0])
   schedule = diffusion.schedule_from_config(config.diffusion)
-  options = Options(eta=float(config.eval.ddim_eta))
+  options = diffusion.options_from_config(config)
   # Check everything cheap before measuring the model's cost (which compiles a forward).
   samplers_lib.build_grid(sampler, schedule, steps, config.diffusion.prediction, options)
   batch = np.shape(noise)[0]

@@ -137,16 +137,13 @@ def available_steps(workdir: str) -> list[int]:
 def load_run_config(workdir: str):
   """The config a run was trained with (``<workdir>/config.json``), validated and locked."""
   import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / "config.json"
   if not path.is_file():
     raise RunNotFoundError(f"{workdir!r} is not a training workdir (no config.json); train one "
                            f"with `ldm-scaling train --config ... --workdir {workdir}`")
-  data = json.loads(path.read_text())["config"]
-  config = cfglib.base_config()
-  config.update_from_flattened_dict(cfglib.flatten(ml_collections.ConfigDict(data)))
+  config = cfglib.with_defaults(json.loads(path.read_text())["config"])
   cfglib.validate(config)
   config.lock()
   return config

@@ -90,7 +90,8 @@ def _check_workdir(workdir: str, config) -> None:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
-  old = json.loads(path.read_text())["config"]
+  old = json.loads(json.dumps(cfglib.with_defaults(json.loads(path.read_text())["config"])
+                             .to_dict(), default=list))
   new = json.loads(json.dumps(config.to_dict(), default=list))
   what = lambda cfg, s: {k: v for k, v in (cfg.get(s) or {}).items()
                          if k not in _HOW_NOT_WHAT.get(s, ())}
@@ -263,14 +264,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   flops_per_example = objective.train_flops_per_example()  # compiles a single-device forward
   frozen = objective.frozen()  # VAE, text encoder, teachers: loaded on the host, never saved
 
-  def init_state(rng):
-    params = objective.init(rng, batch_spec)
+  def init_state(rng, frozen):
+    params = objective.start_from(objective.init(rng, batch_spec), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                       opt_state=tx.init(params))
 
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
+    frozen_sh = jax.tree.map(lambda _: sh.replicated(mesh), frozen)
+    frozen = jax.device_put(frozen, frozen_sh)
     init_key, _ = run_keys(tcfg.seed)
-    abstract = jax.eval_shape(init_state, init_key)
+    abstract = jax.eval_shape(init_state, init_key, frozen)
     state_sh = sh.tree_shardings(abstract, mesh)
     abstract = sh.unbox(abstract)
     _write_partitioning(workdir, abstract, state_sh)
@@ -292,10 +295,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       log.info("resumed from step %d", start)
     else:
       start = 0
-      state = jax.jit(lambda k: sh.unbox(init_state(k)), out_shardings=state_sh)(init_key)
+      state = jax.jit(lambda k, f: sh.unbox(init_state(k, f)),
+                      out_shardings=state_sh)(init_key, frozen)
 
-    frozen_sh = jax.tree.map(lambda _: sh.replicated(mesh), frozen)
-    frozen = jax.device_put(frozen, frozen_sh)
     batch_sh = {k: sh.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
     step_fn = jax.jit(make_train_step(objective, tx, config, lr_fn),
                       in_shardings=(state_sh, batch_sh, frozen_sh),

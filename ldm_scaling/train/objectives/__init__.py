@@ -8,6 +8,9 @@ the loop, sharding, optimiser, EMA, checkpoints, metrics and guards. The contrac
 * ``init(rng, batch)``: its trainable networks, a dict name -> params (boxed with logical axis
   names); traced under ``jax.eval_shape`` / ``jax.jit``, so it must be pure;
 * ``frozen()``: networks it uses but does not train (loaded from disk, host side; never saved);
+* ``start_from(params, frozen)`` (optional): the initial values of ``params`` given the frozen
+  networks (a distillation student starts as its teacher); traced like ``init``; default: as
+  initialised;
 * ``loss(params, frozen, ema, batch, rng) -> (loss, metrics)``: pure; ``ema`` is the trainer's
   EMA of ``params`` (a consistency-distillation target, for instance);
 * ``train_flops_per_example()``: FLOPs of one example's forward+backward, from the cost model, for
@@ -42,6 +45,10 @@ class Objective(abc.ABC):
 
   def frozen(self) -> dict[str, Any]:
     return {}
+
+  def start_from(self, params, frozen):
+    del frozen
+    return params
 
   @abc.abstractmethod
   def loss(self, params, frozen, ema, batch, rng):
@@ -82,3 +89,4 @@ def build(config) -> Objective:
 
 # Registrations (each module adds its entry to OBJECTIVES).
 from ldm_scaling.train.objectives import denoising  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ldm_scaling.train.objectives import consistency  # pylint: disable=g-import-not-at-top,wrong-import-position

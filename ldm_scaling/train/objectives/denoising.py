@@ -111,6 +111,7 @@ class Denoising(objectives.Objective):
       return None  # no text encoder / VAE to condition and decode with
     from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
     t = self.config.train
+    sampler, steps, cfg = self.preview_sampling()
     prompts = list(t.sample_prompts) or self._eval_captions(8)
     conditioning = generate.Conditioning(
         lambda ps: self._text.embed_text(list(ps)), f"text encoder {self._text.source}")
@@ -121,12 +122,16 @@ class Denoising(objectives.Objective):
       decoding = generate.latent_preview()
     result = generate.generate(
         self.config, prompts, apply_fn=generate.unet_apply(self.unet), params=ema["unet"],
-        sampler=self.config.eval.samplers[0], steps=t.sample_steps, cfg_scales=[t.sample_cfg],
-        seed=0, batch_size=len(prompts), latent_size=self.latent_size,
-        conditioning=conditioning, decoding=decoding, norm_cost=1.0, log=lambda _: None)
+        sampler=sampler, steps=steps, cfg_scales=[cfg], seed=0, batch_size=len(prompts),
+        latent_size=self.latent_size, conditioning=conditioning, decoding=decoding,
+        norm_cost=1.0, log=lambda _: None)
     return dict(images=result.images, prompts=prompts,
-                label=f"step {step}: EMA, {self.config.eval.samplers[0]} "
-                      f"{t.sample_steps} steps, cfg {t.sample_cfg:g}")
+                label=f"step {step}: EMA, {sampler} {steps} steps, cfg {cfg:g}")
+
+  def preview_sampling(self) -> tuple[str, int, float]:
+    """(sampler, steps, cfg scale) of the preview grids."""
+    t = self.config.train
+    return self.config.eval.samplers[0], int(t.sample_steps), float(t.sample_cfg)
 
   def _eval_captions(self, n: int) -> list[str]:
     from ldm_scaling import data  # pylint: disable=g-import-not-at-top

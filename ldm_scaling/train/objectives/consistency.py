@@ -1,0 +1,140 @@
+"""Consistency distillation of a trained text-to-image UNet (``objective.name=consistency``).
+
+The teacher is a finished denoising run (``objective.teacher`` = its workdir; its EMA weights by
+default). The student has the teacher's architecture and starts as the teacher; it learns to map
+any point of the teacher's classifier-free-guided (``objective.cfg_scale``) probability-flow ODE
+to the trajectory's start in one evaluation (``ldm_scaling.diffusion.consistency``). The target
+network is the trainer's EMA of the student, so ``train.ema_decay`` is the target's decay (LCM
+used 0.95; the 0.9999 of pretraining makes the target nearly frozen).
+
+Batches, text encoder and VAE are those of the denoising objective (same ``objective.inputs``).
+The unconditional context is the text encoder's embedding of ``""``; with
+``objective.inputs=embeddings`` (no text encoder) it is all zeros. Sample a student with the
+``lcm`` sampler at cfg 1 (``--config.eval.samplers='("lcm",)' eval.cfg_scales='(1.0,)'
+eval.steps='(1,2,4)'``): it needs no guidance pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+from etils import epath
+import jax
+import numpy as np
+
+from ldm_scaling import diffusion
+from ldm_scaling import sharding as sh
+from ldm_scaling.config import ConfigError
+from ldm_scaling.diffusion import consistency as cd
+from ldm_scaling.train import objectives
+from ldm_scaling.train.objectives import denoising
+
+# Teacher and student must agree on these (the student starts as the teacher, and both see the
+# same latents, timesteps and text embeddings). Keys that change how, not what, are ignored.
+_MATCH = ("model", "diffusion")
+_HOW_NOT_WHAT = ("remat", "attn_query_chunk", "dtype")
+
+
+@objectives.register("consistency")
+class Consistency(denoising.Denoising):
+  """``loss = d(f_student(x_t, t), f_ema(DDIM_teacher,w(x_t, t -> t - k), t - k))``."""
+
+  @staticmethod
+  def validate(config) -> None:
+    denoising.Denoising.validate(config)
+    o = config.objective
+    if not o.teacher:
+      raise ConfigError("objective.name=consistency needs objective.teacher: the workdir of the "
+                        "trained denoising run to distil (--config.objective.teacher=PATH)")
+    if o.teacher_weights not in ("ema", "params"):
+      raise ConfigError(f"objective.teacher_weights must be 'ema' or 'params', got "
+                        f"{o.teacher_weights!r}")
+    if o.loss not in cd.LOSSES:
+      raise ConfigError(f"unknown objective.loss {o.loss!r}; available: {', '.join(cd.LOSSES)}")
+    if o.huber_c <= 0:
+      raise ConfigError(f"objective.huber_c must be > 0, got {o.huber_c}")
+    if o.cfg_scale < 0:
+      raise ConfigError(f"objective.cfg_scale must be >= 0 (1 = no guidance), got {o.cfg_scale}")
+    if o.timestep_scaling <= 0:
+      raise ConfigError(f"objective.timestep_scaling must be > 0, got {o.timestep_scaling}")
+    cd.check(diffusion.schedule_from_config(config.diffusion), int(o.solver_steps))
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.schedule = diffusion.schedule_from_config(config.diffusion)
+    self.teacher_config = _teacher_config(config)
+
+  def frozen(self):
+    frozen = super().frozen()
+    from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+    o = self.config.objective
+    self.teacher_step, weights = checkpoint.load_weights(o.teacher, which=o.teacher_weights)
+    if "unet" not in weights:
+      raise ConfigError(f"teacher run {o.teacher!r} has no 'unet' network (it has "
+                        f"{sorted(weights)}); is it a denoising run?")
+    frozen["teacher"] = weights["unet"]
+    shape = (1, self.text_len, self.config.model.cross_attn_dim)
+    if self.from_pipeline:
+      frozen["uncond"] = np.asarray(self._text.embed_text([""]), np.float32).reshape(shape)
+    else:
+      frozen["uncond"] = np.zeros(shape, np.float32)
+    return frozen
+
+  def start_from(self, params, frozen):
+    return {"unet": sh.replace_values(params["unet"], frozen["teacher"])}
+
+  def loss(self, params, frozen, ema, batch, rng):
+    enc_rng, drop_rng, loss_rng = jax.random.split(rng, 3)
+    latents, context = self.inputs(frozen, batch, enc_rng)
+    apply = self.unet.apply
+    o, d = self.config.objective, self.config.diffusion
+
+    def student(x, t, c):
+      return apply({"params": params["unet"]}, x, t, c, train=True, rngs={"dropout": drop_rng})
+
+    def target(x, t, c):
+      return apply({"params": jax.lax.stop_gradient(ema["unet"])}, x, t, c)
+
+    def teacher(x, t, c):
+      return apply({"params": frozen["teacher"]}, x, t, c)
+
+    return cd.distillation_loss(
+        student, target, teacher, latents, context, frozen["uncond"], loss_rng,
+        schedule=self.schedule, prediction=d.prediction, solver_steps=int(o.solver_steps),
+        cfg_scale=float(o.cfg_scale), timestep_scaling=float(o.timestep_scaling), loss=o.loss,
+        huber_c=float(o.huber_c))
+
+  def preview_sampling(self):
+    return "lcm", min(4, int(self.config.objective.solver_steps)), 1.0
+
+  def train_flops_per_example(self):
+    """Every UNet pass of a step: student forward + backward (3 forwards), the guided teacher
+    (2 forwards: conditional and unconditional) and the target (1 forward) = 6 forwards."""
+    return 2.0 * super().train_flops_per_example()
+
+
+def _teacher_config(config):
+  """The teacher run's config, after checking that the student can start from it."""
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  teacher = config.objective.teacher
+  try:
+    tcfg = checkpoint.load_run_config(teacher)
+  except checkpoint.RunNotFoundError as e:
+    raise ConfigError(f"objective.teacher: {e}") from None
+  if tcfg.objective.name != "denoising":
+    raise ConfigError(f"objective.teacher {teacher!r} is a {tcfg.objective.name!r} run; distil "
+                      f"a denoising run")
+  plain = lambda c, s: {k: v for k, v in json.loads(json.dumps(c[s].to_dict(), default=list))
+                        .items() if k not in _HOW_NOT_WHAT}
+  for section in _MATCH:
+    mine, theirs = plain(config, section), plain(tcfg, section)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+      shown = ", ".join(f"{section}.{k}: teacher {theirs.get(k)!r}, here {mine.get(k)!r}"
+                        for k in diff[:4])
+      raise ConfigError(f"the student must have its teacher's {section} settings ({shown}); "
+                        f"start from the teacher's config ({epath.Path(teacher) / 'config.json'})")
+  if config.text.encoder != tcfg.text.encoder:
+    raise ConfigError(f"the teacher was trained with text.encoder={tcfg.text.encoder!r}, here "
+                      f"{config.text.encoder!r}; the student must see the teacher's embeddings")
+  return tcfg
