@@ -135,6 +135,7 @@ def test_distillation_sweep_pairs_teachers_with_objectives():
     assert set(teacher.overrides) <= set(run.overrides)  # same width and heads as the teacher
     assert f"objective.teacher={teacher.workdir}" in run.overrides
     assert "train.ema_decay=0.95" in run.overrides
+    assert {'eval.samplers=("lcm",)', "eval.cfg_scales=(1.0,)"} <= set(run.overrides)
   from ldm_scaling.train import objectives
   for run, error in zip(runs, sweeps.validate_runs(runs)):
     name = run.name.split("-", 1)[1]

@@ -11,8 +11,9 @@ Objectives: ``consistency`` (consistency distillation, ``docs/training.md``). ``
 (SwD) is not implemented yet: ``objectives=(consistency,scale_wise)`` lists its runs as INVALID
 ("unknown objective.name") and the sweep refuses to launch.
 
-Evaluate the students with the ``lcm`` sampler at cfg 1 (``configs/sweeps/eval.py`` with
-``--config.eval.samplers`` etc., or ``ldm-scaling eval`` on each student).
+Each student's own ``eval`` section is the ``lcm`` sampler at cfg 1 and ``eval_steps`` steps, so
+``ldm-scaling eval --workdir <student>`` (without ``--config``) evaluates it as a consistency
+model.
 """
 
 from ldm_scaling import config as cfglib
@@ -26,7 +27,7 @@ def get_config(arg=None):
   arg = cfglib.parse_arg(arg, widths=TEACHERS, objectives=OBJECTIVES, steps=500_000,
                          student_steps=50_000, base="configs/t2i.py",
                          root=sweeps.DEFAULT_WORKDIR_ROOT, teacher_key="objective.teacher",
-                         ema_decay=0.95)
+                         ema_decay=0.95, eval_steps=(1, 2, 4, 8))
   sweep = sweeps.sweep_config()
   sweep.name = "distillation"
   sweep.command = "train"
@@ -36,6 +37,9 @@ def get_config(arg=None):
   sweep.source_key = arg.teacher_key
   sweep.axes = (("objective.name", tuple(arg.objectives)),)
   sweep.labels = (("objective.name", ""),)
-  sweep.overrides = (("train.ema_decay", float(arg.ema_decay)),)
+  # The students' own eval section: consistency sampling without guidance, 1-8 steps.
+  sweep.overrides = (("train.ema_decay", float(arg.ema_decay)),
+                     ("eval.samplers", ("lcm",)), ("eval.cfg_scales", (1.0,)),
+                     ("eval.steps", tuple(int(s) for s in arg.eval_steps)))
   sweep.workdir_root = arg.root
   return sweep
