@@ -189,6 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
       # teacher, its target network is the trainer's EMA (train.ema_decay; LCM used 0.95)
       teacher="",                   # the teacher's training workdir (same model and diffusion)
       teacher_weights="ema",        # ema | params: which of the teacher's weights
+      teacher_step=-1,              # -1: the finished teacher's last checkpoint; or a step
       solver_steps=50,              # the teacher's DDIM grid; also the lcm sampler's grid
       cfg_scale=8.0,                # the teacher's guidance scale (the student needs none)
       loss="huber",                 # huber | l2
@@ -253,7 +254,8 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       if default and all(isinstance(v, str) for v in default):  # names: (ddim,dpm++) is fine
-        return tuple(w.strip() for w in text.strip().strip("()[]").split(",") if w.strip())
+        return tuple(w.strip().strip("'\"") for w in text.strip().strip("()[]").split(",")
+                     if w.strip())
       raise ConfigError(f"config argument {key}={text!r}: expected a tuple like (1,2)") from None
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
   return text

@@ -16,6 +16,7 @@ import pytest
 from ldm_scaling import diffusion
 from ldm_scaling.config import ConfigError
 from ldm_scaling.diffusion import consistency as cd
+from ldm_scaling.diffusion import guidance
 from ldm_scaling.diffusion import parametrisation as param
 
 import diffusion_refs as refs
@@ -126,6 +127,34 @@ def test_loss_is_minimal_at_the_exact_consistency_function(prediction):
   assert loss(1.0, solver_steps=200)[0] < exact / 10
 
 
+def test_guided_teacher_is_the_cfg_combination_and_only_the_student_gets_gradients():
+  """At cfg w the loss equals the loss with a teacher that returns ``u + w (c - u)`` itself at cfg
+  1 (the conditional and unconditional halves are not swapped, the unconditional context is
+  broadcast); the gradient reaches the student's parameter only."""
+  schedule = diffusion.Schedule()
+  exact = refs.analytic_apply(schedule, "eps")
+  rng = np.random.RandomState(1)
+  ctx = jnp.asarray(rng.randn(16, 3, 4).astype(np.float32))
+  uncond = jnp.asarray(rng.randn(1, 3, 4).astype(np.float32))
+  x0 = refs.data_mean(ctx) + refs.S * jnp.asarray(rng.randn(16, 4, 4, 4).astype(np.float32))
+  kw = dict(schedule=schedule, prediction="eps", solver_steps=50, timestep_scaling=10.0,
+            loss="huber", huber_c=0.001)
+
+  def loss(p_student, p_target, p_teacher, cfg, teacher=None):
+    net = lambda p: (lambda x, t, c: p * exact(None, x, t, c))
+    return cd.distillation_loss(net(p_student), net(p_target), teacher or net(p_teacher), x0, ctx,
+                                uncond, jax.random.key(2), cfg_scale=cfg, **kw)[0]
+
+  w = 3.0
+  pre_guided = lambda x, t, c: guidance.combine(
+      exact(None, x, t, c), exact(None, x, t, jnp.broadcast_to(uncond, c.shape)), w)
+  np.testing.assert_allclose(float(loss(1.1, 1.0, 1.0, w)),
+                             float(loss(1.1, 1.0, 1.0, 1.0, teacher=pre_guided)), rtol=1e-5)
+  assert abs(float(loss(1.1, 1.0, 1.0, w)) - float(loss(1.1, 1.0, 1.0, 1.0))) > 1e-4
+  grads = jax.grad(loss, argnums=(0, 1, 2))(1.1, 1.0, 1.0, w)
+  assert float(grads[0]) != 0 and float(grads[1]) == 0 and float(grads[2]) == 0
+
+
 def test_pseudo_huber_distance_by_hand():
   a = jnp.array([[0.0, 3.0]])
   b = jnp.array([[4.0, 3.0]])
@@ -156,7 +185,9 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path):
   teacher_dir, _ = tiny_run
   config = _student_config(teacher_dir)
   lr = 1e-6
-  config.train.update(steps=2, lr=lr, warmup_steps=0, ema_decay=0.95, log_every=1,
+  # seed 1: the student's own random init is far from the teacher's weights, so a start_from
+  # that did nothing would fail the bound below by orders of magnitude.
+  config.train.update(steps=2, lr=lr, warmup_steps=0, ema_decay=0.95, log_every=1, seed=1,
                       checkpoint_every=2, sample_every=2, async_checkpointing=False)
   result = trainer.train(config, str(tmp_path))
   assert result.step == 2 and np.isfinite(result.metrics["loss"]) and result.metrics["loss"] > 0
@@ -185,6 +216,25 @@ def test_bad_objective_settings_are_clear_errors(tiny_run, change, match):
     objectives.build(config)
 
 
+def test_teacher_must_be_finished_or_pinned(tiny_run, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  teacher = tmp_path / "teacher"
+  shutil.copytree(tiny_run[0], teacher)
+  saved = json.loads((teacher / "config.json").read_text())
+  saved["config"]["train"]["steps"] = 10  # as if it were still training (at step 3 of 10)
+  (teacher / "config.json").write_text(json.dumps(saved))
+  config = _student_config(teacher)
+  with pytest.raises(ConfigError, match="is at step 3 of 10: distil a finished teacher"):
+    objectives.build(config)
+  config.objective.teacher_step = 3
+  assert objectives.build(config).teacher_step == 3
+  config.objective.teacher_step = 2
+  with pytest.raises(ConfigError, match=r"teacher_step=2: .* has checkpoints \[3\]"):
+    objectives.build(config)
+
+
 def test_teacher_must_exist_and_match(tiny_run, tmp_path):
   from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
   config = _student_config(tiny_run[0])
@@ -198,6 +248,11 @@ def test_teacher_must_exist_and_match(tiny_run, tmp_path):
   config = _student_config(tiny_run[0])
   config.diffusion.prediction = "v"
   with pytest.raises(ConfigError, match="diffusion.prediction: teacher 'eps', here 'v'"):
+    objectives.build(config)
+  config = _student_config(tiny_run[0])
+  length = config.text.max_length
+  config.text.max_length = length // 2
+  with pytest.raises(ConfigError, match=f"text.max_length: teacher {length}, here {length // 2}"):
     objectives.build(config)
   config = _student_config(tiny_run[0])
   config.diffusion.update(schedule="rectified_flow", prediction="flow")

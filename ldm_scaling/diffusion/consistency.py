@@ -130,10 +130,13 @@ def distillation_loss(student: Net, target: Net, teacher: Net, x0: jax.Array,
   pred = consistency_fn(prediction, student(x_t, t_f, context).astype(jnp.float32), x_t, t_f,
                         alpha_t, sigma_t, timestep_scaling)
 
-  uncond = jnp.broadcast_to(uncond_context.astype(context.dtype), context.shape)
-  both = teacher(jnp.concatenate([x_t, x_t]), jnp.concatenate([t_f, t_f]),
-                 jnp.concatenate([context, uncond])).astype(jnp.float32)
-  guided = guidance.combine(both[:b], both[b:], jnp.float32(cfg_scale))
+  if cfg_scale == 1.0:  # unguided: no unconditional pass
+    guided = teacher(x_t, t_f, context).astype(jnp.float32)
+  else:
+    uncond = jnp.broadcast_to(uncond_context.astype(context.dtype), context.shape)
+    both = teacher(jnp.concatenate([x_t, x_t]), jnp.concatenate([t_f, t_f]),
+                   jnp.concatenate([context, uncond])).astype(jnp.float32)
+    guided = guidance.combine(both[:b], both[b:], jnp.float32(cfg_scale))
   x_s = jax.lax.stop_gradient(
       teacher_step(prediction, guided, x_t, alpha_t, sigma_t, alpha_s, sigma_s))
   tgt = consistency_fn(prediction, target(x_s, s_f, context).astype(jnp.float32), x_s, s_f,

@@ -17,6 +17,7 @@ eval.steps='(1,2,4)'``): it needs no guidance pass.
 from __future__ import annotations
 
 import json
+import logging
 
 from etils import epath
 import jax
@@ -29,10 +30,12 @@ from ldm_scaling.diffusion import consistency as cd
 from ldm_scaling.train import objectives
 from ldm_scaling.train.objectives import denoising
 
+log = logging.getLogger(__name__)
+
 # Teacher and student must agree on these (the student starts as the teacher, and both see the
 # same latents, timesteps and text embeddings). Keys that change how, not what, are ignored.
-_MATCH = ("model", "diffusion")
-_HOW_NOT_WHAT = ("remat", "attn_query_chunk", "dtype")
+_MATCH = ("model", "diffusion", "text", "vae")
+_HOW_NOT_WHAT = ("remat", "attn_query_chunk", "dtype", "dir")
 
 
 @objectives.register("consistency")
@@ -57,22 +60,34 @@ class Consistency(denoising.Denoising):
       raise ConfigError(f"objective.cfg_scale must be >= 0 (1 = no guidance), got {o.cfg_scale}")
     if o.timestep_scaling <= 0:
       raise ConfigError(f"objective.timestep_scaling must be > 0, got {o.timestep_scaling}")
+    if o.teacher_step < -1:
+      raise ConfigError(f"objective.teacher_step must be -1 (the finished teacher's last "
+                        f"checkpoint) or a step, got {o.teacher_step}")
     cd.check(diffusion.schedule_from_config(config.diffusion), int(o.solver_steps))
 
   def __init__(self, config):
     super().__init__(config)
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.teacher_config = _teacher_config(config)
+    self.teacher_step = _teacher_step(config, self.teacher_config)
+    if config.data.caption_dropout > 0 and config.objective.cfg_scale != 1:
+      log.warning("data.caption_dropout=%g: that share of examples has an empty caption, where "
+                  "the guided teacher is unguided; LCM distils without (set it to 0)",
+                  config.data.caption_dropout)
 
   def frozen(self):
     frozen = super().frozen()
     from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
     o = self.config.objective
-    self.teacher_step, weights = checkpoint.load_weights(o.teacher, which=o.teacher_weights)
+    self.teacher_step, weights = checkpoint.load_weights(o.teacher, step=self.teacher_step,
+                                                         which=o.teacher_weights)
     if "unet" not in weights:
       raise ConfigError(f"teacher run {o.teacher!r} has no 'unet' network (it has "
                         f"{sorted(weights)}); is it a denoising run?")
-    frozen["teacher"] = weights["unet"]
+    # Host copies: the trainer places frozen networks on its mesh (every process holds the same
+    # numbers, so this also works across hosts).
+    frozen["teacher"] = jax.device_get(weights["unet"])
+    log.info("teacher: %s step %d (%s weights)", o.teacher, self.teacher_step, o.teacher_weights)
     shape = (1, self.text_len, self.config.model.cross_attn_dim)
     if self.from_pipeline:
       frozen["uncond"] = np.asarray(self._text.embed_text([""]), np.float32).reshape(shape)
@@ -109,8 +124,9 @@ class Consistency(denoising.Denoising):
 
   def train_flops_per_example(self):
     """Every UNet pass of a step: student forward + backward (3 forwards), the guided teacher
-    (2 forwards: conditional and unconditional) and the target (1 forward) = 6 forwards."""
-    return 2.0 * super().train_flops_per_example()
+    (2 forwards: conditional and unconditional; 1 at cfg_scale 1) and the target (1 forward)."""
+    teacher = 2 if float(self.config.objective.cfg_scale) != 1.0 else 1
+    return (3 + teacher + 1) / 3 * super().train_flops_per_example()
 
 
 def _teacher_config(config):
@@ -134,7 +150,24 @@ def _teacher_config(config):
                         for k in diff[:4])
       raise ConfigError(f"the student must have its teacher's {section} settings ({shown}); "
                         f"start from the teacher's config ({epath.Path(teacher) / 'config.json'})")
-  if config.text.encoder != tcfg.text.encoder:
-    raise ConfigError(f"the teacher was trained with text.encoder={tcfg.text.encoder!r}, here "
-                      f"{config.text.encoder!r}; the student must see the teacher's embeddings")
   return tcfg
+
+
+def _teacher_step(config, tcfg) -> int:
+  """The teacher checkpoint to distil: ``objective.teacher_step``, or (-1) the last one of a
+  finished teacher -- never a teacher that is still training, whose latest step would change
+  between the student's start and its resumptions."""
+  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+  teacher, step = config.objective.teacher, int(config.objective.teacher_step)
+  steps = checkpoint.available_steps(teacher)
+  if not steps:
+    raise ConfigError(f"objective.teacher {teacher!r} has no complete checkpoint yet")
+  if step >= 0:
+    if step not in steps:
+      raise ConfigError(f"objective.teacher_step={step}: {teacher!r} has checkpoints {steps}")
+    return step
+  if max(steps) < tcfg.train.steps:
+    raise ConfigError(f"objective.teacher {teacher!r} is at step {max(steps)} of "
+                      f"{tcfg.train.steps}: distil a finished teacher, or pin a checkpoint with "
+                      f"objective.teacher_step={max(steps)}")
+  return max(steps)
