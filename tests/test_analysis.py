@@ -200,6 +200,37 @@ def test_figures_and_summary(hand, tmp_path):
   assert "| w128 | ddim | 8 | 2 | 4 | 26 |  | 6 | 26 |" in text  # CFG* by FID and by CLIP
 
 
+def test_distillation_figure_pairs_students_with_their_undistilled_width(hand, tmp_path):
+  """Fig. 13 from the hand table plus consistency students of w64 and w128 (lcm, cfg 1): at 8
+  steps the undistilled points are the optimal-CFG FIDs worked out above (28, 26, 25), the
+  students' are their own; the cost panel has one solid and one dashed line per width."""
+  students = []
+  for width, fids in ((64, {4: 27.0, 8: 24.0}), (128, {4: 25.0, 8: 21.5})):
+    for steps, fid in fids.items():
+      row = _row(width, 200, steps, 1.0, fid, 25.0)
+      row.update(run=f"/runs/w{width}-consistency", objective="consistency", sampler="lcm")
+      students.append(row)
+  path = tmp_path / "results.csv"
+  pd.DataFrame(hand_rows() + students).to_csv(path, index=False)
+  frame = results.load(str(path))
+  points = analysis.distillation_points(frame)
+  at8 = points[points["steps"] == 8].set_index(["objective", "width"])["fid"]
+  assert at8.to_dict() == {("consistency", 64): 24.0, ("consistency", 128): 21.5,
+                           ("denoising", 64): 28.0, ("denoising", 128): 26.0,
+                           ("denoising", 320): 25.0}
+  fig = analysis.fig_distillation(frame, steps=8)
+  left, right = fig.axes[:2]
+  undistilled, distilled = left.get_lines()
+  assert list(undistilled.get_xdata()) == [64, 128, 320]
+  assert list(undistilled.get_ydata()) == [28.0, 26.0, 25.0]
+  assert list(distilled.get_ydata()) == [24.0, 21.5]
+  assert [l.get_label() for l in right.get_lines()] == [
+      "w64", "w64 distilled", "w128", "w128 distilled", "w320"]
+  assert "fig13_fid_distillation.png" in analysis.all_figures(frame)
+  with pytest.raises(tablelib.AnalysisError, match="needs both 'denoising' and 'consistency'"):
+    analysis.fig_distillation(hand)
+
+
 def test_cli(hand, tmp_path):
   csv = tmp_path / "hand.csv"
   hand.to_csv(csv, index=False)

@@ -25,6 +25,7 @@ _EXPORTS = {
     "crossovers": "efficiency", "frontier_segments": "efficiency", "pareto_front": "efficiency",
     "all_figures": "figures", "fig_cfg": "figures", "fig_cost": "figures",
     "fig_samplers": "figures", "fig_training": "figures", "plot_all": "figures",
+    "fig_distillation": "figures", "distillation_points": "figures",
     "analyze": "report", "summary_markdown": "report",
     "sampler_comparison": "samplers", "sampler_fronts": "samplers",
     "AnalysisError": "table", "NoUsableRowsError": "table",

@@ -6,7 +6,9 @@
 * ``fig9_<metric>_vs_sampling_cost.png`` (Fig. 9): metric at the optimal CFG vs sampling cost per
   model, with the Pareto front over sizes; a panel per sampler;
 * ``fig11_<metric>_samplers.png`` (Fig. 11): each sampler against the reference one (DDIM), and
-  every sampler's Pareto front.
+  every sampler's Pareto front;
+* ``fig13_<metric>_distillation.png`` (Fig. 13; tables with distilled and undistilled models):
+  each width at ``steps`` (4) steps, distilled vs not, and both against sampling cost.
 
 Figures are built on the Agg canvas without ``pyplot``: no global state, no GUI, and a notebook's
 inline backend is left alone (``display(fig)`` shows them). Cost axes are logarithmic, as the
@@ -24,6 +26,7 @@ from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import matplotlib
+import matplotlib.ticker
 
 from ldm_scaling.analysis import cfg as cfglib
 from ldm_scaling.analysis import efficiency
@@ -201,6 +204,70 @@ def fig_training(frame: pd.DataFrame, metric: str = "fid", sampler: str | None =
   return fig
 
 
+DISTILLED = "consistency"   # the objective whose models count as distilled in Fig. 13
+UNDISTILLED = "denoising"
+
+
+def distillation_points(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest"
+                        ) -> pd.DataFrame:
+  """Per (width, objective, steps): the best optimal-CFG point over samplers (undistilled: the
+  best sampler at that step count; distilled: its own sampler), with its sampling cost."""
+  points = efficiency.cost_curves(frame, metric, checkpoint)
+  m = table.metric(frame, metric)
+  points = points[points["objective"].isin([DISTILLED, UNDISTILLED])]
+  keys = ["width", "objective", "steps"]
+  ordered = points.sort_values([*keys, m.column], ascending=[True] * 3 + [m.sort_ascending()],
+                               kind="mergesort")
+  return ordered.groupby(keys, sort=False).head(1).reset_index(drop=True)
+
+
+def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
+                     checkpoint: Any = "latest") -> Figure:
+  """Fig. 13: left, the metric of each width at ``steps`` steps, undistilled (best sampler and
+  CFG) vs distilled; right, both against sampling cost (undistilled solid, distilled dashed),
+  colours by width. Distilled = objective ``consistency``, paired with the undistilled model of
+  the same width."""
+  data, m = table.prepare(frame, metric)
+  best = distillation_points(frame, metric, checkpoint)
+  have = set(best["objective"])
+  if have != {DISTILLED, UNDISTILLED}:
+    raise table.AnalysisError(f"Fig. 13 needs both {UNDISTILLED!r} and {DISTILLED!r} rows; the "
+                              f"table has objectives {sorted(set(data['objective']))}")
+  widths = sorted(best["width"].unique())
+  cmap = matplotlib.colormaps["viridis"]
+  colors = {w: cmap(p) for w, p in zip(widths, np.linspace(0.0, 0.9, max(len(widths), 2)))}
+  fig, (left, right) = _figure(2, cols=2)
+  at = best[best["steps"] == steps]
+  for objective, marker, name in ((UNDISTILLED, "o-", "undistilled"),
+                                  (DISTILLED, "s--", "distilled")):
+    mine = at[at["objective"] == objective].sort_values("width")
+    left.plot(mine["width"], mine[m.column], marker, color="k" if objective == UNDISTILLED
+              else "tab:red", label=f"{name}, {steps} steps")
+  left.set_xscale("log", base=2)
+  left.set_xticks(widths, [str(w) for w in widths])
+  left.set_xlabel("UNet width")
+  left.set_ylabel(f"{m.label} at optimal CFG")
+  left.set_title(f"{steps}-step sampling", fontsize=10)
+  left.legend(fontsize=8)
+  left.grid(alpha=0.3)
+  for w in widths:
+    for objective, style, name in ((UNDISTILLED, "o-", ""), (DISTILLED, "s--", " distilled")):
+      line = best[(best["width"] == w) & (best["objective"] == objective)]
+      line = line.sort_values("sampling_cost")
+      if not line.empty:
+        right.plot(line["sampling_cost"], line[m.column], style, ms=3.5, color=colors[w],
+                   label=f"w{w}{name}")
+  right.set_xscale("log")
+  right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
+  right.set_xlabel("sampling cost (norm. cost x steps)")
+  right.set_ylabel(f"{m.label} at optimal CFG (best sampler)")
+  right.set_title("vs sampling cost", fontsize=10)
+  right.grid(alpha=0.3, which="both")
+  fig.suptitle(f"{m.label}: distilled ({DISTILLED}) vs undistilled models", fontsize=11)
+  _legend(fig, [right])
+  return fig
+
+
 def save(fig: Figure, path: str, dpi: int = 120) -> str:
   """PNG to a local path or ``gs://`` (written in one piece)."""
   buffer = io.BytesIO()
@@ -220,6 +287,9 @@ def all_figures(frame: pd.DataFrame, metric: str = "fid") -> dict[str, Figure]:
          f"fig9_{name}_vs_sampling_cost.png": fig_cost(frame, metric),
          f"fig11_{name}_samplers.png": fig_samplers(frame, metric),
          f"fig3_{name}_vs_training_compute.png": fig_training(frame, metric)}
+  objectives = set(table.prepare(frame, metric)[0]["objective"])
+  if {DISTILLED, UNDISTILLED} <= objectives:
+    out[f"fig13_{name}_distillation.png"] = fig_distillation(frame, metric)
   if name == "fid" and len(table.clip_columns(frame)) == 1:
     try:
       out["fig8_clip_vs_cfg.png"] = fig_cfg(frame, "clip")
