@@ -372,6 +372,17 @@ def with_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
+def section_changes(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, section: str,
+                    ignore: Iterable[str] = ()) -> list[str]:
+  """Keys of ``section`` whose values differ between configs ``a`` and ``b`` (compared as their
+  JSON values, so a tuple equals the list it was saved as), except ``ignore``."""
+  ignore = set(ignore)
+  plain = lambda c: {k: v for k, v in json.loads(json.dumps(c[section].to_dict(), default=list))
+                     .items() if k not in ignore}
+  x, y = plain(a), plain(b)
+  return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+
+
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   """``{"model.width": 320, ...}`` for every leaf key."""
   out = {}

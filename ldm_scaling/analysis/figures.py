@@ -234,8 +234,7 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
     raise table.AnalysisError(f"Fig. 13 needs both {UNDISTILLED!r} and {DISTILLED!r} rows; the "
                               f"table has objectives {sorted(set(data['objective']))}")
   widths = sorted(best["width"].unique())
-  cmap = matplotlib.colormaps["viridis"]
-  colors = {w: cmap(p) for w, p in zip(widths, np.linspace(0.0, 0.9, max(len(widths), 2)))}
+  colors = _colors(widths)
   fig, (left, right) = _figure(2, cols=2)
   at = best[best["steps"] == steps]
   for objective, marker, name in ((UNDISTILLED, "o-", "undistilled"),

@@ -90,18 +90,15 @@ def _check_workdir(workdir: str, config) -> None:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
-  old = json.loads(json.dumps(cfglib.with_defaults(json.loads(path.read_text())["config"])
-                             .to_dict(), default=list))
-  new = json.loads(json.dumps(config.to_dict(), default=list))
-  what = lambda cfg, s: {k: v for k, v in (cfg.get(s) or {}).items()
-                         if k not in _HOW_NOT_WHAT.get(s, ())}
-  changed = [s for s in _STRUCTURAL if what(old, s) != what(new, s)]
+  old = cfglib.with_defaults(json.loads(path.read_text())["config"])
+  changed = [s for s in _STRUCTURAL
+             if cfglib.section_changes(old, config, s, _HOW_NOT_WHAT.get(s, ()))]
   if changed:
     raise ConfigError(
         f"workdir {workdir!r} holds a run with different {', '.join(changed)} settings; resuming "
         f"it with this config would mix two experiments. Use a new --workdir (or restore the "
         f"old settings).")
-  others = [s for s in new if s not in changed and old.get(s) != new.get(s)]
+  others = [s for s in config if s not in changed and cfglib.section_changes(old, config, s)]
   if others:
     log.warning("resuming %s with changed %s settings", workdir, ", ".join(others))
 

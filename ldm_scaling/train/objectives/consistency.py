@@ -23,6 +23,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from ldm_scaling import config as cfglib
 from ldm_scaling import diffusion
 from ldm_scaling import sharding as sh
 from ldm_scaling.config import ConfigError
@@ -140,13 +141,11 @@ def _teacher_config(config):
   if tcfg.objective.name != "denoising":
     raise ConfigError(f"objective.teacher {teacher!r} is a {tcfg.objective.name!r} run; distil "
                       f"a denoising run")
-  plain = lambda c, s: {k: v for k, v in json.loads(json.dumps(c[s].to_dict(), default=list))
-                        .items() if k not in _HOW_NOT_WHAT}
   for section in _MATCH:
-    mine, theirs = plain(config, section), plain(tcfg, section)
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    diff = cfglib.section_changes(tcfg, config, section, _HOW_NOT_WHAT)
     if diff:
-      shown = ", ".join(f"{section}.{k}: teacher {theirs.get(k)!r}, here {mine.get(k)!r}"
+      value = lambda c, k: json.loads(json.dumps(c[section].get(k), default=list))
+      shown = ", ".join(f"{section}.{k}: teacher {value(tcfg, k)!r}, here {value(config, k)!r}"
                         for k in diff[:4])
       raise ConfigError(f"the student must have its teacher's {section} settings ({shown}); "
                         f"start from the teacher's config ({epath.Path(teacher) / 'config.json'})")
