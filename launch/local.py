@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm_scaling.launch import commands  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ldm_scaling.cli import launch  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  sys.exit(commands.main(sys.argv[1:], launcher="local", prog="launch/local.py"))
+  sys.exit(launch.main(sys.argv[1:], launcher="local", prog="launch/local.py"))

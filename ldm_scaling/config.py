@@ -5,7 +5,8 @@ A config file is a Python module with ``get_config(arg=None)`` that starts from
 the colon is handed to ``get_config``; :func:`parse_arg` turns it into typed fields), and
 ``--config.section.key=value`` flags override single keys. Loading goes through
 ``ml_collections.config_flags`` so overrides are parsed with the type of the key they replace.
-Unknown keys and wrong types are errors that name the key.
+Unknown keys and wrong types are errors that name the key. This module is the schema only: it
+imports no stage (``ldm_scaling.experiment`` composes the stages' checks).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
+
+from ldm_scaling.errors import ConfigError  # re-exported: config.ConfigError
 
 
-class ConfigError(ValueError):
-  """A config (file, argument string or override) that cannot describe an experiment."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   Sections: ``model`` (the denoising UNet), ``cost`` (how FLOPs and sampling cost are measured),
   ``diffusion``, ``data``, ``train``, ``eval``, ``mesh``. Later stages add keys here, never in a
-  config file: a key a config file adds is rejected by :func:`validate`.
+  config file: a key a config file adds is rejected by :func:`check_schema`.
   """
   c = ml_collections.ConfigDict()
 
@@ -308,17 +311,16 @@ def _normalise_override(item: str) -> str:
   return "--config." + item
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads ``path.py[:arg]`` and applies overrides (``"train.steps=10"`` or ``"--config.x=y"``).
+def read(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Reads ``path.py[:arg]`` and applies overrides (``"train.steps=10"`` or ``"--config.x=y"``).
 
-  The result is validated and locked: reading or setting a key that does not exist raises.
+  The result is checked against the schema (:func:`check_schema`) and locked: reading or setting
+  a key that does not exist raises. ``ldm_scaling.experiment.load`` adds every stage's checks.
   """
   path = spec.split(":", 1)[0]
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} not found (give a path such as configs/t2i.py, "
                       f"optionally followed by :arg)")
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   argv = ["ldm-scaling", f"--config={spec}"]
   for item in overrides:
@@ -338,7 +340,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
                       f"to list the keys") from None
   except (flags.IllegalFlagValueError, TypeError, ValueError) as e:
     raise ConfigError(_inner_message(e)) from None
-  validate(config)
+  check_schema(config)
   return config
 
 
@@ -411,8 +413,10 @@ def _same_type(default: Any, value: Any) -> bool:
   return isinstance(value, type(default))
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises :class:`ConfigError` naming the first bad key. Runs before anything is compiled."""
+def check_schema(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first unknown key, wrong type or missing key, and for
+  counts that must be positive. The stages' own checks are composed in
+  :func:`ldm_scaling.experiment.validate`."""
   schema = flatten(base_config())
   values = flatten(config)
   for key, value in values.items():
@@ -434,19 +438,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for s in config.eval.steps:
     if int(s) < 1:
       raise ConfigError(f"eval.steps must all be >= 1, got {tuple(config.eval.steps)}")
-
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
-  models.validate(config.model)
-  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
-  diffusion.validate(config)
-  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
-  data.validate(config)
-  models.validate_conditioning(config)
-  from ldm_scaling.train import objectives, optim  # pylint: disable=g-import-not-at-top
-  optim.validate(config.train)
-  objectives.validate(config)
-  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
-  grid.validate(config)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -28,8 +28,9 @@ from typing import Callable
 import ml_collections
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import files
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.train.metrics import format_duration
 
 SCHEDULES = ("equal_compute", "equal_steps")
@@ -61,7 +62,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"study.fid_curve_cell must be (sampler, steps, cfg_scale) or (), got "
                       f"{tuple(s.fid_curve_cell)}")
   for w in s.widths:
-    cfglib.validate(width_config(config, int(w), config.train.steps))
+    experiment.validate(width_config(config, int(w), config.train.steps))
 
 
 def width_config(config: ml_collections.ConfigDict, width: int,
@@ -173,7 +174,8 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
   t0 = time.perf_counter()
   from ldm_scaling.eval import fid, grid  # pylint: disable=g-import-not-at-top
   table_dir = os.path.join(root, "results")
-  extractor = fid.FeatureExtractor(batch_size=grid.feature_batch(config.eval.num_samples))
+  extractor = fid.FeatureExtractor(batch_size=grid.feature_batch(config.eval.num_samples),
+                                   log=log)
   workdirs = [r.workdir for r in runs]
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.eval.checkpoints = "latest"

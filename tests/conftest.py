@@ -13,6 +13,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", 
 import pytest  # pylint: disable=g-import-not-at-top
 
 from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
+from ldm_scaling import experiment  # pylint: disable=g-import-not-at-top
 from ldm_scaling import runtime  # pylint: disable=g-import-not-at-top
 
 runtime.configure_jax()
@@ -40,7 +41,7 @@ class Offline:
     config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
     config.clip.update(steps=150, batch_size=64, lr=1e-3, dir=str(root / "clip"))
     config.vae.update(steps=300, batch_size=32, lr=2e-3, dir=str(root / "vae"))
-    cfglib.validate(config)
+    experiment.validate(config)
     self.config = config
     self.clip_logs, self.vae_logs = [], []
     self.clip_dir = clip.ensure_clip(config, log=self.clip_logs.append)

@@ -6,7 +6,8 @@ import textwrap
 import pytest
 
 from ldm_scaling import config as cfglib
-from ldm_scaling.config import ConfigError
+from ldm_scaling import experiment
+from ldm_scaling.errors import ConfigError
 
 T2I = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "t2i.py")
 
@@ -39,7 +40,7 @@ def test_parse_arg_errors(arg, match):
 
 
 def test_load_preset_string_and_overrides():
-  config = cfglib.load(f"{T2I}:width=128,steps=1000",
+  config = experiment.load(f"{T2I}:width=128,steps=1000",
                        ["train.lr=2e-4", "--config.model.dropout=0.1", "config.mesh.fsdp=2"])
   assert config.model.width == 128 and config.model.num_heads == 0 and config.model.head_dim == 64
   assert config.train.steps == 1000
@@ -47,7 +48,7 @@ def test_load_preset_string_and_overrides():
   assert config.model.dropout == pytest.approx(0.1)
   assert config.mesh.fsdp == 2
   # Widths 64-wide heads do not divide get SD-1.5's fixed 8 heads.
-  assert cfglib.load(f"{T2I}:width=224").model.num_heads == 8
+  assert experiment.load(f"{T2I}:width=224").model.num_heads == 8
   # Loaded configs are locked: a typo is an error, not a new key.
   with pytest.raises(AttributeError):
     config.model.widht = 3
@@ -64,7 +65,7 @@ def test_load_preset_string_and_overrides():
 ])
 def test_load_rejects_bad_overrides(override, match):
   with pytest.raises(ConfigError, match=match):
-    cfglib.load(f"{T2I}:width=128", [override])
+    experiment.load(f"{T2I}:width=128", [override])
 
 
 def test_config_file_adding_a_key_is_rejected(tmp_path):
@@ -77,7 +78,7 @@ def test_config_file_adding_a_key_is_rejected(tmp_path):
         return c
   """))
   with pytest.raises(ConfigError, match="unknown config key 'model.widht'; keys in 'model'"):
-    cfglib.load(str(path))
+    experiment.load(str(path))
 
 
 def test_config_file_wrong_type_is_rejected(tmp_path):
@@ -87,18 +88,18 @@ def test_config_file_wrong_type_is_rejected(tmp_path):
                   "def get_config(arg=None):\n  x = c.base_config()\n  x.train.steps = 'many'\n"
                   "  return x\n")
   with pytest.raises(ConfigError, match="many"):
-    cfglib.load(str(path))
+    experiment.load(str(path))
 
 
 def test_missing_config_file():
   with pytest.raises(ConfigError, match="not found"):
-    cfglib.load("configs/does_not_exist.py:width=3")
+    experiment.load("configs/does_not_exist.py:width=3")
 
 
 def test_config_hash_is_stable_and_sensitive():
-  a = cfglib.load(T2I)
-  b = cfglib.load(T2I)
-  c = cfglib.load(T2I, ["train.lr=0.5"])
+  a = experiment.load(T2I)
+  b = experiment.load(T2I)
+  c = experiment.load(T2I, ["train.lr=0.5"])
   assert cfglib.config_hash(a) == cfglib.config_hash(b)
   assert cfglib.config_hash(a) != cfglib.config_hash(c)
   assert len(cfglib.config_hash(a)) == 12

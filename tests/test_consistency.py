@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ldm_scaling import diffusion
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency as cd
 from ldm_scaling.diffusion import guidance
 from ldm_scaling.diffusion import parametrisation as param

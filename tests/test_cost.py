@@ -8,7 +8,8 @@ import pytest
 
 from ldm_scaling import cli
 from ldm_scaling import config as cfglib
-from ldm_scaling.config import ConfigError
+from ldm_scaling import experiment
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import cost, unet
 
 
@@ -71,7 +72,7 @@ def test_cli_table_and_steps(capsys):
   out = capsys.readouterr().out
   assert "samp.cost" in out and "a guided step counts 2 passes" in out
   assert "implies 0.07 x 789.3 = 55 GFLOPs" in out
-  rows = cost.table(cfglib.load("configs/t2i.py", ["cost.count_uncond_pass=true"]), [128],
+  rows = cost.table(experiment.load("configs/t2i.py", ["cost.count_uncond_pass=true"]), [128],
                     steps=10, cfg_scale=7.5)
   assert rows[0]["sampling_cost"] == pytest.approx(2 * 10 * rows[0]["norm_cost"], rel=1e-3)
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import data
 from ldm_scaling.data import manifest as manifest_lib
 from ldm_scaling.models import offline
@@ -55,7 +56,7 @@ def _reference_rgb(path):
 def _config(tmp_path, name, **data_kw):
   config = offline.apply(cfglib.base_config())
   config.data.update(name=name, data_dir=str(tmp_path / "tfds"), threads=2, **data_kw)
-  cfglib.validate(config)
+  experiment.validate(config)
   return config
 
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import data
 from ldm_scaling.data import preprocess, shapes
 from ldm_scaling.models import offline
@@ -23,7 +24,7 @@ def data_dir(tmp_path_factory):
 def _config(data_dir, **data_kw):
   config = offline.apply(cfglib.base_config())
   config.data.update(data_dir=data_dir, shapes_sizes=SIZES, threads=2, **data_kw)
-  cfglib.validate(config)
+  experiment.validate(config)
   return config
 
 
@@ -258,9 +259,9 @@ def test_bad_data_and_conditioning_configs(update, match):
   for section, values in update.items():
     config[section].update(values)
   with pytest.raises(cfglib.ConfigError, match=match):
-    cfglib.validate(config)
+    experiment.validate(config)
 
 
 def test_base_and_offline_configs_validate():
-  cfglib.validate(cfglib.base_config())
-  cfglib.validate(offline.apply(cfglib.base_config()))
+  experiment.validate(cfglib.base_config())
+  experiment.validate(offline.apply(cfglib.base_config()))

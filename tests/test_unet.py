@@ -9,7 +9,7 @@ import pytest
 from ldm_scaling import config as cfglib
 from ldm_scaling import models
 from ldm_scaling import sharding
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import convert, cost, unet
 
 from conftest import tiny_config

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import experiment
 from ldm_scaling import data
 from ldm_scaling.models import convert, cost, offline, text
 from ldm_scaling.models import vae as vae_lib
@@ -177,7 +178,7 @@ def test_latent_cache_feeds_the_pipeline(trained, tmp_path):
   assert meta["counts"] == {"test": 256} and meta["flip"]
   lconf = offline.apply(cfglib.base_config())
   lconf.data.update(name=f"latents:{tmp_path / 'lat'}", eval_split="test", caption_dropout=0.0)
-  cfglib.validate(lconf)
+  experiment.validate(lconf)
   batch = next(data.make_pipeline(lconf, "test", batch_size=256, seed=0, process_index=0,
                                   process_count=1, num_epochs=1))
   assert batch["latents"].shape == (256, 8, 8, 4) and batch["tokens"].shape == (256, 32)

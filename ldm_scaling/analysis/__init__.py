@@ -13,7 +13,7 @@ numpy and matplotlib, so a notebook can use it without JAX::
     analysis.plot_all(frame, "figures/")                    # the paper's Figs 3, 8, 9, 11
 
 See docs/analysis.md for the conventions (sampling cost, training compute, crossovers). Names are
-imported lazily, so the CLI (``ldm_scaling.analysis.commands``) stays cheap to import.
+imported lazily, so importing the package stays cheap.
 """
 
 import importlib

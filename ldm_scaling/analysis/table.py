@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ldm_scaling.errors import UserError
 from ldm_scaling.eval import results
 
 MODEL_KEYS = ("run", "objective", "scale_schedule")
@@ -37,7 +38,7 @@ _NUMERIC = ("checkpoint_step", "steps", "cfg_scale", "width", "params", "norm_co
 _CLIP = re.compile(r"clip_score\[.+\]")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
   """The table cannot answer the question asked (missing column, unknown metric, ...)."""
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 CROPS = ("center", "random")
 FLIPS = ("none", "random", "caption_aware")

@@ -26,15 +26,17 @@ from typing import Any, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+from ldm_scaling.errors import UserError
+
 CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 POLICIES = ("error", "skip")
 
 
-class BadExampleError(ValueError):
+class BadExampleError(UserError, ValueError):
   """A manifest row that cannot become an example (with ``data.bad_examples="error"``)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
   """A manifest that cannot be read at all."""
 
 

@@ -30,12 +30,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError, DataError  # DataError re-exported
 from ldm_scaling.data import preprocess
-
-
-class DataError(ValueError):
-  """A dataset that cannot be found or read; the message says how to prepare it."""
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency, parametrisation, samplers, schedules, training
 from ldm_scaling.diffusion.samplers import SAMPLERS, Options
 from ldm_scaling.diffusion.sampling import Samples, run, sample

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling import runtime
+from ldm_scaling.errors import ConfigError
 
 DEFAULT_PROMPT = "a red circle above a blue square"
 
@@ -129,7 +130,7 @@ def random_init(config, seed: int):
   side = 2 ** (len(config.model.channel_mult) - 1)
   x = jnp.zeros((1, side, side, config.model.in_channels), jnp.float32)
   ctx = jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32)
-  params = jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
+  params = runtime.run_once(model.init, jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
   return unet_apply(model), params
 
 

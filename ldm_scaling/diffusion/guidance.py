@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion.parametrisation import per_sample
 
 # apply_fn(params, x (B,H,W,C), t (B,), context (B,L,D)) -> prediction (B,H,W,C)

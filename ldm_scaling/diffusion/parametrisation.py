@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 PREDICTIONS = ("eps", "v", "x0", "flow")
 

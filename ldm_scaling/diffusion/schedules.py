@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 FLOW = "rectified_flow"
 SPACINGS = ("leading", "trailing", "linspace")

@@ -10,7 +10,7 @@ The eval-grid job calls::
     scorer = CLIPScorer.from_pretrained("openai/clip-vit-large-patch14")  # or a local dir
     row.update(scorer.score(samples_uint8, prompts).columns())
 
-Names are imported lazily, so ``ldm_scaling.eval.commands`` (the CLI) stays cheap to import.
+Names are imported lazily, so importing the package stays cheap.
 """
 
 import importlib

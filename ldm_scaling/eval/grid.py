@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ldm_scaling import config as cfglib
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.eval import results
 from ldm_scaling.train.metrics import format_duration
 
@@ -196,7 +196,7 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     return table
 
   extractor = extractor or fid.FeatureExtractor(
-      batch_size=feature_batch(max(p[2].num_samples for p in todo)))
+      batch_size=feature_batch(max(p[2].num_samples for p in todo)), log=log)
   small = sorted({p[2].num_samples for p in todo if p[2].num_samples <= 2048})
   if small:
     log(f"note: {small} samples per cell <= 2048 feature dimensions: the generated covariance is "

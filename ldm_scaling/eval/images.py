@@ -12,10 +12,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ldm_scaling.errors import UserError
+
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
   """An unreadable image or an unusable image folder."""
 
 

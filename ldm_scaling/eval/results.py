@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from etils import epath
 
 from ldm_scaling import files
+from ldm_scaling.errors import UserError
 
 # The key of a cell: rows with equal keys are the same measurement.
 CELL_KEYS = ("run", "checkpoint_step", "objective", "sampler", "steps", "cfg_scale",
@@ -87,7 +88,7 @@ def _ordered_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
   return list(COLUMNS) + extra
 
 
-class EmptyTableError(ValueError):
+class EmptyTableError(UserError, ValueError):
   """A results table without rows."""
 
 

@@ -29,12 +29,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ldm_scaling.errors import UserError
+
 
 class UnsafePickleError(pickle.UnpicklingError):
   """A pickle that references a global outside the allow-list (it would run code to load)."""
 
 
-class TorchFileError(ValueError):
+class TorchFileError(UserError, ValueError):
   """A file that is not a readable PyTorch checkpoint."""
 
 

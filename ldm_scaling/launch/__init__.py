@@ -6,7 +6,7 @@
 * :mod:`~ldm_scaling.launch.tpu`: the ``gcloud`` command sequence that creates a slice, installs
   the package on every worker and starts the runs there, and the one that tears it down;
 * :mod:`~ldm_scaling.launch.topology`: TPU slice presets and the default mesh for a model size;
-* :mod:`~ldm_scaling.launch.commands`: ``ldm-scaling sweep`` and the ``launch/*.py`` scripts.
+* ``ldm_scaling.cli.launch``: ``ldm-scaling sweep`` and the ``launch/*.py`` scripts.
 
 Every command is built as an argument list by a pure function (so golden tests can pin it) and
 printed with ``shlex.join``; nothing here imports JAX until a config is validated.

@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from ldm_scaling import config as cfglib
-from ldm_scaling.config import ConfigError
+from ldm_scaling import experiment
+from ldm_scaling.errors import ConfigError
 
 COMMANDS = ("train", "eval")
 DEFAULT_WORKDIR_ROOT = "/tmp/ldm-scaling/sweeps"
@@ -323,7 +324,7 @@ _BASE_CACHE: dict[str, ml_collections.ConfigDict] = {}
 
 def _base(spec: str) -> ml_collections.ConfigDict:
   if spec not in _BASE_CACHE:
-    _BASE_CACHE[spec] = cfglib.load(spec)
+    _BASE_CACHE[spec] = cfglib.read(spec)
   return _BASE_CACHE[spec]
 
 
@@ -434,7 +435,7 @@ def validate_runs(runs: Sequence[Run]) -> list[str | None]:
   errors: list[str | None] = []
   for run in runs:
     try:
-      cfglib.load(run.config, run.overrides)
+      experiment.load(run.config, run.overrides)
       errors.append(None)
     except (ConfigError, FileNotFoundError) as e:
       errors.append(str(e))

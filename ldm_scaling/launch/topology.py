@@ -14,7 +14,7 @@ import dataclasses
 import math
 import re
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 # Runtime (software) versions per generation, from the Cloud TPU docs.
 RUNTIME_VERSIONS = {

@@ -37,7 +37,8 @@ import subprocess
 import time
 from typing import Callable, Sequence
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling import experiment
+from ldm_scaling.errors import ConfigError, UserError
 from ldm_scaling.launch import topology as topo_lib
 from ldm_scaling.launch.local import SUCCESS
 from ldm_scaling.launch.sweeps import Run
@@ -52,7 +53,7 @@ GCLOUD_INSTALL_HINT = (
     "config set project PROJECT`, then launch again; --dry-run prints the commands without it")
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
   """A launch that cannot go ahead (tool missing, unsafe workdir, a step that failed)."""
 
 
@@ -303,13 +304,12 @@ def _check_runs(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) 
 def with_mesh(runs: Sequence[Run], topo: topo_lib.Topology) -> list[Run]:
   """Adds ``mesh.fsdp=k`` to train runs whose model needs FSDP on this slice
   (:func:`topology.default_mesh`), unless the run sets the mesh itself."""
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
   out = []
   for run in runs:
     if run.command != "train" or any(o.startswith("mesh.") for o in run.overrides):
       out.append(run)
       continue
-    config = cfglib.load(run.config, run.overrides)
+    config = experiment.load(run.config, run.overrides)
     if (config.mesh.fsdp, config.mesh.tensor) != (1, 1):
       out.append(run)
       continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import unet
 
 # name -> (build from a model section, validate a model section)

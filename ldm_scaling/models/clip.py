@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import text as text_lib
 
 META = "ldm_scaling.json"

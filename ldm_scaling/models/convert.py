@@ -16,9 +16,10 @@ import flax
 import numpy as np
 
 from ldm_scaling import sharding
+from ldm_scaling.errors import UserError
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A checkpoint whose keys or shapes do not fit the target model."""
 
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError, WeightsError  # WeightsError re-exported
 
 os.environ.setdefault("USE_TF", "0")  # transformers must not import TensorFlow
 
@@ -43,10 +43,6 @@ BPE_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "ass
                         "bpe_simple_vocab_16e6.txt.gz")
 BPE_MERGES = 48_894      # 49152 - 256 - 2
 VOCAB_SIZE = 49_408
-
-
-class WeightsError(FileNotFoundError):
-  """Weights (or a tokenizer) that are absent or unreadable; the message says how to get them."""
 
 
 # -------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ldm_scaling import sharding as sh
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import layers
 
 # The paper's model sizes (Table 1): base width -> the parameter count it reports.

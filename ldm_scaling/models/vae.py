@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ldm_scaling import sharding as sh
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import layers
 
 TRAINED = "trained"  # vae.weights value: the VAE this project trains (ldm-scaling train-vae)

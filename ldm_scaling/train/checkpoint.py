@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from ldm_scaling.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -103,7 +105,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 # Reading a run's weights (sampling, evaluation, distillation teachers): params or EMA only.
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(UserError, FileNotFoundError):
   """A workdir without a (complete) checkpoint."""
 
 
@@ -144,7 +146,7 @@ def load_run_config(workdir: str):
     raise RunNotFoundError(f"{workdir!r} is not a training workdir (no config.json); train one "
                            f"with `ldm-scaling train --config ... --workdir {workdir}`")
   config = cfglib.with_defaults(json.loads(path.read_text())["config"])
-  cfglib.validate(config)
+  cfglib.check_schema(config)
   config.lock()
   return config
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine", "linear")
 

@@ -35,8 +35,9 @@ import optax
 
 from ldm_scaling import config as cfglib
 from ldm_scaling import files
+from ldm_scaling import runtime
 from ldm_scaling import sharding as sh
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.train import checkpoint as ckpt_lib
 from ldm_scaling.train import metrics as metrics_lib
 from ldm_scaling.train import objectives
@@ -244,8 +245,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointable grain iterator of host-local numpy batches (default: ``ldm_scaling.data``).
   ``max_steps`` stops early (tests); the schedule still follows ``train.steps``.
   """
-  cfglib.validate(config)
+  cfglib.check_schema(config)
   optim.validate(config.train)
+  objectives.validate(config)  # the sections the objective's networks and data use
   num_devices, process_count = jax.device_count(), jax.process_count()
   check_batch_layout(config, num_devices, process_count)
   objective = objectives.build(config)
@@ -292,8 +294,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       log.info("resumed from step %d", start)
     else:
       start = 0
-      state = jax.jit(lambda k, f: sh.unbox(init_state(k, f)),
-                      out_shardings=state_sh)(init_key, frozen)
+      state = runtime.run_once(lambda k, f: sh.unbox(init_state(k, f)), init_key, frozen,
+                               out_shardings=state_sh)
 
     batch_sh = {k: sh.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
     step_fn = jax.jit(make_train_step(objective, tx, config, lr_fn),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 
 
 class Objective(abc.ABC):

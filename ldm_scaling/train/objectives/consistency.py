@@ -26,7 +26,7 @@ import numpy as np
 from ldm_scaling import config as cfglib
 from ldm_scaling import diffusion
 from ldm_scaling import sharding as sh
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency as cd
 from ldm_scaling.train import objectives
 from ldm_scaling.train.objectives import denoising

@@ -12,9 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ldm_scaling import data
 from ldm_scaling import diffusion
 from ldm_scaling import models
-from ldm_scaling.config import ConfigError
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import cost
 from ldm_scaling.train import objectives
 
@@ -23,7 +24,6 @@ INPUTS = ("pipeline", "embeddings")
 
 def latent_geometry(config) -> tuple[int, int]:
   """(latent side, latent channels) of the training data."""
-  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
   return data.latent_size(config), config.model.in_channels
 
 
@@ -33,6 +33,11 @@ class Denoising(objectives.Objective):
 
   @staticmethod
   def validate(config) -> None:
+    """The UNet, the diffusion process, the data and the conditioning (text encoder, VAE)."""
+    models.validate(config.model)
+    diffusion.validate(config)
+    data.validate(config)
+    models.validate_conditioning(config)
     if config.objective.inputs not in INPUTS:
       raise ConfigError(f"objective.inputs must be one of {INPUTS}, got "
                         f"{config.objective.inputs!r}")

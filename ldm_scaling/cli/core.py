@@ -1,58 +1,21 @@
-"""``ldm-scaling`` command line. Thin: every subcommand calls importable library functions.
+"""``ldm-scaling cost | config | train | sample | eval | study``: the experiment commands.
 
-Configs are given as ``--config path.py[:arg]`` plus any number of ``--config.section.key=value``
-overrides (see ``ldm_scaling.config``).
+Handlers import the library when they run (not when the parser is built), so ``ldm-scaling
+--help`` and argument errors answer at once, without importing JAX.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import Sequence
 
-from ldm_scaling.config import ConfigError
-
-_CONFIG_HELP = ("experiment config: path.py or path.py:arg (e.g. configs/t2i.py:width=128); "
-                "override single keys with --config.section.key=value")
-
-
-def _split_overrides(unknown: Sequence[str]) -> list[str]:
-  """Collects ``--config.x=y`` / ``--config.x y`` overrides; anything else is an error."""
-  overrides, i = [], 0
-  while i < len(unknown):
-    item = unknown[i]
-    if not item.startswith("--config."):
-      raise ConfigError(f"unrecognised argument {item!r}")
-    if "=" not in item:
-      if i + 1 >= len(unknown):
-        raise ConfigError(f"override {item!r} needs a value ({item}=VALUE)")
-      item = f"{item}={unknown[i + 1]}"
-      i += 1
-    overrides.append(item)
-    i += 1
-  return overrides
-
-
-def _load_config(args, required: bool = True):
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  if args.config is None:
-    if required:
-      raise ConfigError("--config is required (e.g. --config configs/t2i.py)")
-    if args.overrides:
-      raise ConfigError("--config.* overrides need a --config file to apply to")
-    return None
-  return cfglib.load(args.config, args.overrides)
-
-
-# -------------------------------------------------------------------------------------------------
-# Subcommands.
-
+from ldm_scaling.cli import common
+from ldm_scaling.errors import ConfigError
 
 def cmd_cost(args) -> int:
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
-  config = _load_config(args, required=False)
+  from ldm_scaling import config as cfglib
+  from ldm_scaling.models import cost
+  config = common.load_config(args, required=False)
   if args.widths:
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
   elif config is not None:
@@ -75,8 +38,8 @@ def cmd_cost(args) -> int:
 
 
 def cmd_config(args) -> int:
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  config = _load_config(args)
+  from ldm_scaling import config as cfglib
+  config = common.load_config(args)
   if args.json:
     print(json.dumps(dict(config=config.to_dict(), hash=cfglib.config_hash(config)),
                      default=list))
@@ -87,10 +50,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-  from ldm_scaling.train import distributed  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import distributed
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  config = _load_config(args)
-  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
+  config = common.load_config(args)
+  from ldm_scaling.train import trainer
   try:
     result = trainer.train(config, args.workdir)
   except trainer.NonFiniteError as e:
@@ -108,49 +71,46 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_sample(args) -> int:
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  config = _load_config(args, required=not args.checkpoint)
+  from ldm_scaling.diffusion import generate
+  config = common.load_config(args, required=not args.checkpoint)
   summary = generate.main(
       config, prompts=args.prompt or [generate.DEFAULT_PROMPT], sampler=args.sampler,
       steps=args.steps, cfg_scales=_floats(args.cfg_scale) if args.cfg_scale else None,
       seed=args.seed, out=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
-      latent_size=args.latent_size, step_progress=args.step_progress,
-      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+      latent_size=args.latent_size, step_progress=args.step_progress, log=common.log)
   print(json.dumps(summary))
   return 0
 
 
 def cmd_eval(args) -> int:
   """Without --config, each run's own eval section defines its grid."""
-  from ldm_scaling.eval import grid  # pylint: disable=g-import-not-at-top
-  config = _load_config(args, required=False)
+  from ldm_scaling.eval import grid
+  config = common.load_config(args, required=False)
   try:
     index, count = (int(x) for x in args.shard.split("/"))
   except ValueError:
     raise ConfigError(f"--shard must look like 0/4, got {args.shard!r}") from None
   table = grid.evaluate(args.workdir, args.results, eval_config=config, shard=(index, count),
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                        log=common.log)
   print(f"ldm-scaling eval: {len(table.rows())} rows in {args.results}/results.csv")
   return 0
 
 
 def cmd_study(args) -> int:
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  from ldm_scaling import study  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import experiment, study
+  from ldm_scaling.train import trainer
   if args.config is None:
     raise ConfigError("--config is required (e.g. --config configs/study/cpu_mini.py)")
   spec = args.config
   if args.quick:
     spec += ",quick" if ":" in spec else ":quick"
-  config = cfglib.load(spec, args.overrides)
+  config = experiment.load(spec, args.overrides)
   workdir = args.workdir or ("runs/study-quick" if args.quick else "runs/study")
   command = " ".join(["ldm-scaling", "study", "--config", args.config,
                       *(["--quick"] if args.quick else []), "--workdir", workdir,
                       *args.overrides])
-  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
   try:
-    summary = study.run(config, workdir, command=command,
-                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    summary = study.run(config, workdir, command=command, log=common.log)
   except trainer.NonFiniteError as e:
     print(f"ldm-scaling study: training stopped: {e}", file=sys.stderr)
     return 3
@@ -158,26 +118,12 @@ def cmd_study(args) -> int:
   return 0
 
 
-# -------------------------------------------------------------------------------------------------
-
-
-def _add_config_arg(p: argparse.ArgumentParser, required: bool) -> None:
-  p.add_argument("--config", required=False, default=None,
-                 help=_CONFIG_HELP + ("" if required else " (default: the base config)"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="ldm-scaling",
-      description="Scaling studies of latent diffusion models (JAX/Flax).")
-  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-  sub.required = True
-
+def add_parsers(sub) -> None:
   p = sub.add_parser("cost", help="parameters, GFLOPs and normalised cost per width vs the paper",
                      description="Parameters (eval_shape), forward GFLOPs (XLA cost_analysis of "
                      "the compiled forward) and normalised cost per UNet width, next to Mei et al. "
                      "Table 1. Without --config and --widths: all 11 paper widths.")
-  _add_config_arg(p, required=False)
+  common.add_config_arg(p, required=False)
   p.add_argument("--widths", help="comma-separated base widths (default: the paper's 11 widths, "
                  "or the config's width when --config is given)")
   p.add_argument("--steps", type=int, help="also print the sampling cost of this many steps")
@@ -189,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("config", help="print a resolved config and its hash",
                      description="Loads a config (with overrides), validates it and prints it.")
-  _add_config_arg(p, required=True)
+  common.add_config_arg(p, required=True)
   p.add_argument("--json", action="store_true", help="print as JSON")
   p.set_defaults(func=cmd_config)
   p = sub.add_parser("train", help="train (or resume) a config in a workdir",
                      description="Trains the config's objective in --workdir, resuming from its "
                      "latest complete checkpoint. SIGTERM saves a checkpoint and exits 0. On TPU "
                      "VMs, multi-host is detected; elsewhere pass the three coordinator flags.")
-  _add_config_arg(p, required=True)
+  common.add_config_arg(p, required=True)
   p.add_argument("--workdir", required=True, help="run directory (local path or gs://...); "
                  "checkpoints, config.json, metrics.jsonl and TensorBoard events go here")
   p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
@@ -211,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "run's config; --config is optional). Without: a random-init UNet and, if the "
                      "config's text encoder / VAE cannot be loaded, random per-prompt context "
                      "vectors and latents instead of images, all labelled so.")
-  _add_config_arg(p, required=False)
+  common.add_config_arg(p, required=False)
   p.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
   p.add_argument("--sampler",
                  help="ddim | ddpm | dpm++ | euler | lcm (default: eval.samplers[0])")
@@ -233,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="FID and CLIP score of every (run, checkpoint, sampler, steps, "
                      "CFG) cell, one row each in a results table (CSV + JSON lines). Cells already "
                      "in the table are skipped, so a killed job resumes where it stopped.")
-  _add_config_arg(p, required=False)
+  common.add_config_arg(p, required=False)
   p.add_argument("--workdir", action="append", required=True,
                  help="a training workdir (repeat for several runs)")
   p.add_argument("--results", required=True, help="results table directory (local or gs://)")
@@ -245,51 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Trains the offline CLIP/VAE if absent, one UNet per study.widths "
                      "(compute-matched), evaluates the grid and writes figures and report.md. "
                      "Resumable: rerun the same command after an interruption.")
-  _add_config_arg(p, required=True)
+  common.add_config_arg(p, required=True)
   p.add_argument("--workdir", default=None,
                  help="study directory (default runs/study, runs/study-quick with --quick)")
   p.add_argument("--quick", action="store_true",
                  help="the config's CI-sized variant (its `quick` argument; minutes)")
   p.set_defaults(func=cmd_study)
-
-  from ldm_scaling.eval import commands as eval_commands  # pylint: disable=g-import-not-at-top
-  eval_commands.add_parsers(sub)  # fid, fid-weights
-  from ldm_scaling.data import commands as data_commands  # pylint: disable=g-import-not-at-top
-  data_commands.add_parsers(sub)  # prepare-data
-  from ldm_scaling.models import commands as model_commands  # pylint: disable=g-import-not-at-top
-  model_commands.add_parsers(sub)  # train-clip, train-vae
-  from ldm_scaling.launch import commands as launch_commands  # pylint: disable=g-import-not-at-top
-  launch_commands.add_parsers(sub)  # sweep
-  from ldm_scaling.analysis import commands as analysis_cmds  # pylint: disable=g-import-not-at-top
-  analysis_cmds.add_parsers(sub)  # analyze, advise
-  return parser
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  """Errors caused by the input (config, paths, data, weights): reported in one line, exit 2.
-  Anything else is a bug and keeps its traceback."""
-  from ldm_scaling.data import manifest, pipeline  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import fid, images  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import convert  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.analysis import table as analysis_table  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
-  return (ConfigError, FileNotFoundError, pipeline.DataError, manifest.ManifestError,
-          manifest.BadExampleError, convert.ConversionError, fid.StatsMismatchError,
-          images.ImageError, results.EmptyTableError, analysis_table.AnalysisError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args, unknown = parser.parse_known_args(argv)
-  from ldm_scaling import runtime  # pylint: disable=g-import-not-at-top
-  runtime.configure_jax()
-  try:
-    args.overrides = _split_overrides(unknown)
-    return args.func(args)
-  except _user_errors() as e:
-    print(f"ldm-scaling {args.command}: error: {e}", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,5 +1,6 @@
 """``ldm-scaling sweep`` and the ``launch/local.py`` / ``launch/tpu_vm.py`` scripts: argument
-parsing and printing only; the work is in :mod:`sweeps`, :mod:`local` and :mod:`tpu`."""
+parsing and printing only; the work is in :mod:`ldm_scaling.launch` (``sweeps``, ``local``,
+``tpu``), imported when a handler runs (see ``cli/core.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from ldm_scaling.config import ConfigError
+from ldm_scaling.cli import common
+from ldm_scaling.errors import ConfigError
 
 DESCRIPTION = (
     "Expands a sweep config (configs/sweeps/*.py) into runs and launches them: here as "
@@ -85,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
 
 
 def _tpu_options(args):
-  from ldm_scaling.launch import tpu  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.launch import tpu
   return tpu.TpuOptions(
       tpu_name=args.tpu_name or "", zone=args.zone or "",
       accelerator_type=args.accelerator_type or "", project=args.project,
@@ -109,7 +111,7 @@ def _workdir_root(args) -> str | None:
 
 def build_runs(args):
   """The runs ``args`` describe: a sweep's, or the single run of an experiment config."""
-  from ldm_scaling.launch import sweeps  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.launch import sweeps
   if not args.config:
     raise ConfigError("--config is required (e.g. --config configs/sweeps/model_size.py)")
   sweep = sweeps.load_sweep(args.config)
@@ -131,7 +133,7 @@ def build_runs(args):
 
 
 def run_command(args, launcher: str, prog: str) -> int:
-  from ldm_scaling.launch import local, sweeps, tpu  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.launch import local, sweeps, tpu
   if launcher == "tpu" and args.teardown:
     opts = _tpu_options(args)
     runs = build_runs(args) if args.config else []
@@ -174,17 +176,8 @@ def run_command(args, launcher: str, prog: str) -> int:
   return 1 if any(o.status in ("failed", "incomplete") for o in outcomes) else 0
 
 
-def _errors():
-  from ldm_scaling.launch import tpu  # pylint: disable=g-import-not-at-top
-  return (ConfigError, tpu.LaunchError, FileNotFoundError)
-
-
 def cmd_sweep(args) -> int:
-  try:
-    return run_command(args, args.launcher, "ldm-scaling sweep")
-  except _errors() as e:
-    print(f"ldm-scaling sweep: error: {e}", file=sys.stderr)
-    return 2
+  return run_command(args, args.launcher, "ldm-scaling sweep")
 
 
 def add_parsers(sub) -> None:
@@ -196,13 +189,11 @@ def add_parsers(sub) -> None:
 
 def main(argv: Sequence[str] | None = None, *, launcher: str, prog: str) -> int:
   """Entry point of the ``launch/*.py`` scripts (the launcher fixed, otherwise as ``sweep``)."""
-  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
   add_arguments(parser, launcher=launcher)
   args, unknown = parser.parse_known_args(argv)
-  try:
-    args.overrides = cli._split_overrides(unknown)  # pylint: disable=protected-access
+
+  def command(args):
+    args.overrides = common.split_overrides(unknown)
     return run_command(args, launcher, prog)
-  except _errors() as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
+  return common.run(command, args, prog)

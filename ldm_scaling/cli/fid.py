@@ -1,49 +1,41 @@
 """``ldm-scaling fid`` and ``ldm-scaling fid-weights``: argument parsing and printing only.
 
-Importing this module is cheap (no JAX); the work happens in :mod:`ldm_scaling.eval.fid` and
-:mod:`ldm_scaling.eval.fid_weights`.
+The work happens in :mod:`ldm_scaling.eval.fid` and :mod:`ldm_scaling.eval.fid_weights`, imported
+when a handler runs (see ``cli/core.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-
-def _errors():
-  from ldm_scaling.eval import fid, fid_weights, images  # pylint: disable=g-import-not-at-top
-  return (fid.StatsMismatchError, fid_weights.WeightsError, images.ImageError,
-          FileNotFoundError, ValueError)
+from ldm_scaling.cli import common
+from ldm_scaling.errors import ConfigError
 
 
 def cmd_fid(args) -> int:
-  from ldm_scaling.eval import fid  # pylint: disable=g-import-not-at-top
-  try:
-    path1, path2 = args.paths
-    needs_net = args.save_stats or not (path1.endswith(".npz") and path2.endswith(".npz"))
-    extractor = (fid.FeatureExtractor(args.weights, batch_size=args.batch_size,
-                                      devices=args.devices) if needs_net else None)
-    if extractor is not None:
-      w = extractor.weights
-      print(f"features: {fid.fid_weights.FEATURE_EXTRACTOR} from {w.source_kind} {w.source} "
-            f"(params sha256 {w.params_sha256[:12]}), batch {extractor.batch_size} on "
-            f"{extractor.num_devices} device(s)", file=sys.stderr)
-    if args.save_stats:
-      if path1.endswith(".npz"):
-        raise ValueError(f"--save-stats takes a folder of images and an output .npz, got "
-                         f"{path1!r}")
-      if not path2.endswith(".npz"):
-        raise ValueError(f"--save-stats writes a .npz; give an output path ending in .npz, got "
-                         f"{path2!r}")
-      stats = fid.stats_of_path(path1, extractor)
-      fid.save_stats(path2, stats)
-      print(f"saved FID statistics of {stats.n} images from {path1} to {path2}")
-      return 0
-    value = fid.fid_of_paths(path1, path2, extractor)
-  except _errors() as e:
-    print(f"ldm-scaling fid: error: {e}", file=sys.stderr)
-    return 2
+  from ldm_scaling.eval import fid
+  path1, path2 = args.paths
+  if args.save_stats:
+    if path1.endswith(".npz"):
+      raise ConfigError(f"--save-stats takes a folder of images and an output .npz, got {path1!r}")
+    if not path2.endswith(".npz"):
+      raise ConfigError(f"--save-stats writes a .npz; give an output path ending in .npz, got "
+                        f"{path2!r}")
+  needs_net = args.save_stats or not (path1.endswith(".npz") and path2.endswith(".npz"))
+  extractor = (fid.FeatureExtractor(args.weights, batch_size=args.batch_size,
+                                    devices=args.devices, log=common.log) if needs_net else None)
+  if extractor is not None:
+    w = extractor.weights
+    common.log(f"features: {fid.fid_weights.FEATURE_EXTRACTOR} from {w.source_kind} {w.source} "
+               f"(params sha256 {w.params_sha256[:12]}), batch {extractor.batch_size} on "
+               f"{extractor.num_devices} device(s)")
+  if args.save_stats:
+    stats = fid.stats_of_path(path1, extractor)
+    fid.save_stats(path2, stats)
+    print(f"saved FID statistics of {stats.n} images from {path1} to {path2}")
+    return 0
+  value = fid.fid_of_paths(path1, path2, extractor)
   if args.json:
     print(json.dumps(dict(fid=value, paths=[path1, path2])))
   else:
@@ -52,16 +44,12 @@ def cmd_fid(args) -> int:
 
 
 def cmd_fid_weights(args) -> int:
-  from ldm_scaling.eval import fid_weights  # pylint: disable=g-import-not-at-top
-  try:
-    if args.source or args.fetch:
-      path, weights = fid_weights.install(args.source, fetch=args.fetch)
-      print(f"installed: {path}")
-    else:
-      weights = fid_weights.load(download=False)
-  except _errors() as e:
-    print(f"ldm-scaling fid-weights: error: {e}", file=sys.stderr)
-    return 2
+  from ldm_scaling.eval import fid_weights
+  if args.source or args.fetch:
+    path, weights = fid_weights.install(args.source, fetch_missing=args.fetch, log=common.log)
+    print(f"installed: {path}")
+  else:
+    weights = fid_weights.load(fetch_missing=False)
   info = dict(weights.provenance, source=weights.source, cache_dir=fid_weights.cache_dir())
   for key, value in info.items():
     print(f"{key}: {value}")

@@ -1,24 +1,24 @@
-"""``ldm-scaling train-clip`` / ``train-vae``: the offline conditioning components."""
+"""``ldm-scaling train-clip`` / ``train-vae``: the offline conditioning components.
+
+The library is imported when a handler runs (see ``cli/core.py``)."""
 
 from __future__ import annotations
 
 import json
-import sys
 
+from ldm_scaling.cli import common
 
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+_EXAMPLE = "configs/offline_components.py"
 
 
 def cmd_train_clip(args) -> int:
-  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import clip  # pylint: disable=g-import-not-at-top
-  config = cli._load_config(args)  # pylint: disable=protected-access
+  from ldm_scaling.models import clip
+  config = common.load_config(args, example=_EXAMPLE)
   directory = args.out or clip.default_dir(config)
   if args.force:
-    meta = clip.train(config, directory, log=_log)
+    meta = clip.train(config, directory, log=common.log)
   else:
-    clip.ensure_clip(config, directory, log=_log)
+    clip.ensure_clip(config, directory, log=common.log)
     with open(f"{directory}/{clip.META}", encoding="utf-8") as f:
       meta = json.load(f)
   print(json.dumps(dict(dir=directory, retrieval=meta["retrieval"],
@@ -27,14 +27,13 @@ def cmd_train_clip(args) -> int:
 
 
 def cmd_train_vae(args) -> int:
-  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import vae_train  # pylint: disable=g-import-not-at-top
-  config = cli._load_config(args)  # pylint: disable=protected-access
+  from ldm_scaling.models import vae_train
+  config = common.load_config(args, example=_EXAMPLE)
   directory = args.out or vae_train.default_dir(config)
   if args.force:
-    vae_train.train(config, directory, log=_log)
+    vae_train.train(config, directory, log=common.log)
   else:
-    vae_train.ensure_vae(config, directory, log=_log)
+    vae_train.ensure_vae(config, directory, log=common.log)
   with open(f"{directory}/{vae_train.CONFIG}", encoding="utf-8") as f:
     stored = json.load(f)
   extra = stored["ldm_scaling"]
@@ -50,9 +49,7 @@ def add_parsers(sub) -> None:
       "config.data and saves it with save_pretrained (plus tokenizer and image processor) to "
       "clip.dir (default ~/.cache/ldm_scaling/clip/<hash>). Skips training if that directory "
       "already holds it (unless --force). Prints held-out retrieval top-1/top-5.")
-  p.add_argument("--config", default=None, required=True,
-                 help="experiment config path.py[:arg], e.g. configs/offline_components.py; "
-                 "override keys with --config.section.key=value")
+  common.add_config_arg(p, required=True, example=_EXAMPLE)
   p.add_argument("--out", help="output directory (default: clip.dir or the cache)")
   p.add_argument("--force", action="store_true", help="retrain even if present")
   p.set_defaults(func=cmd_train_clip)
@@ -63,9 +60,7 @@ def add_parsers(sub) -> None:
       "the latent scaling factor (1/std of posterior samples) and saves params.msgpack + a "
       "diffusers-style config.json to vae.dir (default ~/.cache/ldm_scaling/vae/<hash>). Skips "
       "training if present (unless --force). Prints held-out PSNR.")
-  p.add_argument("--config", default=None, required=True,
-                 help="experiment config path.py[:arg], e.g. configs/offline_components.py; "
-                 "override keys with --config.section.key=value")
+  common.add_config_arg(p, required=True, example=_EXAMPLE)
   p.add_argument("--out", help="output directory (default: vae.dir or the cache)")
   p.add_argument("--force", action="store_true", help="retrain even if present")
   p.set_defaults(func=cmd_train_vae)

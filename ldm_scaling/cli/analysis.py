@@ -1,5 +1,5 @@
-"""CLI subcommands ``analyze`` and ``advise`` (registered by ``ldm_scaling.cli``); thin wrappers
-over :mod:`ldm_scaling.analysis`."""
+"""``ldm-scaling analyze`` and ``advise``: thin wrappers over :mod:`ldm_scaling.analysis`,
+imported when a handler runs (see ``cli/core.py``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ _METRIC_HELP = ("fid (lower is better), clip (the table's clip_score[<CLIP>] col
 
 
 def cmd_analyze(args) -> int:
-  from ldm_scaling.analysis import report  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.analysis import report
+  from ldm_scaling.eval import results
   frame = results.load(args.results)
   written = report.analyze(frame, args.out, metric=args.metric, source=args.results)
   for path in written["figures"]:
@@ -24,8 +24,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_advise(args) -> int:
-  from ldm_scaling.analysis import budget  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.analysis import budget
+  from ldm_scaling.eval import results
   frame = results.load(args.results)
   advice = budget.advise(frame, args.budget, metric=args.metric, sampler=args.sampler)
   print(json.dumps(advice) if args.json else budget.format_advice(advice))

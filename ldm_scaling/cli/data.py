@@ -1,16 +1,19 @@
-"""``ldm-scaling prepare-data``: builds a config's dataset (or a folder manifest) as array_record."""
+"""``ldm-scaling prepare-data``: builds a config's dataset (or a folder manifest) as array_record.
+
+The library is imported when the handler runs (see ``cli/core.py``)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from ldm_scaling.cli import common
+
 
 def cmd_prepare_data(args) -> int:
-  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = cli._load_config(args, required=False) or cfglib.base_config()  # pylint: disable=protected-access
+  from ldm_scaling import config as cfglib
+  from ldm_scaling.data import pipeline
+  config = common.load_config(args, required=False) or cfglib.base_config()
   if args.data_dir:
     config.data.data_dir = args.data_dir
   if args.bad_examples:
@@ -32,8 +35,7 @@ def add_parsers(sub) -> None:
       "array_record shards in data.data_dir. Bad rows of a manifest stop preparation "
       "(--bad-examples error) or are skipped and counted (skip). Public tfds names are only "
       "checked: prepare them with `tfds build NAME --file_format=array_record`.")
-  p.add_argument("--config", default=None, help="experiment config path.py[:arg] (default: the "
-                 "base config); override keys with --config.section.key=value")
+  common.add_config_arg(p, required=False)
   p.add_argument("--manifest", help="JSONL/CSV with image, caption[, split] per row "
                  "(paths relative to the manifest)")
   p.add_argument("--data-dir", help="tfds data_dir (default: data.data_dir, else "
