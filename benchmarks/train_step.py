@@ -2,7 +2,7 @@
 
 Both run the same thing: the SD-2.x UNet at one width (cross-attention dim 1024, 77 text tokens),
 the eps-prediction denoising loss, backward, AdamW, on the same batch shape, on this machine's CPU.
-Ours is the trainer's real step (``trainer.make_train_step`` with the denoising objective, EMA and
+Ours is the trainer's real step (``trainer.make_phase_step`` with the denoising objective, EMA and
 clipping included); torch's is the usual ``loss.backward(); opt.step()``. Also prints our MFU
 against a measured f32 matmul peak: model FLOPs (the cost model's forward FLOPs x 3 for forward +
 backward, the usual MFU convention), with XLA's cost analysis of the compiled step for comparison
@@ -57,7 +57,7 @@ def torch_matmul_peak_tflops(dtype_name, n=2048, reps=10) -> float:
 
 def ours(args):
   from ldm_scaling import config as cfglib, runtime  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import unet, vae  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import objectives, optim, trainer  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train.state import TrainState  # pylint: disable=g-import-not-at-top
   from ldm_scaling import sharding as sh  # pylint: disable=g-import-not-at-top
@@ -65,17 +65,20 @@ def ours(args):
   config = cfglib.base_config()
   config.model.update(unet.preset(args.width))
   config.objective.inputs = "embeddings"
-  config.data.resolution = args.latent * 2 ** (len(config.vae.channel_mult) - 1)
+  config.data.resolution = args.latent * vae.down_factor(config.vae)
   config.train.update(batch_size=args.batch, warmup_steps=0, lr=1e-4)
   objective = objectives.build(config)
-  tx = optim.optimizer(config.train)
-  step_fn = trainer.make_train_step(objective, tx, config, optim.learning_rate(config.train))
+  networks, (phase,) = objective.networks(), objective.phases()
+  txs = {n: optim.optimizer(optim.settings(config.train, net.optimizer))
+         for n, net in networks.items()}
+  step_fn = trainer.make_phase_step(phase, None, networks, txs, {}, config)
   spec = objective.batch_spec(args.batch)
   init_key, _ = trainer.run_keys(0)
 
   def init(key):
-    params = sh.unbox(objective.init(key, spec))
-    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+    params = sh.unbox(objective.init(key))
+    return TrainState(jnp.zeros((), jnp.int32), params, dict(params),
+                      {n: txs[n].init(params[n]) for n in params})
 
   state = jax.jit(init)(init_key)
   rng = np.random.default_rng(0)
@@ -97,7 +100,7 @@ def ours(args):
       state, m = compiled(state, batch, {})
     jax.block_until_ready(m)
     return (time.perf_counter() - t) / n
-  return run, step_flops, objective.train_flops_per_example() * args.batch, compile_s
+  return run, step_flops, objective.train_flops_per_example(phase.name) * args.batch, compile_s
 
 
 def torch_ref(args):

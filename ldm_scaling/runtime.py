@@ -6,10 +6,11 @@ import os
 
 import jax
 
+from ldm_scaling import files
+
 
 def default_cache_dir() -> str:
-  return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                      "ldm_scaling", "jax")
+  return os.path.join(files.cache_root(), "jax")
 
 
 def configure_jax(compilation_cache: str | None = None) -> None:

@@ -7,6 +7,14 @@ along their output features (heads / hidden units); batches over ``data`` x ``fs
 rules serve 1 CPU, 8 fake devices and a TPU pod slice: a mesh axis of size 1 shards nothing.
 """
 
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ldm_scaling.errors import ConfigError
+
 # Parameter axes.
 EMBED = "embed"          # input features of a dense/conv layer
 MLP = "mlp"              # output features (hidden units, GEGLU width, conv filters)
@@ -42,12 +50,11 @@ LOGICAL_RULES = (
 
 
 # -------------------------------------------------------------------------------------------------
-# Meshes and shardings. Imports are local so that importing the names above stays free.
+# Meshes and shardings.
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """``{"data": -1, "fsdp": 2, "tensor": 1}`` -> concrete sizes for ``num_devices`` devices."""
-  from ldm_scaling.config import ConfigError  # pylint: disable=g-import-not-at-top
   sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
@@ -75,7 +82,6 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 def make_mesh(mesh_cfg, devices=None):
   """A ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), Auto axis types (jit-propagated
   shardings, the modern form of pjit). ``jax.make_mesh`` orders devices along the TPU topology."""
-  import jax  # pylint: disable=g-import-not-at-top
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
@@ -86,7 +92,6 @@ def make_mesh(mesh_cfg, devices=None):
 def _fit(spec, shape, mesh):
   """Drops mesh axes that do not divide a dimension (that dimension is then replicated), so any
   width runs on any mesh; the big, divisible weights stay sharded."""
-  import jax  # pylint: disable=g-import-not-at-top
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -100,8 +105,6 @@ def _fit(spec, shape, mesh):
 def unbox(tree):
   """Strips flax's logical-axis boxes without adding sharding constraints (placement is decided
   by ``tree_shardings``, which also handles dimensions a mesh axis does not divide)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
                       is_leaf=is_box)
@@ -110,8 +113,6 @@ def unbox(tree):
 def replace_values(boxed, values):
   """``boxed`` (a tree with logical-axis boxes) holding ``values`` (the same tree, unboxed) instead:
   keeps the axis names, so the new values shard like the old. Shapes must match."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
 
   def put(old, new):
@@ -126,8 +127,6 @@ def replace_values(boxed, values):
 def tree_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
   """NamedShardings for a (possibly boxed) abstract tree: logical names -> mesh axes by ``rules``,
   unannotated leaves replicated, non-dividing axes dropped."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = unbox(abstract_boxed)
@@ -137,13 +136,33 @@ def tree_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
       mesh_specs, shapes, is_leaf=is_spec)
 
 
+def frozen_shardings(tree, mesh, rules=LOGICAL_RULES):
+  """Shardings of a frozen network's parameters (a teacher, the VAE, a text tower), so a large one
+  is not replicated on every chip: leaves with logical axis names follow ``rules`` like trainable
+  parameters; an unannotated leaf of two or more dimensions (e.g. a transformers model) is split
+  over ``fsdp`` along its largest dimension that ``fsdp`` divides; the rest is replicated."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  annotated = tree_shardings(tree, mesh, rules)
+  fsdp = mesh.shape["fsdp"]
+
+  def one(leaf, sharding):
+    shape = np.shape(leaf)
+    if is_box(leaf) or len(shape) < 2 or fsdp == 1:
+      return sharding
+    dims = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
+    if not dims:
+      return sharding
+    d = max(dims, key=lambda i: shape[i])
+    return jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*["fsdp" if i == d else None for i in range(len(shape))]))
+  return jax.tree.map(one, tree, annotated, is_leaf=is_box)
+
+
 def batch_sharding(mesh, ndim: int = 1):
   """Leading (batch) axis split over data x fsdp, the rest replicated."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
 def replicated(mesh):
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

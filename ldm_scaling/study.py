@@ -25,12 +25,26 @@ import subprocess
 import time
 from typing import Callable
 
+import jax
 import ml_collections
+import pandas as pd
 
+from ldm_scaling import analysis
 from ldm_scaling import config as cfglib
 from ldm_scaling import experiment
 from ldm_scaling import files
+from ldm_scaling.analysis import report as analysis_report
+from ldm_scaling.components import clip as clip_component
+from ldm_scaling.components import vae as vae_component
 from ldm_scaling.errors import ConfigError
+from ldm_scaling.eval import fid, grid
+from ldm_scaling.eval import results
+from ldm_scaling.models import cost as costlib
+from ldm_scaling.models import tokenizer
+from ldm_scaling.models import unet
+from ldm_scaling.models import vae
+from ldm_scaling.train import checkpoint
+from ldm_scaling.train import trainer
 from ldm_scaling.train.metrics import format_duration
 
 SCHEDULES = ("equal_compute", "equal_steps")
@@ -68,7 +82,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def width_config(config: ml_collections.ConfigDict, width: int,
                  steps: int) -> ml_collections.ConfigDict:
   """The study's experiment at one width (heads chosen as the SD-2.x preset would)."""
-  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   run = ml_collections.ConfigDict(config.to_dict())
   run.model.update(unet.preset(width, tuple(config.model.channel_mult)))
   run.train.steps = int(steps)
@@ -81,7 +94,6 @@ def width_config(config: ml_collections.ConfigDict, width: int,
 
 def plan(config: ml_collections.ConfigDict, root: str) -> list[RunPlan]:
   """Each width's run: its workdir, its cost and, from the schedule, its training steps."""
-  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   costs = {}
   for w in config.study.widths:
     c = width_config(config, int(w), config.train.steps)
@@ -99,7 +111,6 @@ def plan(config: ml_collections.ConfigDict, root: str) -> list[RunPlan]:
 
 def finished_step(workdir: str) -> int | None:
   """The run's latest complete checkpoint step (None without one), read without compiling."""
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   steps = checkpoint.available_steps(workdir)
   return steps[-1] if steps else None
 
@@ -172,7 +183,6 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
 
   # 3. Evaluation grid (cells already in the table are skipped).
   t0 = time.perf_counter()
-  from ldm_scaling.eval import fid, grid  # pylint: disable=g-import-not-at-top
   table_dir = os.path.join(root, "results")
   extractor = fid.FeatureExtractor(batch_size=grid.feature_batch(config.eval.num_samples),
                                    log=log)
@@ -219,17 +229,15 @@ def _write_study_config(root: str, config) -> None:
 
 
 def _ensure_components(config, log) -> None:
-  from ldm_scaling.models import clip, text, vae, vae_train  # pylint: disable=g-import-not-at-top
-  if config.text.encoder == text.OFFLINE or not config.eval.clip_model:
-    directory = clip.ensure_clip(config, config.clip.dir or None, log=log)
+  if config.text.encoder == tokenizer.OFFLINE or not config.eval.clip_model:
+    directory = clip_component.ensure(config, config.clip.dir or None, log=log)
     log(f"offline CLIP: {directory}")
   if config.vae.weights == vae.TRAINED:
-    directory = vae_train.ensure_vae(config, config.vae.dir or None, log=log)
+    directory = vae_component.ensure(config, config.vae.dir or None, log=log)
     log(f"offline VAE: {directory}")
 
 
 def _train(config, workdir: str, log) -> None:
-  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
   log(f"training width {config.model.width} for {config.train.steps} steps in {workdir}")
   result = trainer.train(config, workdir)
   if result.stopped != "done":
@@ -255,7 +263,6 @@ def verdict(frame) -> tuple[str, list[str]]:
   Also states the noise scale: the largest rise of a model's optimal-CFG FID when its steps grow
   (FID should not get worse with more steps), below which differences are not meaningful.
   Returns (reproduced | partly reproduced | not reproduced, lines)."""
-  from ldm_scaling import analysis  # pylint: disable=g-import-not-at-top
   lines, outcomes = [], []
   smallest = int(frame["width"].min())
   opt = analysis.optimal_cfg(frame, "fid", checkpoint="latest")
@@ -298,9 +305,6 @@ def verdict(frame) -> tuple[str, list[str]]:
 def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: _Clock, *,
                  command: str = "") -> dict:
   """Figures + the analysis summary (``<root>/analysis``) and ``<root>/report.md``."""
-  from ldm_scaling import analysis  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.analysis import report as analysis_report  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
   frame = results.load(table_dir)
   out_dir = os.path.join(root, "analysis")
   os.makedirs(out_dir, exist_ok=True)
@@ -311,7 +315,6 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
   for inv in clock.history:
     for name, sec in inv["phases"].items():
       phases[name] = phases.get(name, 0.0) + sec
-  import pandas as pd  # pylint: disable=g-import-not-at-top
   plan_rows = pd.DataFrame([dict(width=r.width, params=f"{r.params / 1e6:.2f}M",
                                  norm_cost=r.norm_cost, steps=r.steps,
                                  train_compute=r.train_compute) for r in runs])
@@ -362,7 +365,6 @@ def environment() -> dict:
       commit += " + uncommitted changes"
   except OSError:
     commit = ""
-  import jax  # pylint: disable=g-import-not-at-top
   return dict(commit=commit or "unknown", machine=platform.machine(), cpus=os.cpu_count(),
               devices=f"{jax.device_count()} x {jax.devices()[0].platform}",
               jax=jax.__version__, python=platform.python_version())

@@ -1,5 +1,14 @@
-"""Shared test setup: tiny configs and a hermetic environment (no TF import, no network)."""
+"""Shared test setup: tiny configs, a hermetic environment (no TF import, no network), and the
+test tiers.
 
+A test is marked ``slow`` automatically when it uses a fixture that trains components or a UNet
+(``SLOW_FIXTURES``) or when it spawns processes (it calls ``subprocess`` itself or through a helper
+of its module); other expensive tests carry ``@pytest.mark.slow`` by hand. ``pytest -m "not slow"``
+is the fast tier (minutes); ``pytest`` runs everything (CI).
+"""
+
+import ast
+import inspect
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +45,8 @@ class Offline:
   ``config`` points at them (data.data_dir, clip.dir, vae.dir); logs say what training did."""
 
   def __init__(self, root):
-    from ldm_scaling.models import clip, offline, vae_train  # pylint: disable=g-import-not-at-top
+    from ldm_scaling.components import clip, vae  # pylint: disable=g-import-not-at-top
+    from ldm_scaling.models import offline  # pylint: disable=g-import-not-at-top
     config = offline.apply(cfglib.base_config())
     config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
     config.clip.update(steps=150, batch_size=64, lr=1e-3, dir=str(root / "clip"))
@@ -44,8 +54,8 @@ class Offline:
     experiment.validate(config)
     self.config = config
     self.clip_logs, self.vae_logs = [], []
-    self.clip_dir = clip.ensure_clip(config, log=self.clip_logs.append)
-    self.vae_dir = vae_train.ensure_vae(config, log=self.vae_logs.append)
+    self.clip_dir = clip.ensure(config, log=self.clip_logs.append)
+    self.vae_dir = vae.ensure(config, log=self.vae_logs.append)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +80,46 @@ def tiny_run(offline_components, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   result = trainer.train(config, str(workdir))
   return workdir, result
+
+
+# -------------------------------------------------------------------------------------------------
+# Test tiers.
+
+SLOW_FIXTURES = {"offline_components", "tiny_run"}
+_SPAWN_CALLS = {"run", "Popen", "check_call", "check_output", "call"}
+
+
+def _spawning_functions(module) -> set[str]:
+  """Names of the module-level functions of a test module that start processes, directly or by
+  calling another such function of the module."""
+  try:
+    tree = ast.parse(inspect.getsource(module))
+  except (OSError, TypeError):
+    return set()
+  funcs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+  def direct(f):
+    return any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+               and n.value.id == "subprocess" and n.attr in _SPAWN_CALLS for n in ast.walk(f))
+
+  spawning = {name for name, f in funcs.items() if direct(f)}
+  calls = {name: {n.func.id for n in ast.walk(f)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+           for name, f in funcs.items()}
+  while True:
+    more = {name for name, c in calls.items() if c & spawning} - spawning
+    if not more:
+      return spawning
+    spawning |= more
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  spawning = {}
+  for item in items:
+    module = item.module
+    if module not in spawning:
+      spawning[module] = _spawning_functions(module)
+    name = getattr(item, "originalname", item.name)
+    if SLOW_FIXTURES & set(item.fixturenames) or name in spawning[module]:
+      item.add_marker(pytest.mark.slow)

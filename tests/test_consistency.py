@@ -18,6 +18,8 @@ from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency as cd
 from ldm_scaling.diffusion import guidance
 from ldm_scaling.diffusion import parametrisation as param
+from ldm_scaling.train import objectives
+from ldm_scaling.train.objectives import consistency
 
 import diffusion_refs as refs
 
@@ -209,7 +211,6 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path):
     (dict(teacher_weights="best"), "teacher_weights must be"),
 ])
 def test_bad_objective_settings_are_clear_errors(tiny_run, change, match):
-  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
   config = _student_config(tiny_run[0])
   config.objective.update(**change)
   with pytest.raises(ConfigError, match=match):
@@ -219,7 +220,6 @@ def test_bad_objective_settings_are_clear_errors(tiny_run, change, match):
 def test_teacher_must_be_finished_or_pinned(tiny_run, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
   teacher = tmp_path / "teacher"
   shutil.copytree(tiny_run[0], teacher)
   saved = json.loads((teacher / "config.json").read_text())
@@ -227,37 +227,36 @@ def test_teacher_must_be_finished_or_pinned(tiny_run, tmp_path):
   (teacher / "config.json").write_text(json.dumps(saved))
   config = _student_config(teacher)
   with pytest.raises(ConfigError, match="is at step 3 of 10: distil a finished teacher"):
-    objectives.build(config)
+    consistency.check_teacher(config)
   config.objective.teacher_step = 3
-  assert objectives.build(config).teacher_step == 3
+  assert consistency.check_teacher(config) == 3
   config.objective.teacher_step = 2
   with pytest.raises(ConfigError, match=r"teacher_step=2: .* has checkpoints \[3\]"):
-    objectives.build(config)
+    consistency.check_teacher(config)
 
 
 def test_teacher_must_exist_and_match(tiny_run, tmp_path):
-  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
   config = _student_config(tiny_run[0])
   config.objective.teacher = str(tmp_path / "nowhere")
   with pytest.raises(ConfigError, match="not a training workdir"):
-    objectives.build(config)
+    consistency.check_teacher(config)
   config = _student_config(tiny_run[0])
   config.model.width = 64
   with pytest.raises(ConfigError, match="model.width: teacher 32, here 64"):
-    objectives.build(config)
+    consistency.check_teacher(config)
   config = _student_config(tiny_run[0])
   config.diffusion.prediction = "v"
   with pytest.raises(ConfigError, match="diffusion.prediction: teacher 'eps', here 'v'"):
-    objectives.build(config)
+    consistency.check_teacher(config)
   config = _student_config(tiny_run[0])
   length = config.text.max_length
   config.text.max_length = length // 2
   with pytest.raises(ConfigError, match=f"text.max_length: teacher {length}, here {length // 2}"):
-    objectives.build(config)
+    consistency.check_teacher(config)
   config = _student_config(tiny_run[0])
   config.diffusion.update(schedule="rectified_flow", prediction="flow")
   with pytest.raises(ConfigError, match="discrete diffusion.schedule"):
-    objectives.build(config)
+    objectives.build(config)  # validation: no teacher needed
 
 
 def test_workdirs_written_before_the_consistency_keys_still_resume(tmp_path):
@@ -270,7 +269,8 @@ def test_workdirs_written_before_the_consistency_keys_still_resume(tmp_path):
   old = json.loads(json.dumps(config.to_dict(), default=list))
   old["objective"] = {"name": "denoising", "inputs": "pipeline"}  # the schema of 2026-11-29
   (tmp_path / "config.json").write_text(json.dumps(dict(config=old)))
-  trainer._check_workdir(str(tmp_path), config)  # pylint: disable=protected-access
+  objective = objectives.build(config)
+  trainer._check_workdir(str(tmp_path), config, objective)  # pylint: disable=protected-access
   config.model.width = 64
   with pytest.raises(ConfigError, match="different model settings"):
-    trainer._check_workdir(str(tmp_path), config)  # pylint: disable=protected-access
+    trainer._check_workdir(str(tmp_path), config, objective)  # pylint: disable=protected-access

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ldm_scaling import config as cfglib
+from ldm_scaling.components import clip as clip_component
 from ldm_scaling.models import clip, offline, text
 
 
@@ -28,7 +29,7 @@ def test_retrieval_far_above_chance(trained):
   assert m["top1"] > 3 * m["chance_top1"], m
   assert m["top5"] > 3 * m["chance_top5"], m
   assert "stand-in" in meta["note"]
-  again = clip.retrieval(config, directory, n=256, log=lambda *_: None)
+  again = clip_component.retrieval(config, directory, n=256, log=lambda *_: None)
   assert again == pytest.approx(m)
 
 
@@ -59,8 +60,8 @@ def test_text_tower_conditions_the_unet(trained):
   assert not np.allclose(emb[0], emb[1])  # the position word changes the conditioning
   assert any("train-clip: done" in line for line in logs)
   again = []
-  assert clip.ensure_clip(config, log=again.append) == directory and not again  # not retrained
+  assert clip_component.ensure(config, log=again.append) == directory and not again  # not retrained
   other = offline.apply(cfglib.base_config())
   other.clip.update(dir=directory, layers=3)
   with pytest.raises(cfglib.ConfigError, match="layers: 2 vs 3"):
-    clip.ensure_clip(other)
+    clip_component.ensure(other)

@@ -1,5 +1,10 @@
-"""The trainer on a toy objective: exact resume after SIGKILL, SIGTERM, NaN guard, bad configs,
-gradient accumulation, sharding over 8 fake devices and over 2 jax.distributed processes."""
+"""The trainer on toy objectives: exact resume after SIGKILL, SIGTERM, NaN guard, bad configs,
+gradient accumulation, sharding over 8 fake devices and over 2 jax.distributed processes; two
+networks trained in phases (each phase leaves the other network bit-identical); checkpoints
+written before networks + phases resume.
+
+Kill points are drawn from ``random.Random(SEED)``: set ``LDM_SCALING_TEST_SEED`` to try others.
+"""
 
 import json
 import os
@@ -22,6 +27,7 @@ import train_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY = os.path.join(HERE, "train_toy.py")
+SEED = int(os.environ.get("LDM_SCALING_TEST_SEED", "0"))
 
 
 def _env(devices=1):
@@ -39,17 +45,39 @@ def _run(workdir, *overrides, devices=1, extra=(), check=True, cwd=None):
   return proc
 
 
+def _restore_here(manager, step):
+  """A checkpoint's whole state on this process's first device, whatever mesh saved it."""
+  tree = manager.item_metadata(step)["state"]
+  tree = dict(getattr(tree, "tree", tree))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return jax.tree.map(np.asarray, dict(state["state"]))
+
+
+def _manager(workdir):
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()})
+
+
 def _final_state(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  manager = _manager(workdir)
   step = manager.latest_step()
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = _restore_here(manager, step)
   manager.close()
-  return step, jax.tree.map(np.asarray, dict(state["state"]))
+  return step, state
+
+
+def _rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 def _losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+  return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+
+
+def _logged_steps(workdir):
+  return {r["step"] for r in _rows(workdir) if any(k.endswith("loss") for k in r)}
 
 
 def _wait_for_step(workdir, proc, step, timeout=300):
@@ -57,19 +85,21 @@ def _wait_for_step(workdir, proc, step, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
     assert proc.poll() is None, proc.communicate()
-    if os.path.exists(path) and _losses(workdir) and max(_losses(workdir)) >= step:
+    if os.path.exists(path) and max(_logged_steps(workdir), default=0) >= step:
       return
     time.sleep(0.05)
   raise TimeoutError(f"step {step} not reached")
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
-  steps = "train.steps=14"
-  _run("straight", steps, extra=["--delay", "0.05"], cwd=tmp_path)  # a relative workdir too
-  kill_at = random.Random().randint(4, 11)
+def _kill_and_resume(tmp_path, steps: int, *overrides, devices=1, seed=SEED):
+  """Runs the toy straight and, in another workdir, SIGKILLs it at a seeded step and resumes it;
+  returns both final states."""
+  args = (f"train.steps={steps}", *overrides)
+  _run("straight", *args, extra=["--delay", "0.05"], cwd=tmp_path, devices=devices)  # relative
+  kill_at = random.Random(seed).randint(3, steps - 3)
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, TOY, str(workdir), "--delay", "0.3", steps],
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen([sys.executable, TOY, str(workdir), "--delay", "0.3", *args],
+                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
     _wait_for_step(workdir, proc, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -77,12 +107,21 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
   finally:
     proc.kill()
   assert proc.returncode == -signal.SIGKILL
-  _run(workdir, steps)
+  _run(workdir, *args, devices=devices)
   step_a, a = _final_state(tmp_path / "straight")
   step_b, b = _final_state(workdir)
-  assert step_a == step_b == 14
+  assert step_a == step_b == steps
+  return a, b
+
+
+def _assert_bitwise(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)  # bitwise: params, EMA, optimiser state, step
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+  _assert_bitwise(*_kill_and_resume(tmp_path, 14))
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
@@ -193,7 +232,7 @@ def test_same_trajectory_on_meshes_and_two_processes(tmp_path):
   layout = json.load(open(tmp_path / "m241" / "partitioning.json"))["leaves"]
   w = layout[".params['linear']['w']"]
   assert w["spec"] == "P('fsdp', 'tensor')" and w["bytes_per_device"] * 4 == w["bytes"]
-  assert layout[".opt_state[1][0].mu['linear']['w']"]["spec"] == w["spec"]  # Adam moments too
+  assert layout[".opt_state['linear'][1][0].mu['w']"]["spec"] == w["spec"]  # Adam moments too
   ref = _losses(tmp_path / "m111")
   for name in ("m811", "m241", "mp"):
     got = _losses(tmp_path / name)
@@ -257,3 +296,116 @@ def test_atomic_write_text_replaces_whole_files_and_leaves_no_temporary(tmp_path
   files.atomic_write_text(path, "old")
   files.atomic_write_text(str(path), "new")
   assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Two networks, phases, frozen networks.
+
+
+def _states(workdir):
+  manager = _manager(workdir)
+  out = {s: _restore_here(manager, s) for s in manager.all_steps()}
+  manager.close()
+  return out
+
+
+def _same(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_phase_updates_only_its_networks(tmp_path):
+  """A critic step leaves the generator's params, optimiser state and EMA bitwise unchanged, and
+  a generator step the critic's; 3 critic steps per generator step, each network with its own
+  learning rate counted in its own updates."""
+  config = train_toy.toy_config(steps=8, checkpoint_every=1, keep_checkpoints=20,
+                                async_checkpointing=False)
+  config.objective.name = "toy_two_networks"
+  trainer.train(config, str(tmp_path), make_data=train_toy.make_data())
+  states = _states(tmp_path)
+  assert sorted(states) == list(range(1, 9)) and set(states[8]["ema"]) == {"gen"}
+  for k in range(1, 8):  # checkpoint k -> k + 1 is step index k
+    before, after = states[k], states[k + 1]
+    phase = "critic" if k % (train_toy.CRITIC_EVERY + 1) < train_toy.CRITIC_EVERY else "gen"
+    other = {"critic": "gen", "gen": "critic"}[phase]
+    assert _same(before["params"][other], after["params"][other]), (k, phase)
+    assert _same(before["opt_state"][other], after["opt_state"][other]), (k, phase)
+    assert _same(before["ema"]["gen"], after["ema"]["gen"]) == (phase == "critic"), k
+    assert not _same(before["params"][phase], after["params"][phase]), (k, phase)
+  counts = {n: int(states[8]["opt_state"][n][1][0]["count"]) for n in ("critic", "gen")}
+  assert counts == {"critic": 6, "gen": 2}  # steps 0-2, 4-6 and 3, 7
+  rows = {r["step"]: r for r in _rows(tmp_path)}
+  # The critic's cosine schedule counts its own updates (0..5 at steps 1, 2, 3, 5, 6, 7).
+  want = [train_toy.CRITIC_LR * 0.5 * (1 + np.cos(np.pi * c / train_toy.CRITIC_STEPS))
+          for c in range(6)]
+  np.testing.assert_allclose([rows[s]["lr/critic"] for s in (1, 2, 3, 5, 6, 7)], want, rtol=1e-6)
+  assert [rows[s]["lr/gen"] for s in (4, 8)] == [pytest.approx(train_toy.GEN_LR)] * 2
+  assert "gen/fit" in rows[4] and "critic/loss" in rows[1] and "loss" not in rows[1]
+
+
+@pytest.mark.parametrize("devices,mesh", [(1, ()), (8, ("mesh.data=2", "mesh.fsdp=4"))])
+def test_two_networks_resume_after_sigkill_is_bitwise_identical(tmp_path, devices, mesh):
+  """SIGKILL at a seeded step and resume: the same final state, bitwise, as an uninterrupted
+  run; on 8 devices the frozen teacher is split over fsdp, not replicated."""
+  a, b = _kill_and_resume(tmp_path, 12, "objective.name=toy_two_networks", *mesh,
+                          devices=devices, seed=SEED + devices)
+  _assert_bitwise(a, b)
+  frozen = json.load(open(tmp_path / "killed" / "partitioning.json"))["frozen"]["leaves"]
+  teacher = frozen["['teacher']['w']"]
+  if devices == 8:
+    assert teacher["spec"] == "P('fsdp', 'tensor')"
+    assert teacher["bytes_per_device"] * 4 == teacher["bytes"]
+  else:
+    assert teacher["bytes_per_device"] == teacher["bytes"]
+
+
+def _write_layout_1(workdir, step, train_cfg):
+  """Rewrites checkpoint ``step`` as the trainer wrote it before networks + phases: one optimiser
+  state over the dict of networks, and no ``state_layout`` in its meta (the data iterator's
+  position is kept as it is)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import optim  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  state = _states(workdir)[step]
+  (name,) = state["params"]
+  old_tree = optim.optimizer(train_cfg).init({name: state["params"][name]})
+  old_opt = jax.tree.unflatten(jax.tree.structure(old_tree),
+                               jax.tree.leaves(state["opt_state"][name]))
+  old = TrainState(step=state["step"], params=state["params"], ema=state["ema"], opt_state=old_opt)
+  staging = os.path.join(workdir, "layout1")
+  manager = ocp.CheckpointManager(staging)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                             meta=ocp.args.JsonSave(dict(objective="toy"))))
+  manager.wait_until_finished()
+  manager.close()
+  for item in ("state", "meta"):
+    target = os.path.join(workdir, "checkpoints", str(step), item)
+    shutil.rmtree(target)
+    shutil.move(os.path.join(staging, str(step), item), target)
+
+
+def test_checkpoints_written_before_networks_and_phases_resume(tmp_path, repo_dir):
+  """A layout-1 checkpoint (one optimiser state over the dict of networks) is converted on
+  restore: made from this code's own state at step 6, the resumed run ends bitwise where an
+  uninterrupted one does. A workdir the previous version wrote (tests/data) resumes too, its
+  losses equal to this version's to float rounding."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = train_toy.toy_config(steps=12, async_checkpointing=False)
+  trainer.train(config, str(tmp_path / "straight"), make_data=train_toy.make_data())
+  trainer.train(config, str(tmp_path / "old"), make_data=train_toy.make_data(), max_steps=6)
+  _write_layout_1(tmp_path / "old", 6, config.train)
+  assert trainer.train(config, str(tmp_path / "old"), make_data=train_toy.make_data()).step == 12
+  _assert_bitwise(_states(tmp_path / "straight")[12], _states(tmp_path / "old")[12])
+
+  real = tmp_path / "real"
+  shutil.copytree(os.path.join(repo_dir, "tests", "data", "workdir_v1_toy"), real)
+  before = _losses(real)
+  config = train_toy.toy_config(steps=12, async_checkpointing=False)
+  assert trainer.train(config, str(real), make_data=train_toy.make_data()).step == 12
+  ref = _losses(tmp_path / "straight")
+  assert sorted(before) == list(range(1, 7))
+  np.testing.assert_allclose([before[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)],
+                             rtol=1e-6)
+  after = _losses(real)
+  np.testing.assert_allclose([after[s] for s in range(7, 13)], [ref[s] for s in range(7, 13)],
+                             rtol=1e-5)

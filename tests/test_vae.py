@@ -14,7 +14,7 @@ from ldm_scaling import experiment
 from ldm_scaling import data
 from ldm_scaling.models import convert, cost, offline, text
 from ldm_scaling.models import vae as vae_lib
-from ldm_scaling.models import vae_train
+from ldm_scaling.components import vae as vae_component
 
 SMALL = dict(width=32, channel_mult=(1, 2, 2), layers_per_block=1, latent_channels=4,
              norm_groups=16, mid_attention=True)
@@ -121,11 +121,11 @@ def trained(offline_components):
 
 def test_trained_vae_reconstructs_held_out_images(trained):
   config, directory, _ = trained
-  with open(os.path.join(directory, vae_train.CONFIG)) as f:
+  with open(os.path.join(directory, vae_lib.CONFIG)) as f:
     stored = json.load(f)
   vae = vae_lib.load(config)
   assert vae.scaling_factor == stored["scaling_factor"]
-  metrics = vae_train.psnr(config, vae, n=256)
+  metrics = vae_component.psnr(config, vae, n=256)
   # Baseline: every image replaced by its own mean colour (what a VAE that learnt nothing but
   # colour statistics would give), computed independently here. After this short run (300 steps;
   # the full recipe's numbers are in docs/conditioning.md) the VAE must already beat it, and the
@@ -138,7 +138,7 @@ def test_trained_vae_reconstructs_held_out_images(trained):
   module = vae_lib.from_config(config.vae)
   untrained = vae_lib.VAE(module, flax.linen.unbox(jax.jit(module.init)(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]), 1.0, "init")
-  init_psnr = vae_train.psnr(config, untrained, n=256)["psnr"]
+  init_psnr = vae_component.psnr(config, untrained, n=256)["psnr"]
   assert metrics["psnr"] > base_psnr + 1.0, (metrics, base_psnr)
   assert metrics["psnr"] > init_psnr + 8.0, (metrics, init_psnr)
   assert stored["ldm_scaling"]["heldout"]["psnr"] == pytest.approx(metrics["psnr"], abs=1e-3)
@@ -160,7 +160,7 @@ def test_ensure_vae_does_not_retrain_and_checks_the_config(trained):
   config, directory, logs = trained
   assert any("train-vae: done" in line for line in logs)
   again = []
-  assert vae_train.ensure_vae(config, log=again.append) == directory and not again
+  assert vae_component.ensure(config, log=again.append) == directory and not again
   other = offline.apply(cfglib.base_config())
   other.vae.update(dir=directory, width=64)
   with pytest.raises(cfglib.ConfigError, match="block_out_channels"):
@@ -174,7 +174,7 @@ def test_ensure_vae_does_not_retrain_and_checks_the_config(trained):
 def test_latent_cache_feeds_the_pipeline(trained, tmp_path):
   config, _, _ = trained
   vae = vae_lib.load(config)
-  meta = vae_train.cache_latents(config, vae, str(tmp_path / "lat"), splits=("test",))
+  meta = vae_component.cache_latents(config, vae, str(tmp_path / "lat"), splits=("test",))
   assert meta["counts"] == {"test": 256} and meta["flip"]
   lconf = offline.apply(cfglib.base_config())
   lconf.data.update(name=f"latents:{tmp_path / 'lat'}", eval_split="test", caption_dropout=0.0)

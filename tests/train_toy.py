@@ -32,15 +32,21 @@ TRUE_W = (np.arange(IN * OUT, dtype=np.float32).reshape(IN, OUT) % 7 - 3) / 4
 @objectives.register("toy_regression")
 class ToyRegression(objectives.Objective):
 
-  def batch_spec(self, batch_size):
-    return dict(x=jax.ShapeDtypeStruct((batch_size, IN), jnp.float32),
-                y=jax.ShapeDtypeStruct((batch_size, OUT), jnp.float32))
+  def networks(self):
+    return {"linear": objectives.Network()}
 
-  def init(self, rng, batch):
+  def init(self, rng):
     w = nn.with_logical_partitioning(nn.initializers.normal(0.5), (sh.EMBED, sh.MLP))
     b = nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.MLP,))
     k1, k2 = jax.random.split(rng)
     return {"linear": {"w": w(k1, (IN, OUT)), "b": b(k2, (OUT,))}}
+
+  def phases(self):
+    return (objectives.Phase("fit", ("linear",), self.loss),)
+
+  def batch_spec(self, batch_size):
+    return dict(x=jax.ShapeDtypeStruct((batch_size, IN), jnp.float32),
+                y=jax.ShapeDtypeStruct((batch_size, OUT), jnp.float32))
 
   noise = 0.1
 
@@ -52,13 +58,64 @@ class ToyRegression(objectives.Objective):
     return loss, {"ema_dist": sum(jnp.sum((a - b) ** 2) for a, b in
                                   zip(jax.tree.leaves(params), jax.tree.leaves(ema)))}
 
-  def train_flops_per_example(self):
+  def train_flops_per_example(self, phase):
     return 3 * 2 * IN * OUT
 
 
 @objectives.register("toy_regression_exact")
 class ToyRegressionExact(ToyRegression):
   noise = 0.0
+
+
+CRITIC_LR, GEN_LR, CRITIC_EVERY, CRITIC_STEPS = 0.01, 0.05, 3, 6
+
+
+@objectives.register("toy_two_networks")
+class ToyTwoNetworks(objectives.Objective):
+  """A generator (linear map, with EMA) fits the output of a frozen teacher (a fixed linear map
+  with logical axis names, so the trainer shards it); a critic (linear score, no EMA, its own
+  learning rate) learns to score the generator's outputs, and the generator is also pushed to
+  lower that score. ``CRITIC_EVERY`` critic updates per generator update; the critic's learning
+  rate decays (cosine) over ``CRITIC_STEPS`` of its own updates, the generator's is constant."""
+
+  def networks(self):
+    return {"gen": objectives.Network(optimizer=dict(lr=GEN_LR, warmup_steps=0)),
+            "critic": objectives.Network(ema=False, optimizer=dict(
+                lr=CRITIC_LR, warmup_steps=0, schedule="cosine", steps=CRITIC_STEPS))}
+
+  def init(self, rng):
+    k1, k2 = jax.random.split(rng)
+    w = nn.with_logical_partitioning(nn.initializers.normal(0.5), (sh.EMBED, sh.MLP))
+    c = nn.with_logical_partitioning(nn.initializers.normal(0.5), (sh.EMBED, None))
+    return {"gen": {"w": w(k1, (IN, OUT))}, "critic": {"w": c(k2, (OUT, 1))}}
+
+  def frozen(self):
+    teacher = nn.LogicallyPartitioned(TRUE_W, (sh.EMBED, sh.MLP))
+    return {"teacher": objectives.Frozen(None, {"w": teacher})}
+
+  def phases(self):
+    return (objectives.Phase("critic", ("critic",), self.critic_loss, every=CRITIC_EVERY),
+            objectives.Phase("gen", ("gen",), self.gen_loss))
+
+  def batch_spec(self, batch_size):
+    return dict(x=jax.ShapeDtypeStruct((batch_size, IN), jnp.float32))
+
+  def critic_loss(self, params, frozen, ema, batch, rng):
+    del ema
+    fake = batch["x"] @ params["gen"]["w"]
+    real = batch["x"] @ frozen["teacher"].params["w"]
+    score = lambda z: (z @ params["critic"]["w"])[:, 0]
+    noise = 0.01 * jax.random.normal(rng, fake.shape)
+    loss = jnp.mean((score(fake + noise) - 1.0) ** 2) + jnp.mean((score(real) + 1.0) ** 2)
+    return loss, {}
+
+  def gen_loss(self, params, frozen, ema, batch, rng):
+    del ema, rng
+    fake = batch["x"] @ params["gen"]["w"]
+    real = batch["x"] @ frozen["teacher"].params["w"]
+    fit = jnp.mean((fake - real) ** 2)
+    adversarial = jnp.mean((fake @ params["critic"]["w"]) ** 2)
+    return fit + 0.1 * adversarial, {"fit": fit}
 
 
 def make_data(nan_at=None, delay=0.0):
@@ -83,8 +140,8 @@ def make_data(nan_at=None, delay=0.0):
 def make_embedding_data(config, split, batch_size, seed, process_index, process_count):
   """Synthetic (latents, context) batches for the denoising objective with inputs=embeddings:
   smooth per-example latents whose mean depends on the context, so the loss can go down."""
-  from ldm_scaling.train.objectives import denoising  # pylint: disable=g-import-not-at-top
-  size, channels = denoising.latent_geometry(config)
+  from ldm_scaling.train.objectives import conditioning  # pylint: disable=g-import-not-at-top
+  size, channels = conditioning.latent_geometry(config)
   text_len, dim = config.text.max_length, config.model.cross_attn_dim
 
   def example(i):

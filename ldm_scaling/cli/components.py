@@ -12,14 +12,15 @@ _EXAMPLE = "configs/offline_components.py"
 
 
 def cmd_train_clip(args) -> int:
-  from ldm_scaling.models import clip
+  from ldm_scaling.components import clip
+  from ldm_scaling.models import clip as clip_model
   config = common.load_config(args, example=_EXAMPLE)
-  directory = args.out or clip.default_dir(config)
+  directory = args.out or clip_model.default_dir(config)
   if args.force:
-    meta = clip.train(config, directory, log=common.log)
+    meta = clip.train(config, directory, log=common.log, force=True)
   else:
-    clip.ensure_clip(config, directory, log=common.log)
-    with open(f"{directory}/{clip.META}", encoding="utf-8") as f:
+    clip.ensure(config, directory, log=common.log)
+    with open(f"{directory}/{clip_model.META}", encoding="utf-8") as f:
       meta = json.load(f)
   print(json.dumps(dict(dir=directory, retrieval=meta["retrieval"],
                         train_seconds=meta["train_seconds"])))
@@ -27,14 +28,15 @@ def cmd_train_clip(args) -> int:
 
 
 def cmd_train_vae(args) -> int:
-  from ldm_scaling.models import vae_train
+  from ldm_scaling.components import vae
+  from ldm_scaling.models import vae as vae_model
   config = common.load_config(args, example=_EXAMPLE)
-  directory = args.out or vae_train.default_dir(config)
+  directory = args.out or vae_model.default_dir(config)
   if args.force:
-    vae_train.train(config, directory, log=common.log)
+    vae.train(config, directory, log=common.log, force=True)
   else:
-    vae_train.ensure_vae(config, directory, log=common.log)
-  with open(f"{directory}/{vae_train.CONFIG}", encoding="utf-8") as f:
+    vae.ensure(config, directory, log=common.log)
+  with open(f"{directory}/{vae_model.CONFIG}", encoding="utf-8") as f:
     stored = json.load(f)
   extra = stored["ldm_scaling"]
   print(json.dumps(dict(dir=directory, scaling_factor=stored["scaling_factor"],

@@ -5,7 +5,8 @@
 ``coco_captions``. The entry points are :func:`make_pipeline` (a checkpointable iterator of
 per-process batches), :func:`source` and :func:`prepare`; see ``pipeline.py`` and docs/data.md.
 
-This module stays light (no tfds/grain import) because config validation imports it.
+The pipeline's names are loaded on first use: validation imports this package, and the pipeline
+imports grain and tensorflow_datasets (seconds), which only reading data needs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 
 from ldm_scaling.errors import ConfigError
+from ldm_scaling.models import unet
+from ldm_scaling.models import vae
 
 CROPS = ("center", "random")
 FLIPS = ("none", "random", "caption_aware")
@@ -24,14 +27,14 @@ _LAZY = ("make_pipeline", "make_dataset", "source", "prepare", "DataError", "SOU
 
 def __getattr__(name):
   if name in _LAZY:
-    from ldm_scaling.data import pipeline  # pylint: disable=g-import-not-at-top
+    from ldm_scaling.data import pipeline  # pylint: disable=g-import-not-at-top  # see above
     return getattr(pipeline, name)
   raise AttributeError(f"module 'ldm_scaling.data' has no attribute {name!r}")
 
 
 def latent_size(config: ml_collections.ConfigDict) -> int:
   """Side of the UNet's input: data.resolution / the VAE's down factor."""
-  return config.data.resolution // 2 ** (len(config.vae.channel_mult) - 1)
+  return config.data.resolution // vae.down_factor(config.vae)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -63,12 +66,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d[key] < 0:
       raise ConfigError(f"data.{key} must be >= 0, got {d[key]}")
 
-  down = 2 ** (len(config.vae.channel_mult) - 1)
+  down = vae.down_factor(config.vae)
   if d.resolution % down:
     raise ConfigError(f"data.resolution={d.resolution} is not divisible by the VAE's down factor "
                       f"{down} (2**(len(vae.channel_mult)-1)); use a multiple of {down}")
   size = d.resolution // down
-  unet_div = 2 ** (len(config.model.channel_mult) - 1)
+  unet_div = unet.down_factor(config.model)
   if size % unet_div:
     raise ConfigError(
         f"latent size {size} (data.resolution={d.resolution} / VAE down factor {down}) is not "

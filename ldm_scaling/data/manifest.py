@@ -17,6 +17,7 @@ report (``"skip"``); nothing is dropped silently.
 from __future__ import annotations
 
 import collections
+from concurrent import futures
 import csv
 import dataclasses
 import io
@@ -194,7 +195,6 @@ def bad_example_error(c: Checked, manifest: str) -> BadExampleError:
 
 def checked_rows(rows: list[Row], min_image_size: int, workers: int) -> Iterator[Checked]:
   """``check`` over rows in a thread pool (PIL decodes without the GIL), in manifest order."""
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
   workers = workers or os.cpu_count() or 1
   if workers == 1:
     yield from (check(r, min_image_size) for r in rows)

@@ -25,13 +25,19 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from absl import flags
 from absl import logging
 import grain
+import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
-from ldm_scaling.errors import ConfigError, DataError  # DataError re-exported
+from ldm_scaling.data import builders
+from ldm_scaling.data import latents
 from ldm_scaling.data import preprocess
+from ldm_scaling.errors import ConfigError, DataError  # DataError re-exported
+from ldm_scaling.models import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
@@ -74,7 +80,6 @@ def _as_source(builder, split: str, prepare: bool) -> Any:
 
 
 def shapes_builder(config: ml_collections.ConfigDict):
-  from ldm_scaling.data import builders  # pylint: disable=g-import-not-at-top
   res = _shapes_resolution(config.data.resolution)
   cfg = builders.shapes_config(res, config.data.shapes_sizes)
   registered = {c.name for c in builders.CaptionedShapes.BUILDER_CONFIGS}
@@ -83,7 +88,6 @@ def shapes_builder(config: ml_collections.ConfigDict):
 
 
 def _shapes_resolution(resolution: int) -> int:
-  from ldm_scaling.data import builders  # pylint: disable=g-import-not-at-top
   for r in builders.SHAPES_RESOLUTIONS:
     if r >= resolution:
       return r
@@ -93,7 +97,6 @@ def _shapes_resolution(resolution: int) -> int:
 
 
 def folder_builder(config: ml_collections.ConfigDict, manifest: str | None = None):
-  from ldm_scaling.data import builders  # pylint: disable=g-import-not-at-top
   manifest = manifest or config.data.name.split(":", 1)[1]
   d = config.data
   return builders.CaptionedFolder(
@@ -116,10 +119,9 @@ def _folder_source(config, split, prepare=True) -> Source:
 
 def _latent_source(config, split, prepare=True) -> Source:
   del prepare
-  from ldm_scaling.models import vae_train  # pylint: disable=g-import-not-at-top
   directory = config.data.name.split(":", 1)[1]
-  records = vae_train.latent_cache_source(directory, split)
-  return Source(records, vae_train.latent_record, f"latents {directory}[{split}]", kind="latents")
+  records = latents.latent_cache_source(directory, split)
+  return Source(records, latents.latent_record, f"latents {directory}[{split}]", kind="latents")
 
 
 def _coco(record, rng) -> tuple[np.ndarray, str]:
@@ -150,7 +152,6 @@ ADAPTERS = {"coco_captions": _coco}
 
 def _tfds_source(config, split, prepare=True) -> Source:
   del prepare  # public datasets are never downloaded implicitly
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = config.data.name
   try:
     builder = tfds.builder(name, data_dir=data_dir(config))
@@ -228,7 +229,6 @@ def make_dataset(config: ml_collections.ConfigDict, split: str | None, batch_siz
                  shuffle: bool | None = None, drop_remainder: bool = True,
                  tokenizer: Any = "auto", resolution: int | None = None) -> grain.MapDataset:
   """The batched ``grain.MapDataset`` of :func:`make_pipeline` (before the iterator is made)."""
-  import jax  # pylint: disable=g-import-not-at-top
   split = split or config.data.train_split
   train = split == config.data.train_split
   shuffle = train if shuffle is None else shuffle
@@ -240,10 +240,10 @@ def make_dataset(config: ml_collections.ConfigDict, split: str | None, batch_siz
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   src = source(config, split)
-  from ldm_scaling.models import text  # pylint: disable=g-import-not-at-top
   if isinstance(tokenizer, str) and tokenizer == "auto":
-    tokenizer = text.load_tokenizer(config.text)
-  tokenize = text.Tokenize(tokenizer, config.text.max_length) if tokenizer is not None else None
+    tokenizer = tokenizer_lib.load_tokenizer(config.text)
+  tokenize = (tokenizer_lib.Tokenize(tokenizer, config.text.max_length)
+              if tokenizer is not None else None)
   n = len(src.records)
   if n < process_count:
     raise DataError(f"{src.description} has {n} examples, fewer than {process_count} processes")
@@ -300,7 +300,6 @@ def make_pipeline(config: ml_collections.ConfigDict, split: str | None, batch_si
                                             prefetch_buffer_size=d.prefetch))
   workers = d.workers if workers is None else workers
   if workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
       flags.FLAGS.mark_as_parsed()   # (our CLI uses argparse) their defaults are what we want
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -326,7 +325,6 @@ def prepare(config: ml_collections.ConfigDict, manifest: str | None = None) -> d
   was_prepared = builder.is_prepared()
   if not was_prepared:
     builder.download_and_prepare(file_format="array_record")
-  from ldm_scaling.data import builders  # pylint: disable=g-import-not-at-top
   out = dict(dataset=builder.info.full_name, data_dir=builder.data_dir,
              splits={k: v.num_examples for k, v in builder.info.splits.items()},
              already_prepared=was_prepared)

@@ -18,25 +18,9 @@ import ml_collections
 
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency, parametrisation, samplers, schedules, training
-from ldm_scaling.diffusion.samplers import SAMPLERS, Options
+from ldm_scaling.diffusion.samplers import SAMPLERS, Options, options_from_config
 from ldm_scaling.diffusion.sampling import Samples, run, sample
-from ldm_scaling.diffusion.schedules import Schedule
-
-
-def schedule_from_config(cfg: ml_collections.ConfigDict) -> Schedule:
-  """The :class:`Schedule` of a config's ``diffusion`` section."""
-  return Schedule(
-      name=cfg.schedule, num_train_timesteps=int(cfg.num_train_timesteps),
-      beta_start=float(cfg.beta_start), beta_end=float(cfg.beta_end),
-      zero_terminal_snr=bool(cfg.zero_terminal_snr), flow_shift=float(cfg.flow_shift),
-      timestep_spacing=cfg.timestep_spacing, steps_offset=int(cfg.steps_offset),
-      set_alpha_to_one=bool(cfg.set_alpha_to_one))
-
-
-def options_from_config(config: ml_collections.ConfigDict) -> Options:
-  o = config.objective
-  return Options(eta=float(config.eval.ddim_eta), lcm_solver_steps=int(o.solver_steps),
-                 lcm_timestep_scaling=float(o.timestep_scaling))
+from ldm_scaling.diffusion.schedules import Schedule, schedule_from_config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -68,5 +52,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       samplers.build_grid(name, schedule, int(steps), d.prediction, options)
 
 
-__all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "consistency", "parametrisation", "run",
-           "sample", "samplers", "schedule_from_config", "schedules", "training", "validate"]
+__all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "consistency", "options_from_config",
+           "parametrisation", "run", "sample", "samplers", "schedule_from_config", "schedules",
+           "training", "validate"]

@@ -13,23 +13,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
-import os
 import time
 from typing import Callable, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageDraw
 
+from ldm_scaling import data
+from ldm_scaling import diffusion
+from ldm_scaling import models
 from ldm_scaling import runtime
-from ldm_scaling.errors import ConfigError
+from ldm_scaling.errors import ConfigError, WeightsError
+from ldm_scaling.models import cost as costlib
+from ldm_scaling.models import text
+from ldm_scaling.models import unet
+from ldm_scaling.models import vae as vae_lib
+from ldm_scaling.train import checkpoint
 
 DEFAULT_PROMPT = "a red circle above a blue square"
-
-
-def _vae_downsample(config) -> int:
-  return 2 ** (len(config.vae.channel_mult) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +77,6 @@ def latent_preview() -> Decoding:
 
 def text_conditioning(config) -> Conditioning:
   """The config's frozen text encoder (e.g. the offline small CLIP's text tower)."""
-  from ldm_scaling.models import text  # pylint: disable=g-import-not-at-top
   encoder = text.load_text_encoder(config)
   return Conditioning(lambda prompts: encoder.embed_text(list(prompts)),
                       f"text encoder {encoder.source}")
@@ -85,7 +90,6 @@ def to_uint8(images) -> np.ndarray:
 
 def vae_decoding(config) -> Decoding:
   """The config's VAE decoder (its scaling factor included)."""
-  from ldm_scaling.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   vae = vae_lib.load(config)
   return Decoding(lambda latents: to_uint8(vae.decode_latents(latents)), f"VAE {vae.source}")
 
@@ -93,7 +97,6 @@ def vae_decoding(config) -> Decoding:
 def components(config, required: bool, log=print) -> tuple[Conditioning, Decoding]:
   """(conditioning, decoding) of the config; the labelled stand-ins if ``required`` is False and
   the real ones cannot be loaded (the reason is logged)."""
-  from ldm_scaling.models.text import WeightsError  # pylint: disable=g-import-not-at-top
   try:
     conditioning = text_conditioning(config)
   except (WeightsError, OSError, ConfigError) as e:
@@ -113,8 +116,6 @@ def components(config, required: bool, log=print) -> tuple[Conditioning, Decodin
 
 def from_checkpoint(workdir: str, which: str = "ema"):
   """(config, apply_fn, params, step) of a training run's latest checkpoint."""
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   config = checkpoint.load_run_config(workdir)
   step, weights = checkpoint.load_weights(workdir, which=which)
   if "unet" not in weights:
@@ -125,9 +126,8 @@ def from_checkpoint(workdir: str, which: str = "ema"):
 def random_init(config, seed: int):
   """A random-init UNet: (apply_fn(params, x, t, context), params). Parameter shapes do not depend
   on the input size, so init runs on the smallest valid input."""
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
   model = models.build(config.model)
-  side = 2 ** (len(config.model.channel_mult) - 1)
+  side = unet.down_factor(config.model)
   x = jnp.zeros((1, side, side, config.model.in_channels), jnp.float32)
   ctx = jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32)
   params = runtime.run_once(model.init, jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
@@ -160,8 +160,6 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
   """One image per (prompt, scale), prompt-major. All scales of a prompt share its initial noise
   and sampler key (``fold_in(key(seed), prompt index)``), so a row is a clean CFG sweep; a batch
   mixes scales in one compiled program. The last batch is padded, so everything compiles once."""
-  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   _check_request(config, prompts, batch_size, latent_size)
   cells = [(p, float(w)) for p in range(len(prompts)) for w in cfg_scales]
   base = jax.random.key(seed)
@@ -206,7 +204,7 @@ def _check_request(config, prompts, batch_size: int, latent_size: int) -> None:
     raise ConfigError("give at least one prompt")
   if batch_size < 1:
     raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-  down = 2 ** (len(config.model.channel_mult) - 1)
+  down = unet.down_factor(config.model)
   if latent_size < 1 or latent_size % down:
     raise ConfigError(f"latent size {latent_size} must be a positive multiple of {down} (the "
                       f"UNet downsamples {len(config.model.channel_mult) - 1} times)")
@@ -223,9 +221,9 @@ def _step_logger(steps: int, log):
 
 
 def save_grid(path: str, images: np.ndarray, row_labels: Sequence[str],
-              col_labels: Sequence[str], header: Sequence[str], min_cell: int = 96) -> None:
-  """Writes a labelled grid (rows x cols cells, row-major ``images``) as PNG."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+              col_labels: Sequence[str], header: Sequence[str], min_cell: int = 96) -> np.ndarray:
+  """Writes a labelled grid (rows x cols cells, row-major ``images``) as PNG; returns it (uint8
+  RGB)."""
   rows, cols = len(row_labels), len(col_labels)
   h, w = images.shape[1:3]
   scale = max(1, math.ceil(min_cell / min(h, w)))
@@ -246,12 +244,11 @@ def save_grid(path: str, images: np.ndarray, row_labels: Sequence[str],
     for c in range(cols):
       cell = Image.fromarray(images[r * cols + c]).resize((cw, ch), Image.NEAREST)
       canvas.paste(cell, (left + c * (cw + pad), y))
-  import io  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   out, buf = epath.Path(path), io.BytesIO()  # local or gs://
   canvas.save(buf, format="PNG")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(buf.getvalue())
+  return np.asarray(canvas)
 
 
 def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | None,
@@ -259,8 +256,6 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
          batch_size: int, latent_size: int | None, step_progress: bool = False,
          log: Callable[[str], None] = print) -> dict:
   """What ``ldm-scaling sample`` does; returns the summary it prints as JSON."""
-  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
   if checkpoint:
     run_config, apply_fn, params, step = from_checkpoint(checkpoint)
     if config is not None and config.model.to_dict() != run_config.model.to_dict():
@@ -269,7 +264,7 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
   sampler = sampler or config.eval.samplers[0]
   steps = int(steps if steps is not None else config.eval.steps[0])
   cfg_scales = [float(w) for w in (cfg_scales or config.eval.cfg_scales)]
-  latent_size = latent_size or config.data.resolution // _vae_downsample(config)
+  latent_size = latent_size or data.latent_size(config)
   # Everything that can be checked without compiling is checked first.
   _check_request(config, prompts, batch_size, latent_size)
   schedule = diffusion.schedule_from_config(config.diffusion)

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.errors import ConfigError
+from ldm_scaling.diffusion import consistency
 from ldm_scaling.diffusion.schedules import Schedule
+from ldm_scaling.errors import ConfigError
 
 
 class Denoised(NamedTuple):
@@ -242,7 +243,6 @@ def euler(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: 
 
 
 def lcm_grid(schedule: Schedule, steps: int, options: Options) -> Grid:
-  from ldm_scaling.diffusion import consistency  # pylint: disable=g-import-not-at-top
   consistency.check(schedule, options.lcm_solver_steps)
   ts = consistency.lcm_timesteps(schedule.num_train_timesteps, options.lcm_solver_steps, steps)
   ab = schedule.alphas_cumprod
@@ -305,3 +305,9 @@ def build_grid(name: str, schedule: Schedule, steps: int, prediction: str,
         f"undefined; sample a model trained with prediction 'v', 'x0' or 'flow' (or a schedule "
         f"whose grid stays below sigma = 1)")
   return grid
+
+
+def options_from_config(config) -> Options:
+  o = config.objective
+  return Options(eta=float(config.eval.ddim_eta), lcm_solver_steps=int(o.solver_steps),
+                 lcm_timestep_scaling=float(o.timestep_scaling))

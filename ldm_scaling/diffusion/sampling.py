@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.errors import ConfigError
-from ldm_scaling.diffusion import guidance
+from ldm_scaling.diffusion import guidance, schedules
 from ldm_scaling.diffusion import parametrisation as param
 from ldm_scaling.diffusion import samplers as samplers_lib
 from ldm_scaling.diffusion.samplers import Denoised, Grid, Options
 from ldm_scaling.diffusion.schedules import Schedule
+from ldm_scaling.errors import ConfigError
+from ldm_scaling.models import cost
 
 
 def make_denoise(fn: Callable[[jax.Array, jax.Array], jax.Array], prediction: str, grid: Grid,
@@ -160,7 +161,6 @@ class Samples:
 def sample_cost(norm_cost: float, sampler: str, steps: int, scales: np.ndarray,
                 count_uncond_pass: bool) -> np.ndarray:
   """Per-sample sampling cost under the cost model's convention."""
-  from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
   evals = steps * samplers_lib.get(sampler).evals_per_step
   return np.array([cost.sampling_cost(norm_cost, evals, float(w), count_uncond_pass)
                    for w in scales])
@@ -176,17 +176,15 @@ def sample(config, apply_fn: guidance.ApplyFn, params, noise, context, *, key,
   ``sampler`` / ``steps`` default to the first of ``config.eval.samplers`` / ``eval.steps``;
   ``norm_cost`` (the model's normalised cost) is measured from ``config.model`` when not given.
   """
-  from ldm_scaling import diffusion  # pylint: disable=g-import-not-at-top
   sampler = sampler if sampler is not None else config.eval.samplers[0]
   steps = steps if steps is not None else int(config.eval.steps[0])
-  schedule = diffusion.schedule_from_config(config.diffusion)
-  options = diffusion.options_from_config(config)
+  schedule = schedules.schedule_from_config(config.diffusion)
+  options = samplers_lib.options_from_config(config)
   # Check everything cheap before measuring the model's cost (which compiles a forward).
   samplers_lib.build_grid(sampler, schedule, steps, config.diffusion.prediction, options)
   batch = np.shape(noise)[0]
   scales = guidance.check_scales(cfg_scale, batch)
   if norm_cost is None:
-    from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
     norm_cost = cost.model_cost(config.model, config.cost).norm_cost
   exe, args, _, compile_s = prepare(
       apply_fn, params, noise, context, key=key, schedule=schedule,

@@ -224,3 +224,13 @@ def check(s: Schedule) -> None:
   if s.name != "cosine" and not 0.0 < s.beta_start < s.beta_end < 1.0:
     raise ConfigError(f"diffusion.beta_start ({s.beta_start}) and beta_end ({s.beta_end}) must "
                       f"satisfy 0 < beta_start < beta_end < 1 (SD: 0.00085, 0.012)")
+
+
+def schedule_from_config(cfg) -> Schedule:
+  """The :class:`Schedule` of a config's ``diffusion`` section."""
+  return Schedule(
+      name=cfg.schedule, num_train_timesteps=int(cfg.num_train_timesteps),
+      beta_start=float(cfg.beta_start), beta_end=float(cfg.beta_end),
+      zero_terminal_snr=bool(cfg.zero_terminal_snr), flow_shift=float(cfg.flow_shift),
+      timestep_spacing=cfg.timestep_spacing, steps_offset=int(cfg.steps_offset),
+      set_alpha_to_one=bool(cfg.set_alpha_to_one))

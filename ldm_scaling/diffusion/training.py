@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import parametrisation as param
-from ldm_scaling.diffusion.schedules import Schedule
+from ldm_scaling.diffusion.schedules import Schedule, schedule_from_config
 
 
 def _uniform(prediction, alpha, sigma, gamma):
@@ -65,7 +65,6 @@ def denoising_loss(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Arr
 
 def loss_from_config(diffusion_cfg):
   """``denoising_loss`` with a config's ``diffusion`` section filled in."""
-  from ldm_scaling.diffusion import schedule_from_config  # pylint: disable=g-import-not-at-top
   schedule = schedule_from_config(diffusion_cfg)
 
   def loss(model_fn, x0, context, rng):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel
 
 from ldm_scaling.eval import parallel
 
@@ -62,7 +63,6 @@ def label_for(name_or_path: str) -> str:
 
 def default_image_processor(model):
   """CLIP's standard preprocessing at the model's input size."""
-  from transformers import CLIPImageProcessor  # pylint: disable=g-import-not-at-top
   size = int(model.config.vision_config.image_size)
   return CLIPImageProcessor(size={"shortest_edge": size},
                             crop_size={"height": size, "width": size})
@@ -103,7 +103,6 @@ class CLIPScorer:
   def from_pretrained(cls, name_or_path: str, *, label: str | None = None, **kwargs):
     """A hub name (e.g. ``openai/clip-vit-large-patch14``, what TPU users run) or a local
     directory saved with ``save_pretrained`` (the offline default: the project's small CLIP)."""
-    from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
     try:
       model = FlaxCLIPModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

@@ -17,17 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
+import warnings
 
 import numpy as np
 from scipy import linalg
+import scipy
 
-from ldm_scaling.eval import fid_weights
 from ldm_scaling.errors import UserError
+from ldm_scaling.eval import fid_weights, inception, parallel
 from ldm_scaling.eval import images as imagelib
-from ldm_scaling.eval import inception
-from ldm_scaling.eval import parallel
 
 PREPROCESSING = "uint8/255 -> bilinear 299x299 (torch align_corners=False, no antialias) -> 2x-1"
 
@@ -200,7 +199,6 @@ def _normal(value):
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
   # pytorch-fid calls sqrtm(..., disp=False); SciPy >= 1.16 deprecates `disp` and never prints.
-  import scipy  # pylint: disable=g-import-not-at-top
   if tuple(int(x) for x in scipy.__version__.split(".")[:2]) >= (1, 16):
     return linalg.sqrtm(a)
   return linalg.sqrtm(a, disp=False)[0]

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 import flax
 import numpy as np
 
+from ldm_scaling import files
 from ldm_scaling.errors import WeightsError  # re-exported: fid_weights.WeightsError
 from ldm_scaling.eval import inception
 from ldm_scaling.eval import torchfile
@@ -80,10 +81,8 @@ class FIDWeights:
 
 
 def cache_dir() -> str:
-  """``$LDM_SCALING_CACHE/fid`` or ``~/.cache/ldm_scaling/fid`` (``XDG_CACHE_HOME`` honoured)."""
-  root = os.environ.get("LDM_SCALING_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ldm_scaling")
-  return os.path.join(root, "fid")
+  """``<files.cache_root()>/fid``."""
+  return os.path.join(files.cache_root(), "fid")
 
 
 def sha256_bytes(data: bytes) -> str:

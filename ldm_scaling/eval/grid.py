@@ -13,16 +13,24 @@ a TPU slice) split the cells.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import os
 import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import data
+from ldm_scaling import models
+from ldm_scaling.diffusion import generate
 from ldm_scaling.errors import ConfigError
-from ldm_scaling.eval import results
+from ldm_scaling.eval import clip_score, fid, frechet, results
+from ldm_scaling.models import clip as clip_model
+from ldm_scaling.models import cost as costlib
+from ldm_scaling.train import checkpoint
 from ldm_scaling.train.metrics import format_duration
 
 OFFLINE_CLIP_LABEL = "local-clip-small"
@@ -42,7 +50,6 @@ def cells(eval_cfg) -> list[Cell]:
 
 def checkpoint_steps(workdir: str, which: str) -> list[int]:
   """``latest`` | ``all`` | comma-separated steps -> the run's checkpoint steps to evaluate."""
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   directory = checkpoint.checkpoints_dir(workdir)
   if not checkpoint.is_dir(directory):
     raise checkpoint.RunNotFoundError(f"no checkpoints in {workdir!r}; train it first")
@@ -95,7 +102,6 @@ class _Memo:
 
 def eval_prompts_and_images(config, n: int) -> tuple[list[str], Callable[[], Iterable]]:
   """The first ``n`` captions of the eval split, and a generator factory of its uint8 images."""
-  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
 
   def batches(count: int, batch: int = 256):
     it = data.make_pipeline(config, config.data.eval_split, batch_size=min(batch, count),
@@ -125,18 +131,14 @@ def eval_prompts_and_images(config, n: int) -> tuple[list[str], Callable[[], Ite
 
 def clip_scorer(config, eval_cfg):
   """The CLIP named by ``eval.clip_model``; "" = the run's offline small CLIP, labelled so."""
-  from ldm_scaling.eval import clip_score  # pylint: disable=g-import-not-at-top
   if eval_cfg.clip_model:
     return clip_score.CLIPScorer.from_pretrained(eval_cfg.clip_model)
-  from ldm_scaling.models import clip  # pylint: disable=g-import-not-at-top
-  directory = config.clip.dir or clip.default_dir(config)
-  clip.check_trained(config, directory)
+  directory = config.clip.dir or clip_model.default_dir(config)
+  clip_model.check_trained(config, directory)
   return clip_score.CLIPScorer.from_pretrained(directory, label=OFFLINE_CLIP_LABEL)
 
 
 def _save_png(path, image: np.ndarray) -> None:
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +173,6 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
 
   ``eval_config``: a config whose ``eval`` section replaces each run's own (same grid for all
   runs); ``None`` uses each run's. ``extractor``: a ``fid.FeatureExtractor`` to reuse."""
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import fid  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   index, count = shard
   if not 0 <= index < count:
     raise ConfigError(f"shard {index}/{count}: need 0 <= index < count")
@@ -272,10 +271,6 @@ def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
   does not depend on the weights: encoders, prompts and reference statistics (per data /
   conditioning / eval settings), the UNet apply function (per model). The cost model caches its
   own compiled measurements."""
-  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   _, weights = checkpoint.load_weights(workdir, step=step, which="ema")
   inputs = tuple(config[s].to_dict() for s in ("data", "text", "vae", "clip"))
   run = _memo(shared, repr(("inputs", inputs, e.to_dict())),
@@ -297,9 +292,6 @@ def _memo(cache: dict, key, make):
 
 
 def _load_run(config, e, extractor, log) -> dict:
-  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  from ldm_scaling.eval import fid, frechet  # pylint: disable=g-import-not-at-top
   conditioning, decoding = generate.components(config, required=True, log=log)
   prompts, images = eval_prompts_and_images(config, e.num_samples)
   available = len(data.source(config, config.data.eval_split).records)

@@ -11,6 +11,7 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ldm_scaling.errors import UserError
 
@@ -36,7 +37,6 @@ def list_images(folder: str) -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
   """(H, W, 3) uint8 RGB; names the file when PIL cannot decode it."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"), dtype=np.uint8)

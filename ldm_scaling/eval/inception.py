@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -255,6 +256,5 @@ def param_shapes() -> dict:
 
 def conv_names() -> Sequence[str]:
   """Every BasicConv2d path as ``"Mixed_5b/branch1x1"`` (sorted)."""
-  import flax  # pylint: disable=g-import-not-at-top
   flat = flax.traverse_util.flatten_dict(param_shapes())
   return list(dict.fromkeys("/".join(k[:-1]) for k in flat))

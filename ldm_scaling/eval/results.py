@@ -19,6 +19,7 @@ import json
 from typing import Any, Iterable, Mapping
 
 from etils import epath
+import pandas as pd
 
 from ldm_scaling import files
 from ldm_scaling.errors import UserError
@@ -66,7 +67,6 @@ class Table:
 
   def write_tables(self) -> None:
     """Regenerates ``results.jsonl`` and ``results.csv`` from the rows (atomically)."""
-    import pandas as pd  # pylint: disable=g-import-not-at-top
     rows = self.rows()
     self.root.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(self.root / "results.jsonl",
@@ -96,7 +96,6 @@ def load(path: str):
   """A DataFrame from a table directory, its ``results.csv`` / ``results.jsonl``, or a CSV/JSONL
   file anywhere (e.g. the example table shipped with the repository). Raises
   :class:`EmptyTableError` with a hint when there is nothing to analyse."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
   if p.is_dir() and not (p / "rows").exists() and (p / "results.csv").exists():
     return load(str(p / "results.csv"))  # a copied table (e.g. docs/study/results): CSV only

@@ -45,6 +45,7 @@ import ml_collections
 from ldm_scaling import config as cfglib
 from ldm_scaling import experiment
 from ldm_scaling.errors import ConfigError
+from ldm_scaling.models import unet
 
 COMMANDS = ("train", "eval")
 DEFAULT_WORKDIR_ROOT = "/tmp/ldm-scaling/sweeps"
@@ -239,7 +240,6 @@ def check_sweep(sweep: ml_collections.ConfigDict, spec: str = "") -> None:
 def _unet_heads(get: Callable[[str], Any]) -> dict[str, Any]:
   """The head layout ``configs/t2i.py``'s preset gives a width: 64-wide heads where every level
   width is a multiple of 64, else 8 fixed heads (widths 96, 160, 224, 288 of the paper)."""
-  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   preset = unet.preset(int(get("model.width")), tuple(get("model.channel_mult")))
   return {f"model.{k}": v for k, v in preset.items() if k != "width"}
 

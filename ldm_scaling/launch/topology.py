@@ -15,6 +15,7 @@ import math
 import re
 
 from ldm_scaling.errors import ConfigError
+from ldm_scaling.models import cost
 
 # Runtime (software) versions per generation, from the Cloud TPU docs.
 RUNTIME_VERSIONS = {
@@ -87,7 +88,6 @@ def presets() -> list[Topology]:
 def approx_params(width: int) -> float:
   """Parameters of the SD-2.x UNet at ``width``: Mei et al.'s Table 1 where it has the width,
   else the width-320 count scaled by width^2 (planning accuracy is enough here)."""
-  from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
   if width in cost.PAPER_TABLE1:
     return float(cost.PAPER_TABLE1[width]["params"])
   return cost.PAPER_TABLE1[320]["params"] * (width / 320) ** 2

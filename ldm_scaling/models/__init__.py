@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from ldm_scaling.errors import ConfigError
-from ldm_scaling.models import unet
+from ldm_scaling.models import clip, text, unet, vae
 
 # name -> (build from a model section, validate a model section)
 MODELS = {
@@ -31,7 +31,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def validate_conditioning(config: ml_collections.ConfigDict) -> None:
   """Checks the ``text``, ``clip`` and ``vae`` sections against each other and the UNet."""
-  from ldm_scaling.models import clip, text, vae  # pylint: disable=g-import-not-at-top
   text.validate(config)
   clip.validate(config)
   vae.validate(config)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import flax
 import numpy as np
+from safetensors.numpy import load_file
 
 from ldm_scaling import sharding
 from ldm_scaling.errors import UserError
@@ -87,5 +88,4 @@ def load_safetensors(path: str, template: Any) -> dict:
         f"weights file {path!r} not found; download it (e.g. `huggingface-cli download "
         f"stabilityai/stable-diffusion-2-1-base unet/diffusion_pytorch_model.safetensors`) or "
         f"point to a local copy")
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   return convert_state_dict(load_file(path), template)

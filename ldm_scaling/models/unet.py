@@ -314,6 +314,12 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
       attn_query_chunk=cfg.attn_query_chunk)
 
 
+def down_factor(cfg) -> int:
+  """How much the UNet shrinks each side: ``2 ** (levels - 1)``; its input side must be a multiple
+  (of a ``model`` config section)."""
+  return 2 ** (len(cfg.channel_mult) - 1)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks a ``model`` section before anything is built; errors say what to change."""
   width, groups = cfg.width, cfg.norm_groups

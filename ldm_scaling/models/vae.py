@@ -14,25 +14,29 @@ import through ``models.convert`` by renaming alone (:func:`load_diffusers`).
 
 Latents for diffusion are ``z * scaling_factor``; the factor is a property of the weights (SD's
 0.18215 from its ``config.json``; for a VAE trained here, 1 / std of training latents, computed
-by ``vae_train``) and travels with them (:class:`VAE`).
+by ``ldm_scaling.components.vae``) and travels with them (:class:`VAE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
+from huggingface_hub import hf_hub_download
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ldm_scaling import files
 from ldm_scaling import sharding as sh
-from ldm_scaling.errors import ConfigError
-from ldm_scaling.models import layers
+from ldm_scaling.errors import ConfigError, WeightsError
+from ldm_scaling.models import convert, layers
 
 TRAINED = "trained"  # vae.weights value: the VAE this project trains (ldm-scaling train-vae)
 
@@ -253,7 +257,7 @@ class AutoencoderKL(nn.Module):
 
   @property
   def down_factor(self) -> int:
-    return 2 ** (len(self.channel_mult) - 1)
+    return down_factor(self)
 
   def encode(self, x):
     moments = self.quant_conv(self.encoder(x.astype(self.dtype)))
@@ -334,7 +338,6 @@ class VAE:
 
 def _diffusers_files(location: str, subfolder: str) -> tuple[str, str | None]:
   """(safetensors path, config.json path or None) for a file, directory or hub id."""
-  from ldm_scaling.models.text import WeightsError  # pylint: disable=g-import-not-at-top
   name = "diffusion_pytorch_model.safetensors"
   loc = os.path.expanduser(location)
   if loc.endswith(".safetensors"):
@@ -354,7 +357,6 @@ def _diffusers_files(location: str, subfolder: str) -> tuple[str, str | None]:
                          f"save_pretrained (safetensors) or give the file")
     cfg = os.path.join(d, "config.json")
     return path, cfg if os.path.isfile(cfg) else None
-  from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
   try:
     path = hf_hub_download(location, name, subfolder=subfolder or None)
     cfg = hf_hub_download(location, "config.json", subfolder=subfolder or None)
@@ -390,7 +392,6 @@ def load_diffusers(cfg: ml_collections.ConfigDict, location: str | None = None,
   """Imports a diffusers ``AutoencoderKL`` (safetensors; no pickle is executed) onto our module:
   a hub id (``stabilityai/stable-diffusion-2-1-base`` with subfolder ``vae``), a directory or a
   file. The scaling factor is ``cfg.scaling_factor`` if > 0, else the checkpoint config's."""
-  from ldm_scaling.models import convert  # pylint: disable=g-import-not-at-top
   location = location or cfg.weights
   subfolder = cfg.subfolder if subfolder is None else subfolder
   path, cfg_path = _diffusers_files(location, subfolder)
@@ -407,12 +408,73 @@ def load_diffusers(cfg: ml_collections.ConfigDict, location: str | None = None,
 
 def load(config: ml_collections.ConfigDict, vae_dir: str | None = None) -> VAE:
   """The VAE of ``config.vae``: imported weights, or the project's trained one
-  (``vae.weights="trained"``, from ``vae_dir`` / ``vae.dir``; ``vae_train.ensure_vae`` trains it
+  (``vae.weights="trained"``, from ``vae_dir`` / ``vae.dir``; ``components.vae.ensure`` trains it
   when absent)."""
   if config.vae.weights == TRAINED:
-    from ldm_scaling.models import vae_train  # pylint: disable=g-import-not-at-top
-    return vae_train.load_trained(config, vae_dir)
+    return load_trained(config, vae_dir)
   return load_diffusers(config.vae)
+
+
+# -------------------------------------------------------------------------------------------------
+# The VAE this project trains (``ldm-scaling train-vae``), stored as ``params.msgpack`` (flax
+# serialization) + ``config.json`` in diffusers' AutoencoderKL vocabulary (block_out_channels,
+# layers_per_block, latent_channels, norm_num_groups, scaling_factor, ...) + training metadata.
+
+PARAMS = "params.msgpack"
+CONFIG = "config.json"
+
+
+def default_dir(config: ml_collections.ConfigDict) -> str:
+  """``vae.dir``, or a cache directory keyed by the vae section and the training data."""
+  if config.vae.dir:
+    return os.path.expanduser(config.vae.dir)
+  v = {k: v for k, v in config.vae.to_dict().items()
+       if k not in ("dir", "weights", "subfolder", "scaling_factor")}
+  d = {k: config.data[k] for k in ("name", "resolution", "shapes_sizes")}
+  key = hashlib.sha256(json.dumps(dict(vae=v, data=d), sort_keys=True, default=list).encode())
+  return os.path.join(files.cache_root(), "vae", key.hexdigest()[:12])
+
+
+def diffusers_config(cfg: ml_collections.ConfigDict, scaling: float, extra: dict) -> dict:
+  """The ``config.json`` of a trained VAE: diffusers' AutoencoderKL keys + ``ldm_scaling``."""
+  n = len(cfg.channel_mult)
+  return dict(
+      _class_name="AutoencoderKL", in_channels=3, out_channels=3,
+      down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+      block_out_channels=[cfg.width * m for m in cfg.channel_mult],
+      layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+      norm_num_groups=cfg.norm_groups, mid_block_add_attention=cfg.mid_attention,
+      act_fn="silu", scaling_factor=scaling, ldm_scaling=extra)
+
+
+def load_trained(config: ml_collections.ConfigDict, directory: str | None = None) -> VAE:
+  """The trained VAE in ``directory`` (default :func:`default_dir`), checked against the config."""
+  directory = directory or default_dir(config)
+  params_path, cfg_path = os.path.join(directory, PARAMS), os.path.join(directory, CONFIG)
+  if not (os.path.isfile(params_path) and os.path.isfile(cfg_path)):
+    raise WeightsError(
+        f"no trained VAE in {directory!r} (vae.weights={TRAINED!r}); train it with "
+        f"`ldm-scaling train-vae --config <your config>` (minutes on CPU) or call "
+        f"ldm_scaling.components.vae.ensure(config)")
+  with open(cfg_path, encoding="utf-8") as f:
+    stored = json.load(f)
+  check_diffusers_config(config.vae, stored)
+  module = from_config(config.vae)
+  template = sh.unbox(abstract_params(module))
+  with open(params_path, "rb") as f:
+    try:
+      params = flax.serialization.from_bytes(template, f.read())
+    except (ValueError, KeyError) as e:
+      raise WeightsError(f"VAE weights {params_path!r} do not match the vae config ({e}); "
+                         f"retrain or fix vae.*") from None
+  scaling = config.vae.scaling_factor or float(stored["scaling_factor"])
+  return VAE(module, params, scaling, source=directory)
+
+
+def down_factor(vae_cfg) -> int:
+  """How much the VAE shrinks each side: ``2 ** (len(channel_mult) - 1)`` (of a ``vae`` config
+  section or a module)."""
+  return 2 ** (len(vae_cfg.channel_mult) - 1)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

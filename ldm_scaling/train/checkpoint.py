@@ -8,21 +8,28 @@ the recorded metric (lower is better).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
+from etils import epath
+import grain
 import jax
-import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+import orbax.checkpoint as ocp
 
+from ldm_scaling import config as cfglib
 from ldm_scaling.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# The train state's layout, recorded in each checkpoint's meta. 2: one optimiser state (and EMA
+# where kept) per network; 1 (no record): one optimiser state over the dict of networks.
+STATE_LAYOUT = 2
+
 
 def _grain_handler():
-  import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint.CheckpointHandler()
 
 
@@ -63,7 +70,6 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> bool:
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if self.has_data:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
@@ -78,7 +84,6 @@ class Checkpointer:
     and sets ``data_iter`` to the saved position."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if self.has_data:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
@@ -115,7 +120,6 @@ def absolute(path: str) -> str:
 
 
 def is_dir(path: str) -> bool:
-  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(path).is_dir()
 
 
@@ -138,9 +142,6 @@ def available_steps(workdir: str) -> list[int]:
 
 def load_run_config(workdir: str):
   """The config a run was trained with (``<workdir>/config.json``), validated and locked."""
-  import json  # pylint: disable=g-import-not-at-top
-  from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / "config.json"
   if not path.is_file():
     raise RunNotFoundError(f"{workdir!r} is not a training workdir (no config.json); train one "

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from etils import epath
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
@@ -22,6 +23,7 @@ def _jsonable(value):
 def make_writer(workdir: str, is_main: bool):
   """clu ``MultiWriter``: TensorBoard events + logging (+ ``metrics.jsonl``) on the main process,
   nothing but logging elsewhere."""
+  # clu's writers import TensorFlow (seconds): only a training run pays for it.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top
 
@@ -31,12 +33,12 @@ def make_writer(workdir: str, is_main: bool):
     at each flush (it stays small: one line per ``train.log_every`` steps)."""
 
     def __init__(self, path: str):
-      from etils import epath  # pylint: disable=g-import-not-at-top
       self._path = epath.Path(path)
       self._remote = "://" in path
       self._lines = (self._path.read_text().splitlines(keepends=True)
                      if self._remote and self._path.exists() else [])
-      self._file = None if self._remote else open(path, "a", encoding="utf-8")
+      # Line-buffered: a killed run keeps every line it logged.
+      self._file = None if self._remote else open(path, "a", encoding="utf-8", buffering=1)
 
     def _write(self, line: str):
       if self._remote:  # rewritten whole: an object cannot be appended to, and a hard kill
@@ -88,29 +90,44 @@ def make_writer(workdir: str, is_main: bool):
                                                                        "metrics.jsonl"))])
 
 
-class Throughput:
-  """Steps/s, examples/s, per-device TFLOP/s and MFU over the window since the last report."""
+def history(workdir: str) -> list[dict[str, float]]:
+  """A run's logged training metrics (``metrics.jsonl``), one row per log interval."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in r.items() if k != "time"} for r in rows if "loss" in r]
 
-  def __init__(self, *, start_step: int, total_steps: int, batch_size: int,
-               flops_per_example: float, num_devices: int, peak_tflops: float):
+
+class Throughput:
+  """Steps/s, examples/s, per-device TFLOP/s and MFU over the window since the last report.
+
+  :meth:`add` counts one step of a phase with its FLOPs per example (phases may differ)."""
+
+  def __init__(self, *, start_step: int, total_steps: int, batch_size: int, num_devices: int,
+               peak_tflops: float):
     self.total_steps = total_steps
     self.batch_size = batch_size
-    self.flops_per_example = flops_per_example
     self.num_devices = num_devices
     self.peak_tflops = peak_tflops
     self._t0 = self._t = time.perf_counter()
     self._step0 = self._step = start_step
+    self._flops = 0.0
+
+  def add(self, flops_per_example: float) -> None:
+    self._flops += flops_per_example * self.batch_size
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    dt, dsteps = now - self._t, step - self._step
-    self._t, self._step = now, step
+    dt, dsteps, flops = now - self._t, step - self._step, self._flops
+    self._t, self._step, self._flops = now, step, 0.0
     if dsteps <= 0 or dt <= 0:
       return {}
     steps_per_s = dsteps / dt
     out = dict(steps_per_s=steps_per_s, examples_per_s=steps_per_s * self.batch_size)
-    if self.flops_per_example > 0:
-      tflops = steps_per_s * self.batch_size * self.flops_per_example / self.num_devices / 1e12
+    if flops > 0:
+      tflops = flops / dt / self.num_devices / 1e12
       out["tflops_per_device"] = tflops
       if self.peak_tflops > 0:
         out["mfu"] = tflops / self.peak_tflops
@@ -135,8 +152,9 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float], eta: floa
   pct = 100.0 * step / max(total, 1)
   bar = "#" * int(pct // 5)
   parts = [f"[{bar:<20}] step {step}/{total} ({pct:.0f}%)"]
-  for key, fmt in (("loss", "loss {:.4f}"), ("grad_norm", "|g| {:.3f}"), ("lr", "lr {:.2e}"),
-                   ("examples_per_s", "{:.1f} ex/s"), ("mfu", "MFU {:.1%}")):
+  shown = [(k, f"{k} {{:.4f}}") for k in scalars if k.endswith("/loss")]  # one per phase
+  for key, fmt in (("loss", "loss {:.4f}"), *shown, ("grad_norm", "|g| {:.3f}"),
+                   ("lr", "lr {:.2e}"), ("examples_per_s", "{:.1f} ex/s"), ("mfu", "MFU {:.1%}")):
     if key in scalars:
       parts.append(fmt.format(float(scalars[key])))
   parts.append(f"ETA {format_duration(eta)}")

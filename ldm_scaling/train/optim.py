@@ -1,14 +1,25 @@
-"""Optimiser, learning-rate schedule and EMA, built from the ``train`` config section."""
+"""Optimiser, learning-rate schedule and EMA, built from the ``train`` config section (or from a
+network's :func:`settings`: ``train.*`` with the network's own overrides)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from ldm_scaling.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+def settings(train_cfg, overrides=None) -> ml_collections.ConfigDict:
+  """A network's optimiser settings: the ``train`` section with ``overrides`` (lr, schedule,
+  warmup_steps, end_lr_factor, b1, b2, eps, weight_decay, grad_clip, steps) applied."""
+  cfg = ml_collections.ConfigDict(train_cfg.to_dict())
+  cfg.update(dict(overrides or {}))
+  validate(cfg)
+  return cfg
 
 
 def learning_rate(cfg) -> optax.Schedule:

@@ -1,14 +1,19 @@
-"""The one trainer: sharded ``jax.jit`` training of any objective, with exact resume.
+"""The one trainer: sharded ``jax.jit`` training of any objective's networks, with exact resume.
 
-``train(config, workdir)`` is the whole job (the CLI's ``ldm-scaling train`` calls it):
+``train(config, workdir)`` is the whole job (``ldm-scaling train``, ``train-vae``, ``train-clip`` and
+the study call it):
 
 1. validate the config against the devices before anything compiles;
-2. build the mesh, the objective and the data pipeline (this host's share of each batch);
-3. derive every sharding from the logical axis names (``ldm_scaling.sharding``) and create the
-   state already sharded (``jax.jit(init, out_shardings=...)``), or restore it from the latest
-   complete checkpoint together with the data-iterator position;
-4. run the jitted, state-donating step; ``rng = fold_in(key(seed), step)`` inside it, so a resumed
-   run draws exactly the numbers an uninterrupted one would;
+2. build the mesh, the objective (its trainable networks, frozen networks and phases) and the data
+   pipeline (this host's share of each batch);
+3. derive every sharding from the logical axis names (``ldm_scaling.sharding``), frozen networks
+   included, and create the state already sharded (``jax.jit(init, out_shardings=...)``), or
+   restore it from the latest complete checkpoint together with the data-iterator position;
+4. run, at each step, the jitted, state-donating program of the phase the objective schedules for
+   that step (:func:`objectives.phase_at`); it updates that phase's networks only (their
+   optimiser states and EMAs) and leaves every other network bit-identical;
+   ``rng = fold_in(key(seed), step)`` inside it, so a resumed run draws exactly the numbers an
+   uninterrupted one would;
 5. guard: a step whose loss or gradient norm is not finite is not applied, and the run stops
    naming that step (the last checkpoint is the last good state); SIGTERM or a platform
    preemption notice saves a checkpoint and returns cleanly.
@@ -17,7 +22,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -25,31 +29,26 @@ import signal
 import threading
 from typing import Any, Callable
 
-import flax
 from etils import epath
+import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from ldm_scaling import config as cfglib
-from ldm_scaling import files
-from ldm_scaling import runtime
+from ldm_scaling import files, runtime
 from ldm_scaling import sharding as sh
+from ldm_scaling.diffusion import generate
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.train import checkpoint as ckpt_lib
 from ldm_scaling.train import metrics as metrics_lib
-from ldm_scaling.train import objectives
-from ldm_scaling.train import optim
+from ldm_scaling.train import objectives, optim
 from ldm_scaling.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# Sections whose change makes an existing workdir's checkpoints a different experiment.
-_STRUCTURAL = ("model", "objective", "diffusion")
-# Keys of structural sections that change how the same numbers are computed, not what is trained.
-_HOW_NOT_WHAT = {"model": ("remat", "attn_query_chunk")}
 
 
 class NonFiniteError(RuntimeError):
@@ -86,14 +85,14 @@ def check_batch_layout(config, num_devices: int, process_count: int) -> dict[str
   return sizes
 
 
-def _check_workdir(workdir: str, config) -> None:
+def _check_workdir(workdir: str, config, objective) -> None:
   """Refuses to resume a workdir created by a structurally different experiment."""
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
   old = cfglib.with_defaults(json.loads(path.read_text())["config"])
-  changed = [s for s in _STRUCTURAL
-             if cfglib.section_changes(old, config, s, _HOW_NOT_WHAT.get(s, ()))]
+  changed = [s for s in objective.structural
+             if cfglib.section_changes(old, config, s, objective.how_not_what.get(s, ()))]
   if changed:
     raise ConfigError(
         f"workdir {workdir!r} holds a run with different {', '.join(changed)} settings; resuming "
@@ -104,23 +103,25 @@ def _check_workdir(workdir: str, config) -> None:
     log.warning("resuming %s with changed %s settings", workdir, ", ".join(others))
 
 
-def _write_partitioning(workdir: str, abstract, shardings) -> None:
-  """``partitioning.json``: every state leaf's mesh spec and bytes per device, and the totals
-  (what to read first when a pod runs out of memory)."""
+def _write_partitioning(workdir: str, trees: dict[str, tuple[Any, Any]]) -> None:
+  """``partitioning.json``: every leaf's mesh spec and bytes per device, of the train state and
+  of the frozen networks, and their totals (what to read first when a pod runs out of memory)."""
   if jax.process_index() != 0:
     return
-  rows, total, per_device = {}, 0, 0
-  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
-    nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
-    shard = sharding.shard_shape(leaf.shape)
-    local = int(np.prod(shard)) * leaf.dtype.itemsize
-    rows[jax.tree_util.keystr(path)] = dict(shape=list(leaf.shape), spec=str(sharding.spec),
-                                            bytes=nbytes, bytes_per_device=local)
-    total, per_device = total + nbytes, per_device + local
-  _dump_json(epath.Path(workdir) / "partitioning.json",
-             dict(total_bytes=total, bytes_per_device=per_device, leaves=rows))
-  log.info("train state: %.2f GB total, %.2f GB per device", total / 1e9, per_device / 1e9)
+  out = {}
+  for name, (abstract, shardings) in trees.items():
+    rows, total, per_device = {}, 0, 0
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings)):
+      nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      local = int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+      rows[jax.tree_util.keystr(path)] = dict(shape=list(leaf.shape), spec=str(sharding.spec),
+                                              bytes=nbytes, bytes_per_device=local)
+      total, per_device = total + nbytes, per_device + local
+    out[name] = dict(total_bytes=total, bytes_per_device=per_device, leaves=rows)
+    log.info("%s: %.2f GB total, %.2f GB per device", name, total / 1e9, per_device / 1e9)
+  state = out.pop("state")
+  _dump_json(epath.Path(workdir) / "partitioning.json", dict(state, **out))
 
 
 def _write_config(workdir: str, config) -> None:
@@ -131,14 +132,13 @@ def _write_config(workdir: str, config) -> None:
 
 
 def _dump_json(path: epath.Path, obj) -> None:
-  """Writes via a temporary file and a rename (local or ``gs://``): other hosts that read the file
-  while the primary writes it (``_check_workdir`` on a shared workdir) see the old or the new
-  file, never half of one."""
+  """Written whole or not at all (``files.atomic_write_text``): other hosts reading it while the
+  primary writes (``_check_workdir`` on a shared workdir) never see half a file."""
   files.atomic_write_text(path, json.dumps(obj, indent=1, default=list))
 
 
 # -------------------------------------------------------------------------------------------------
-# The step.
+# The step of a phase.
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -147,54 +147,124 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, step_key
 
 
-def make_train_step(objective, tx, config, lr_fn) -> Callable:
+def make_phase_step(phase: objectives.Phase, choice, networks: dict[str, objectives.Network],
+                    txs: dict[str, optax.GradientTransformation], frozen_modules: dict[str, Any],
+                    config) -> Callable:
+  """``step(state, batch, frozen_params) -> (state, metrics)`` of one phase: the gradient of its
+  loss with respect to the networks it updates, their optimiser and EMA updates, the NaN guard."""
   accum = config.train.grad_accum_steps
-  decay = config.train.ema_decay
   _, step_key = run_keys(config.train.seed)
+  decays = {n: config.train.ema_decay if net.ema_decay is None else net.ema_decay
+            for n, net in networks.items() if net.ema}
+  kwargs = {} if phase.choice is None else dict(choice=choice)
 
-  def loss_and_grads(params, frozen, ema, batch, rng):
-    fn = jax.value_and_grad(objective.loss, has_aux=True)
+  def loss(trainable, params, frozen_params, ema, batch, rng):
+    frozen = {k: objectives.Frozen(frozen_modules[k], v) for k, v in frozen_params.items()}
+    return phase.loss(dict(params, **trainable), frozen, ema, batch, rng, **kwargs)
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def loss_and_grads(trainable, params, frozen_params, ema, batch, rng):
     if accum == 1:
-      (loss, aux), grads = fn(params, frozen, ema, batch, rng)
-      return loss, aux, grads
+      (value, aux), grads = grad_fn(trainable, params, frozen_params, ema, batch, rng)
+      return value, aux, grads
 
     def micro(i, b):
       return jax.tree.map(lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])[:, i],
                           b)
 
+    def one(i):
+      return grad_fn(trainable, params, frozen_params, ema, micro(i, batch),
+                     jax.random.fold_in(rng, i))
+
     def body(carry, i):
-      loss_sum, aux_sum, grad_sum = carry
-      (loss, aux), grads = fn(params, frozen, ema, micro(i, batch), jax.random.fold_in(rng, i))
-      return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux),
-              jax.tree.map(jnp.add, grad_sum, grads)), None
+      (value, aux), grads = one(i)
+      return jax.tree.map(jnp.add, carry, (value, aux, grads)), None
 
-    (loss0, aux0), grads0 = fn(params, frozen, ema, micro(0, batch), jax.random.fold_in(rng, 0))
-    (loss, aux, grads), _ = jax.lax.scan(body, (loss0, aux0, grads0), jnp.arange(1, accum))
-    scale = 1.0 / accum
-    return loss * scale, jax.tree.map(lambda a: a * scale, aux), jax.tree.map(
-        lambda g: g * scale, grads)
+    (value0, aux0), grads0 = one(0)
+    total, _ = jax.lax.scan(body, (value0, aux0, grads0), jnp.arange(1, accum))
+    return jax.tree.map(lambda a: a / accum, total)
 
-  def train_step(state: TrainState, batch, frozen):
+  def train_step(state: TrainState, batch, frozen_params):
     rng = jax.random.fold_in(step_key, state.step)
-    loss, aux, grads = loss_and_grads(state.params, frozen, state.ema, batch, rng)
+    trainable = {n: state.params[n] for n in phase.updates}
+    value, aux, grads = loss_and_grads(trainable, state.params, frozen_params, state.ema, batch,
+                                       rng)
     grad_norm = optim.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
     def update(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return TrainState(step=state.step + 1, params=params,
-                        ema=optim.ema_update(state.ema, params, decay), opt_state=opt_state)
+      params, ema, opt_state = dict(state.params), dict(state.ema), dict(state.opt_state)
+      for n in phase.updates:
+        updates, opt_state[n] = txs[n].update(grads[n], state.opt_state[n], state.params[n])
+        params[n] = optax.apply_updates(state.params[n], updates)
+        if networks[n].post_update is not None:
+          params[n] = networks[n].post_update(params[n])
+        if n in decays:
+          ema[n] = optim.ema_update(state.ema[n], params[n], decays[n])
+      return TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
 
     # NaN guard: a non-finite step leaves the state exactly as it was. A cond, not a per-leaf
-    # jnp.where: the where reads every old optimizer moment twice, so XLA copies each donated
-    # buffer before updating it in place (w128: 2,059 copies, the update 486 -> 276 ms).
+    # jnp.where, so XLA updates the donated buffers in place (benchmarks/README.md).
     new = jax.lax.cond(finite, update, lambda state: state, state)
-    metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step),
-                   finite=finite.astype(jnp.float32))
+    metrics = dict(aux, loss=value, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
     return new, metrics
 
   return train_step
+
+
+class _Steps:
+  """The jitted program of each (phase, choice), compiled on first use."""
+
+  def __init__(self, objective_phases, networks, txs, frozen_modules, config, shardings):
+    self.phases = objective_phases
+    self._make = lambda phase, choice: jax.jit(
+        make_phase_step(phase, choice, networks, txs, frozen_modules, config),
+        in_shardings=shardings, out_shardings=(shardings[0], None), donate_argnums=(0,))
+    self._jitted: dict[tuple[str, Any], Callable] = {}
+
+  def at(self, step: int) -> tuple[objectives.Phase, Callable]:
+    phase, choice = objectives.phase_at(self.phases, step)
+    key = (phase.name, choice)
+    if key not in self._jitted:
+      self._jitted[key] = self._make(phase, choice)
+    return phase, self._jitted[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# Restoring, including checkpoints written before networks + phases.
+
+
+def _restore(checkpointer, step: int, abstract: TrainState, state_sh: TrainState, data_iter,
+             txs) -> TrainState:
+  """The state of checkpoint ``step``. Layout 1 (one optimiser state over the dict of networks,
+  written before ``STATE_LAYOUT`` 2) is converted: for a single network its leaves are those of
+  the per-network state in the same order."""
+  layout = checkpointer.restore_meta(step).get("state_layout", 1)
+  if layout == ckpt_lib.STATE_LAYOUT:
+    return checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, state_sh),
+                                data_iter)[0]
+  if layout != 1 or len(abstract.params) != 1:
+    raise ConfigError(
+        f"checkpoint {step} in {checkpointer.directory} has state layout {layout}, which this "
+        f"objective ({len(abstract.params)} networks) cannot resume; train in a new --workdir")
+  (name,) = abstract.params
+  old_opt = jax.eval_shape(txs[name].init, {name: abstract.params[name]})
+  treedef, new_leaves = jax.tree.structure(abstract.opt_state[name]), jax.tree.leaves(
+      abstract.opt_state[name])
+  if [(x.shape, x.dtype) for x in jax.tree.leaves(old_opt)] != [(x.shape, x.dtype)
+                                                               for x in new_leaves]:
+    raise ConfigError(f"checkpoint {step} in {checkpointer.directory} was written with another "
+                      f"optimiser; train in a new --workdir")
+  old_opt_sh = jax.tree.unflatten(jax.tree.structure(old_opt),
+                                  jax.tree.leaves(state_sh.opt_state[name]))
+  old = dataclasses.replace(abstract, opt_state=old_opt)
+  old_sh = dataclasses.replace(state_sh, opt_state=old_opt_sh)
+  restored = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(old, old_sh),
+                                  data_iter)[0]
+  log.info("converted checkpoint %d from state layout 1", step)
+  return dataclasses.replace(restored, opt_state={
+      name: jax.tree.unflatten(treedef, jax.tree.leaves(restored.opt_state))})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -221,7 +291,6 @@ class _StopFlag:
     local = self.event.is_set()
     if jax.process_count() == 1:
       return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
@@ -239,152 +308,177 @@ def _global_batch(local: dict[str, Any], spec: dict[str, Any], mesh) -> dict[str
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           make_data: Callable | None = None, max_steps: int | None = None) -> Result:
-  """Trains ``config`` in ``workdir``, resuming from its latest complete checkpoint.
+  """Trains ``config``'s objective in ``workdir``, resuming from its latest complete checkpoint.
 
   ``make_data(config, split, *, batch_size, seed, process_index, process_count)`` returns a
-  checkpointable grain iterator of host-local numpy batches (default: ``ldm_scaling.data``).
-  ``max_steps`` stops early (tests); the schedule still follows ``train.steps``.
+  checkpointable grain iterator of host-local numpy batches (default: the objective's
+  ``make_data``). ``max_steps`` stops early (tests); the schedule still follows ``train.steps``.
   """
   cfglib.check_schema(config)
   optim.validate(config.train)
-  objectives.validate(config)  # the sections the objective's networks and data use
+  objective = objectives.build(config)  # checks the sections its networks and data use
   num_devices, process_count = jax.device_count(), jax.process_count()
   check_batch_layout(config, num_devices, process_count)
-  objective = objectives.build(config)
+  networks, phases = objective.networks(), objective.phases()
+  frozen = objective.frozen()  # loaded once on the host, before anything is written; never saved
+  objectives.check_declaration(networks, phases, frozen)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  _check_workdir(workdir, config)
+  _check_workdir(workdir, config, objective)
   _write_config(workdir, config)
 
   mesh = sh.make_mesh(config.mesh)
   tcfg = config.train
-  tx = optim.optimizer(tcfg)
-  lr_fn = optim.learning_rate(tcfg)
+  settings = {n: optim.settings(tcfg, net.optimizer) for n, net in networks.items()}
+  txs = {n: optim.optimizer(s) for n, s in settings.items()}
   batch_spec = objective.batch_spec(tcfg.batch_size)
-  flops_per_example = objective.train_flops_per_example()  # compiles a single-device forward
-  frozen = objective.frozen()  # VAE, text encoder, teachers: loaded on the host, never saved
+  flops = {p.name: objective.train_flops_per_example(p.name) for p in phases}
 
-  def init_state(rng, frozen):
-    params = objective.start_from(objective.init(rng, batch_spec), frozen)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-                      opt_state=tx.init(params))
+  def init_state(rng, frozen_params):
+    params = objective.init(rng)
+    for n, net in networks.items():
+      if net.start_from:
+        params[n] = sh.replace_values(params[n], frozen_params[net.start_from])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema={n: params[n] for n, net in networks.items() if net.ema},
+                      opt_state={n: txs[n].init(params[n]) for n in networks})
 
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
-    frozen_sh = jax.tree.map(lambda _: sh.replicated(mesh), frozen)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen_sh = {k: sh.frozen_shardings(f.params, mesh) for k, f in frozen.items()}
+    frozen_params = jax.device_put({k: sh.unbox(f.params) for k, f in frozen.items()}, frozen_sh)
+    frozen_modules = {k: f.module for k, f in frozen.items()}
     init_key, _ = run_keys(tcfg.seed)
-    abstract = jax.eval_shape(init_state, init_key, frozen)
+    abstract = jax.eval_shape(init_state, init_key, frozen_params)
     state_sh = sh.tree_shardings(abstract, mesh)
     abstract = sh.unbox(abstract)
-    _write_partitioning(workdir, abstract, state_sh)
+    _write_partitioning(workdir, dict(state=(abstract, state_sh),
+                                      frozen=(jax.eval_shape(lambda: frozen_params), frozen_sh)))
 
     local_batch = tcfg.batch_size // process_count
-    if make_data is None:
-      from ldm_scaling import data as data_lib  # pylint: disable=g-import-not-at-top
-      make_data = data_lib.make_pipeline
-    data_iter = make_data(config, config.data.train_split, batch_size=local_batch, seed=tcfg.seed,
-                          process_index=jax.process_index(), process_count=process_count)
+    data_iter = (make_data or objective.make_data)(
+        config, config.data.train_split, batch_size=local_batch, seed=tcfg.seed,
+        process_index=jax.process_index(), process_count=process_count)
 
     checkpointer = ckpt_lib.Checkpointer(
         workdir, keep=tcfg.keep_checkpoints,
         best_metric=tcfg.best_metric or None, async_save=tcfg.async_checkpointing)
     start = checkpointer.latest_step()
     if start is not None:
-      state, _ = checkpointer.restore(
-          start, ckpt_lib.abstract_with_shardings(abstract, state_sh), data_iter)
-      log.info("resumed from step %d", start)
+      state = _restore(checkpointer, start, abstract, state_sh, data_iter, txs)
+      if jax.process_index() == 0:
+        metrics_lib.console(f"resumed from step {start} of {tcfg.steps} ({workdir})")
     else:
       start = 0
-      state = runtime.run_once(lambda k, f: sh.unbox(init_state(k, f)), init_key, frozen,
+      state = runtime.run_once(lambda k, f: sh.unbox(init_state(k, f)), init_key, frozen_params,
                                out_shardings=state_sh)
 
     batch_sh = {k: sh.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
-    step_fn = jax.jit(make_train_step(objective, tx, config, lr_fn),
-                      in_shardings=(state_sh, batch_sh, frozen_sh),
-                      out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=(0,))
-
-    result = _loop(config, workdir, objective, state, step_fn, frozen, data_iter, checkpointer,
-                   mesh, batch_spec, flops_per_example, start, max_steps)
+    steps = _Steps(phases, networks, txs, frozen_modules, config, (state_sh, batch_sh, frozen_sh))
+    lrs = {n: optim.learning_rate(s) for n, s in settings.items()}
+    loop = _Loop(config, workdir, objective, phases, frozen, frozen_params, flops, lrs, mesh,
+                 batch_spec)
+    result = loop.run(state, steps, data_iter, checkpointer, start, max_steps)
   return result
 
 
-def _loop(config, workdir, objective, state, step_fn, frozen, data_iter, checkpointer, mesh,
-          batch_spec, flops_per_example, start, max_steps) -> Result:
-  tcfg = config.train
-  total = tcfg.steps
-  end = total if max_steps is None else min(total, max_steps)
-  is_main = jax.process_index() == 0
-  writer = metrics_lib.make_writer(workdir, is_main)
-  throughput = metrics_lib.Throughput(
-      start_step=start, total_steps=total, batch_size=tcfg.batch_size,
-      flops_per_example=flops_per_example, num_devices=jax.device_count(),
-      peak_tflops=tcfg.peak_tflops_per_device)
-  hooks = []
-  if is_main:
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                                 every_steps=tcfg.log_every, every_secs=None))
-    if tcfg.profile_steps > 0:
-      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=tcfg.profile_steps,
-                                            first_profile=start + 5, every_secs=None))
-  meta = dict(config_hash=cfglib.config_hash(config), objective=config.objective.name)
-  window: list[dict[str, jax.Array]] = []
-  step, stopped, last, previous = start, "done", {}, None
-  multi_host = jax.process_count() > 1
-  with _StopFlag() as stop:
-    try:
-      while step < end:
-        batch = _global_batch(next(data_iter), batch_spec, mesh)
-        state, metrics = step_fn(state, batch, frozen)
-        # Checking the previous step's flag keeps the host one step ahead of the device.
-        if previous is not None:
-          _check_finite(previous, step, checkpointer)
-        previous = metrics
-        window.append(metrics)
-        step += 1
-        for hook in hooks:
-          hook(step)
-        if step % tcfg.log_every == 0 or step == end:
-          _check_finite(previous, step, checkpointer)
-          last = _summarise(window)
-          window = []
-          last.update(throughput.report(step))
-          writer.write_scalars(step, last)
-          if is_main:
-            metrics_lib.console(metrics_lib.progress_line(step, total, last,
-                                                          throughput.eta_seconds(step)))
-        if tcfg.sample_every and step % tcfg.sample_every == 0 and not multi_host:
-          _write_preview(objective, state, step, workdir, writer)
-        check_stop = not multi_host or step % tcfg.log_every == 0
-        preempted = (check_stop and stop.agreed()) or checkpointer.reached_preemption(step)
-        if preempted or step == end or step % tcfg.checkpoint_every == 0:
-          _check_finite(previous, step, checkpointer)  # never save a step that was skipped
-          checkpointer.save(step, state, data_iter, meta, metrics=_ckpt_metrics(last))
-        if preempted:
-          stopped = "preempted"
-          log.warning("stop requested at step %d: checkpoint saved, exiting", step)
-          break
-    finally:
-      checkpointer.wait()
-      checkpointer.close()
-      writer.flush()
-      writer.close()
-  return Result(step=step, stopped=stopped, metrics=last)
+class _Loop:
+  """The host side of training: feed batches, check, log, save, stop."""
 
+  def __init__(self, config, workdir, objective, phases, frozen, frozen_params, flops, lrs, mesh,
+               batch_spec):
+    self.config, self.workdir, self.objective = config, workdir, objective
+    self.phases, self.frozen, self.frozen_params = phases, frozen, frozen_params
+    self.flops, self.lrs, self.mesh, self.batch_spec = flops, lrs, mesh, batch_spec
+    self.prefix = len(phases) > 1  # metrics named "<phase>/<metric>" when there are several
+    self.multi_host = jax.process_count() > 1
 
-def _write_preview(objective, state, step: int, workdir: str, writer) -> None:
-  """``<workdir>/samples/step_<step>.png`` and a TensorBoard image of the objective's preview.
-  (Single-process runs; on a pod, sample a checkpoint with ``ldm-scaling sample``.)"""
-  preview = objective.preview(state.ema, step)
-  if preview is None:
-    return
-  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-  generate.save_grid(path, preview["images"], preview["prompts"], [""], [preview["label"]])
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with epath.Path(path).open("rb") as f:
-    image = np.asarray(Image.open(f).convert("RGB"))
-  writer.write_images(step, {"samples": image[None]})
-  log.info("wrote %s", path)
+  def _named(self, phase, metrics, step: int) -> dict[str, Any]:
+    """A step's metrics under their logged names, with the learning rates of its networks."""
+    out = {(f"{phase.name}/{k}" if self.prefix and k != "finite" else k): v
+           for k, v in metrics.items()}
+    for n in phase.updates:
+      count = objectives.updates_before(self.phases, n, step)
+      out["lr" if len(self.lrs) == 1 else f"lr/{n}"] = self.lrs[n](count)
+    return out
+
+  def run(self, state, steps: _Steps, data_iter, checkpointer, start: int,
+          max_steps: int | None) -> Result:
+    tcfg = self.config.train
+    total = tcfg.steps
+    end = total if max_steps is None else min(total, max_steps)
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.make_writer(self.workdir, is_main)
+    throughput = metrics_lib.Throughput(start_step=start, total_steps=total,
+                                        batch_size=tcfg.batch_size,
+                                        num_devices=jax.device_count(),
+                                        peak_tflops=tcfg.peak_tflops_per_device)
+    hooks = []
+    if is_main:
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+      hooks.append(periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                                   every_steps=tcfg.log_every, every_secs=None))
+      if tcfg.profile_steps > 0:
+        hooks.append(periodic_actions.Profile(logdir=self.workdir,
+                                              num_profile_steps=tcfg.profile_steps,
+                                              first_profile=start + 5, every_secs=None))
+    meta = dict(config_hash=cfglib.config_hash(self.config),
+                objective=self.config.objective.name, state_layout=ckpt_lib.STATE_LAYOUT)
+    window: list[dict[str, Any]] = []
+    step, stopped, last, previous = start, "done", {}, None
+    with _StopFlag() as stop:
+      try:
+        while step < end:
+          batch = _global_batch(next(data_iter), self.batch_spec, self.mesh)
+          phase, fn = steps.at(step)
+          state, metrics = fn(state, batch, self.frozen_params)
+          # Checking the previous step's flag keeps the host one step ahead of the device.
+          if previous is not None:
+            _check_finite(previous, step, checkpointer)
+          previous = metrics
+          window.append(self._named(phase, metrics, step))
+          throughput.add(self.flops[phase.name])
+          step += 1
+          for hook in hooks:
+            hook(step)
+          if step % tcfg.log_every == 0 or step == end:
+            _check_finite(previous, step, checkpointer)
+            last = _summarise(window)
+            window = []
+            last.update(throughput.report(step))
+            writer.write_scalars(step, last)
+            if is_main:
+              metrics_lib.console(metrics_lib.progress_line(step, total, last,
+                                                            throughput.eta_seconds(step)))
+          if tcfg.sample_every and step % tcfg.sample_every == 0 and not self.multi_host:
+            self._write_preview(state, step, writer)
+          check_stop = not self.multi_host or step % tcfg.log_every == 0
+          preempted = (check_stop and stop.agreed()) or checkpointer.reached_preemption(step)
+          if preempted or step == end or step % tcfg.checkpoint_every == 0:
+            _check_finite(previous, step, checkpointer)  # never save a step that was skipped
+            checkpointer.save(step, state, data_iter, meta,
+                              metrics=_ckpt_metrics(last, tcfg.best_metric))
+          if preempted:
+            stopped = "preempted"
+            log.warning("stop requested at step %d: checkpoint saved, exiting", step)
+            break
+      finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+        writer.close()
+    return Result(step=step, stopped=stopped, metrics=last)
+
+  def _write_preview(self, state, step: int, writer) -> None:
+    """``<workdir>/samples/step_<step>.png`` and a TensorBoard image of the objective's preview
+    (single-process runs; on a pod, sample a checkpoint with ``ldm-scaling sample``)."""
+    weights = {n: state.ema.get(n, p) for n, p in state.params.items()}
+    preview = self.objective.preview(weights, self.frozen, step)
+    if preview is None:
+      return
+    path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+    image = generate.save_grid(path, preview["images"], preview["prompts"], [""],
+                               [preview["label"]])
+    writer.write_images(step, {"samples": image[None]})
+    log.info("wrote %s", path)
 
 
 def _check_finite(metrics, step: int, checkpointer) -> None:
@@ -398,10 +492,12 @@ def _check_finite(metrics, step: int, checkpointer) -> None:
       f"lower train.lr, check the data, or tighten train.grad_clip.")
 
 
-def _summarise(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+def _summarise(window: list[dict[str, Any]]) -> dict[str, float]:
+  """Mean of each metric over the steps of the window that have it."""
   stacked = jax.device_get(window)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0] if k != "finite"}
+  keys = dict.fromkeys(k for m in stacked for k in m if k != "finite")
+  return {k: float(np.mean([m[k] for m in stacked if k in m])) for k in keys}
 
 
-def _ckpt_metrics(last: dict[str, float]) -> dict[str, float] | None:
-  return {"loss": last["loss"]} if "loss" in last else None
+def _ckpt_metrics(last: dict[str, float], best_metric: str) -> dict[str, float] | None:
+  return {best_metric: last[best_metric]} if best_metric and best_metric in last else None

@@ -7,7 +7,8 @@ to the trajectory's start in one evaluation (``ldm_scaling.diffusion.consistency
 network is the trainer's EMA of the student, so ``train.ema_decay`` is the target's decay (LCM
 used 0.95; the 0.9999 of pretraining makes the target nearly frozen).
 
-Batches, text encoder and VAE are those of the denoising objective (same ``objective.inputs``).
+Batches, text encoder and VAE are those of the denoising objective (``conditioning``, same
+``objective.inputs``).
 The unconditional context is the text encoder's embedding of ``""``; with
 ``objective.inputs=embeddings`` (no text encoder) it is all zeros. Sample a student with the
 ``lcm`` sampler at cfg 1 (``--config.eval.samplers='("lcm",)' eval.cfg_scales='(1.0,)'
@@ -21,15 +22,18 @@ import logging
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ldm_scaling import config as cfglib
 from ldm_scaling import diffusion
+from ldm_scaling import models
 from ldm_scaling import sharding as sh
-from ldm_scaling.errors import ConfigError
 from ldm_scaling.diffusion import consistency as cd
-from ldm_scaling.train import objectives
-from ldm_scaling.train.objectives import denoising
+from ldm_scaling.errors import ConfigError
+from ldm_scaling.train import checkpoint
+from ldm_scaling.train.objectives import base
+from ldm_scaling.train.objectives import conditioning
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,15 @@ _MATCH = ("model", "diffusion", "text", "vae")
 _HOW_NOT_WHAT = ("remat", "attn_query_chunk", "dtype", "dir")
 
 
-@objectives.register("consistency")
-class Consistency(denoising.Denoising):
+@base.register("consistency")
+class Consistency(base.Objective):
   """``loss = d(f_student(x_t, t), f_ema(DDIM_teacher,w(x_t, t -> t - k), t - k))``."""
+
+  sample_network = "unet"
 
   @staticmethod
   def validate(config) -> None:
-    denoising.Denoising.validate(config)
+    conditioning.validate(config)
     o = config.objective
     if not o.teacher:
       raise ConfigError("objective.name=consistency needs objective.teacher: the workdir of the "
@@ -68,40 +74,57 @@ class Consistency(denoising.Denoising):
 
   def __init__(self, config):
     super().__init__(config)
+    self.unet = models.build(config.model)
     self.schedule = diffusion.schedule_from_config(config.diffusion)
-    self.teacher_config = _teacher_config(config)
-    self.teacher_step = _teacher_step(config, self.teacher_config)
     if config.data.caption_dropout > 0 and config.objective.cfg_scale != 1:
       log.warning("data.caption_dropout=%g: that share of examples has an empty caption, where "
                   "the guided teacher is unguided; LCM distils without (set it to 0)",
                   config.data.caption_dropout)
 
+  def networks(self):
+    # The student starts as the teacher; its EMA is the consistency target.
+    return {"unet": base.Network(start_from="teacher")}
+
+  def init(self, rng):
+    side, channels = conditioning.latent_geometry(self.config)
+    x = jnp.zeros((1, side, side, channels), jnp.float32)
+    ctx = jnp.zeros((1, self.config.text.max_length, self.config.model.cross_attn_dim),
+                    jnp.float32)
+    return {"unet": self.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]}
+
   def frozen(self):
-    frozen = super().frozen()
-    from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
+    """The text encoder and VAE, the teacher (its logical axis names kept, so it is sharded like
+    the student) and the unconditional context (the encoder's ``""``). Checks first that the
+    teacher run can be distilled into this config (the trainer loads frozen networks before it
+    writes anything)."""
     o = self.config.objective
-    self.teacher_step, weights = checkpoint.load_weights(o.teacher, step=self.teacher_step,
-                                                         which=o.teacher_weights)
+    step = check_teacher(self.config)
+    frozen = conditioning.frozen(self.config)
+    step, weights = checkpoint.load_weights(o.teacher, step=step, which=o.teacher_weights)
     if "unet" not in weights:
       raise ConfigError(f"teacher run {o.teacher!r} has no 'unet' network (it has "
                         f"{sorted(weights)}); is it a denoising run?")
-    # Host copies: the trainer places frozen networks on its mesh (every process holds the same
-    # numbers, so this also works across hosts).
-    frozen["teacher"] = jax.device_get(weights["unet"])
-    log.info("teacher: %s step %d (%s weights)", o.teacher, self.teacher_step, o.teacher_weights)
-    shape = (1, self.text_len, self.config.model.cross_attn_dim)
-    if self.from_pipeline:
-      frozen["uncond"] = np.asarray(self._text.embed_text([""]), np.float32).reshape(shape)
+    log.info("teacher: %s step %d (%s weights)", o.teacher, step, o.teacher_weights)
+    boxed = jax.eval_shape(self.init, jax.random.key(0))["unet"]
+    frozen["teacher"] = base.Frozen(self.unet, sh.replace_values(boxed,
+                                                                 jax.device_get(weights["unet"])))
+    shape = (1, self.config.text.max_length, self.config.model.cross_attn_dim)
+    if conditioning.from_pipeline(self.config):
+      uncond = np.asarray(frozen["text"].module.embed_text([""]), np.float32).reshape(shape)
     else:
-      frozen["uncond"] = np.zeros(shape, np.float32)
+      uncond = np.zeros(shape, np.float32)
+    frozen["uncond"] = base.Frozen(None, uncond)
     return frozen
 
-  def start_from(self, params, frozen):
-    return {"unet": sh.replace_values(params["unet"], frozen["teacher"])}
+  def phases(self):
+    return (base.Phase("distil", ("unet",), self.loss),)
+
+  def batch_spec(self, batch_size):
+    return conditioning.batch_spec(self.config, batch_size)
 
   def loss(self, params, frozen, ema, batch, rng):
     enc_rng, drop_rng, loss_rng = jax.random.split(rng, 3)
-    latents, context = self.inputs(frozen, batch, enc_rng)
+    latents, context = conditioning.inputs(frozen, batch, enc_rng)
     apply = self.unet.apply
     o, d = self.config.objective, self.config.diffusion
 
@@ -112,27 +135,34 @@ class Consistency(denoising.Denoising):
       return apply({"params": jax.lax.stop_gradient(ema["unet"])}, x, t, c)
 
     def teacher(x, t, c):
-      return apply({"params": frozen["teacher"]}, x, t, c)
+      return apply({"params": frozen["teacher"].params}, x, t, c)
 
     return cd.distillation_loss(
-        student, target, teacher, latents, context, frozen["uncond"], loss_rng,
+        student, target, teacher, latents, context, frozen["uncond"].params, loss_rng,
         schedule=self.schedule, prediction=d.prediction, solver_steps=int(o.solver_steps),
         cfg_scale=float(o.cfg_scale), timestep_scaling=float(o.timestep_scaling), loss=o.loss,
         huber_c=float(o.huber_c))
 
-  def preview_sampling(self):
-    return "lcm", min(4, int(self.config.objective.solver_steps)), 1.0
+  def preview(self, weights, frozen, step):
+    return conditioning.preview(self.config, self.unet, weights["unet"], frozen, step, "lcm",
+                                min(4, int(self.config.objective.solver_steps)), 1.0, "EMA")
 
-  def train_flops_per_example(self):
+  def train_flops_per_example(self, phase):
     """Every UNet pass of a step: student forward + backward (3 forwards), the guided teacher
     (2 forwards: conditional and unconditional; 1 at cfg_scale 1) and the target (1 forward)."""
+    del phase
     teacher = 2 if float(self.config.objective.cfg_scale) != 1.0 else 1
-    return (3 + teacher + 1) / 3 * super().train_flops_per_example()
+    return (3 + teacher + 1) * conditioning.unet_flops(self.config)
+
+
+def check_teacher(config) -> int:
+  """The teacher checkpoint to distil, after checking that the student can start from it (the
+  teacher's config matches, the run is finished or the step pinned); ConfigError otherwise."""
+  return teacher_step(config, _teacher_config(config))
 
 
 def _teacher_config(config):
   """The teacher run's config, after checking that the student can start from it."""
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   teacher = config.objective.teacher
   try:
     tcfg = checkpoint.load_run_config(teacher)
@@ -152,11 +182,10 @@ def _teacher_config(config):
   return tcfg
 
 
-def _teacher_step(config, tcfg) -> int:
+def teacher_step(config, tcfg) -> int:
   """The teacher checkpoint to distil: ``objective.teacher_step``, or (-1) the last one of a
   finished teacher -- never a teacher that is still training, whose latest step would change
   between the student's start and its resumptions."""
-  from ldm_scaling.train import checkpoint  # pylint: disable=g-import-not-at-top
   teacher, step = config.objective.teacher, int(config.objective.teacher_step)
   steps = checkpoint.available_steps(teacher)
   if not steps:
