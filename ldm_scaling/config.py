@@ -223,6 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
       # keeps steps x normalised cost equal; equal_steps: every width trains train.steps (paper)
       schedule="equal_compute",
       fid_curve_cell=(),            # (sampler, steps, cfg): also evaluate every kept checkpoint
+      checkpoints=4,                # checkpoints per run: the points of the training-compute curve
   ))
 
   # Device mesh: axis sizes; -1 takes the remaining devices.

@@ -72,6 +72,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"study.widths has duplicates: {tuple(s.widths)}")
   if s.schedule not in SCHEDULES:
     raise ConfigError(f"study.schedule must be one of {SCHEDULES}, got {s.schedule!r}")
+  if s.checkpoints < 1:
+    raise ConfigError(f"study.checkpoints must be >= 1, got {s.checkpoints}")
   if s.fid_curve_cell and len(s.fid_curve_cell) != 3:
     raise ConfigError(f"study.fid_curve_cell must be (sampler, steps, cfg_scale) or (), got "
                       f"{tuple(s.fid_curve_cell)}")
@@ -86,9 +88,10 @@ def width_config(config: ml_collections.ConfigDict, width: int,
   run.model.update(unet.preset(width, tuple(config.model.channel_mult)))
   run.train.steps = int(steps)
   run.train.warmup_steps = min(run.train.warmup_steps, max(run.train.steps // 10, 1))
-  # Four checkpoints per run, whatever its length: the points of the training-compute curve.
-  run.train.checkpoint_every = max(1, -(-run.train.steps // 4))
-  run.train.keep_checkpoints = max(run.train.keep_checkpoints, 4)
+  # study.checkpoints per run, whatever its length: the points of the training-compute curve.
+  points = int(config.study.checkpoints)
+  run.train.checkpoint_every = max(1, -(-run.train.steps // points))
+  run.train.keep_checkpoints = max(run.train.keep_checkpoints, points)
   return run
 
 

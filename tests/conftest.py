@@ -73,6 +73,8 @@ def tiny_run(offline_components, tmp_path_factory):
   from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(offline_components.config)
+  # Two levels, one block each: every layer kind, in a graph that compiles in seconds.
+  config.model.update(channel_mult=(1, 2), attn_levels=(True, False), layers_per_block=1)
   config.model.update(unet.preset(32, config.model.channel_mult))
   config.train.update(steps=3, batch_size=8, lr=1e-3, warmup_steps=0, log_every=1,
                       checkpoint_every=3, async_checkpointing=False, sample_every=3,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -28,6 +29,16 @@ def test_module_entry_point_and_config_command(repo_dir):
   data = json.loads(out)
   assert data["config"]["model"]["width"] == 128 and data["config"]["train"]["steps"] == 7
   assert len(data["hash"]) == 12
+
+
+def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
+  """``python -m ldm_scaling`` is the CLI (in-process here; the subprocess test above is slow)."""
+  monkeypatch.setattr(sys, "argv", ["ldm_scaling", "config", "--config", "configs/t2i.py:width=96",
+                                    "--json"])
+  with pytest.raises(SystemExit) as exit_info:
+    runpy.run_module("ldm_scaling", run_name="__main__")
+  assert exit_info.value.code == 0
+  assert json.loads(capsys.readouterr().out)["config"]["model"]["width"] == 96
 
 
 def test_unknown_argument_is_an_error(capsys):

@@ -17,14 +17,16 @@ import pytest
 
 SEED = int(os.environ.get("LDM_SCALING_TEST_SEED", "0"))
 CONFIG = "configs/offline_components.py:runlocal"
-STEPS = 40
+STEPS = 24
 
 
 def _command(kind, out, tfds):
   section = "vae" if kind == "train-vae" else "clip"
+  smaller = (["--config.clip.layers=1", "--config.clip.vision_layers=1"]
+             if section == "clip" else [])
   return [sys.executable, "-m", "ldm_scaling", kind, "--config", CONFIG, "--out", str(out),
           f"--config.data.data_dir={tfds}", f"--config.{section}.steps={STEPS}",
-          f"--config.{section}.batch_size=16"]
+          f"--config.{section}.batch_size=16", *smaller]
 
 
 def _logged_step(run_dir) -> int:
@@ -52,7 +54,7 @@ def test_component_training_resumes_after_sigkill_exactly(kind, exported, tmp_pa
                             capture_output=True, text=True, timeout=900)
   assert straight.returncode == 0, straight.stderr[-3000:]
 
-  kill_at = random.Random(SEED).randint(10, STEPS - 12)
+  kill_at = random.Random(SEED).randint(8, STEPS - 8)
   out = tmp_path / "killed"
   proc = subprocess.Popen(_command(kind, out, tfds), cwd=repo_dir, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ from ldm_scaling.models import cost, unet
 
 
 
+@pytest.mark.slow  # lowers the forward of all 11 paper widths (about a minute)
 def test_cli_json_covers_all_widths_within_tolerance(capsys):
   assert cli.main(["cost", "--json"]) == 0
   rows = json.loads(capsys.readouterr().out)
@@ -34,6 +35,7 @@ def test_cli_json_covers_all_widths_within_tolerance(capsys):
   assert by_width[64]["gflops"] == pytest.approx(0.07 * 789.3, rel=0.05)
 
 
+@pytest.mark.slow  # traces full-size UNets (~10-18 s)
 def test_width64_flops_agree_with_diffusers_flax_unet():
   """An independent implementation (diffusers' FlaxUNet2DConditionModel, SD-2.x config) measured
   the same way confirms ~53 GFLOPs at width 64 -- not the paper's printed 25.3."""
@@ -66,6 +68,7 @@ def test_sampling_cost_convention():
       cost.sampling_cost(1.0, bad)
 
 
+@pytest.mark.slow  # traces full-size UNets (~10-18 s)
 def test_cli_table_and_steps(capsys):
   assert cli.main(["cost", "--widths", "64,128", "--steps", "10", "--cfg-scale", "7.5",
                    "--config", "configs/t2i.py", "--config.cost.count_uncond_pass=true"]) == 0
@@ -86,6 +89,7 @@ def test_cli_bad_input(capsys):
   assert "not divisible by model.norm_groups=32" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # traces full-size UNets (~10-18 s)
 def test_non_paper_topology_is_not_compared():
   config = cfglib.base_config()
   config.cost.latent_size = 32

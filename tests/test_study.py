@@ -20,13 +20,13 @@ CONFIG = os.path.join(REPO, "configs", "study", "cpu_mini.py")
 
 
 def test_quick_study_resumes_after_kill(tmp_path, offline_components):
-  """The quick study, cut to two widths and one sampler, on the session's offline components (the
-  same data, CLIP and VAE recipes, trained once per test session): killed in its eval phase, rerun,
-  nothing recomputed."""
+  """The quick study, cut to one width, on the session's offline components (the same data, CLIP
+  and VAE recipes, trained once per test session): killed in its eval phase, rerun, nothing
+  recomputed. (CI runs the whole quick study from cold as a new user: .ci/run.)"""
   env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
   root = tmp_path / "study"
   components = offline_components.config
-  overrides = ["study.widths=(16,32)", "eval.samplers=('ddim',)",
+  overrides = ["study.widths=(16,)",
                f"data.data_dir={components.data.data_dir}", f"clip.dir={components.clip.dir}",
                f"vae.dir={components.vae.dir}"]
   argv = [sys.executable, "-m", "ldm_scaling", "study", "--config", CONFIG, "--quick",
@@ -38,13 +38,13 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components):
   rows = root / "results" / "rows"
   deadline = time.time() + 900
   while time.time() < deadline:  # interrupt it in the eval phase, after a few cells
-    if rows.exists() and len(list(rows.glob("*.json"))) >= 3:
+    if rows.exists() and len(list(rows.glob("*.json"))) >= 2:
       break
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     time.sleep(0.2)
   else:
     proc.kill()
-    pytest.fail("the study evaluated no 3 cells within 900 s")
+    pytest.fail("the study evaluated no 2 cells within 900 s")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   before = {p.name: p.read_text() for p in rows.glob("*.json")}
@@ -64,15 +64,15 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components):
   frame = results.load(str(root / "results"))
   e = config.eval
   grid_cells = len(widths) * len(e.samplers) * len(e.steps) * len(e.cfg_scales)  # last checkpoint
-  curve_cells = len(widths) * 3  # the fid_curve_cell at the 3 earlier kept checkpoints
-  assert len(frame) == grid_cells + curve_cells == 2 * 1 * 2 * 2 + 6
+  curve_cells = len(widths) * (config.study.checkpoints - 1)  # fid_curve_cell, earlier checkpoints
+  assert len(frame) == grid_cells + curve_cells == 1 * 1 * 2 * 2 + 1
   assert not frame.duplicated(list(results.CELL_KEYS)).any()
   assert sorted(frame["width"].unique()) == widths
-  # Compute-matched: steps x normalised cost equal across widths (to rounding of the steps).
-  plans = study.plan(config, str(root))
-  computes = [p.train_compute for p in plans]
-  assert max(computes) / min(computes) < 1.1
-  assert {p.steps for p in plans} == {int(s) for s in ckpts.values()}
+  assert {p.steps for p in study.plan(config, str(root))} == {int(s) for s in ckpts.values()}
+  # Compute-matched (the quick study's two widths): steps x normalised cost equal across widths
+  # (to rounding of the steps).
+  computes = [p.train_compute for p in study.plan(experiment.load(CONFIG + ":quick"), str(root))]
+  assert len(computes) == 2 and max(computes) / min(computes) < 1.1
 
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   report = (root / "report.md").read_text()

@@ -242,10 +242,10 @@ def test_same_trajectory_on_meshes_and_two_processes(tmp_path):
 
 
 def test_unet_denoising_same_trajectory_on_meshes(tmp_path):
-  """The real thing, small: denoising a tiny UNet on (1,1,1), (8,1,1) and (2,4,1) meshes gives
-  the same losses; FSDP really splits the UNet's weights and Adam moments 4 ways."""
+  """The real thing, small: denoising a tiny UNet on (1,1,1) and (2,4,1) meshes gives the same
+  losses; FSDP really splits the UNet's weights and Adam moments 4 ways. (Pure data parallelism,
+  (8,1,1), is covered on the toy objective.)"""
   _run(tmp_path / "m111", "--unet", "mesh.data=1", devices=1)
-  _run(tmp_path / "m811", "--unet", "mesh.data=8", devices=8)
   _run(tmp_path / "m241", "--unet", "mesh.data=2", "mesh.fsdp=4", devices=8)
   layout = json.load(open(tmp_path / "m241" / "partitioning.json"))
   conv = layout["leaves"][".params['unet']['mid_block']['resnets_0']['conv1']['kernel']"]
@@ -254,10 +254,9 @@ def test_unet_denoising_same_trajectory_on_meshes(tmp_path):
   assert layout["bytes_per_device"] < 0.3 * layout["total_bytes"]  # norms etc. stay replicated
   ref = _losses(tmp_path / "m111")
   assert len(ref) == 4 and ref[4] < ref[1]  # it learns
-  for name in ("m811", "m241"):
-    got = _losses(tmp_path / name)
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
-                               rtol=2e-4, err_msg=name)
+  got = _losses(tmp_path / "m241")
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
+                             rtol=2e-4)
 
 
 def test_denoising_on_embedded_data_with_frozen_encoders(tiny_run, capsys):

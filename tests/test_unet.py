@@ -8,6 +8,7 @@ import pytest
 
 from ldm_scaling import config as cfglib
 from ldm_scaling import models
+from ldm_scaling import runtime
 from ldm_scaling import sharding
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import convert, cost, unet
@@ -23,6 +24,19 @@ def _inputs(batch=2, size=16, ctx_dim=24, seed=0):
   return x, t, ctx
 
 
+def _two_level_config():
+  """A two-level UNet with one block per level: every layer kind (ResNet, self- and cross-
+  attention, down/up sampling, mid block) in a graph that compiles in seconds, for the properties
+  that do not depend on the topology."""
+  config = tiny_config()
+  config.model.update(channel_mult=(1, 2), attn_levels=(True, False), layers_per_block=1)
+  return config
+
+
+def _init(model, key, *inputs):
+  return runtime.run_once(model.init, jax.random.key(key), *inputs)
+
+
 def _diffusers_sd2(width, heads, cross_attn_dim=1024, **kw):
   """diffusers' SD-2.x UNet config at a given width (diffusers' ``attention_head_dim`` is the
   number of heads per level in this legacy config)."""
@@ -36,10 +50,10 @@ def _diffusers_sd2(width, heads, cross_attn_dim=1024, **kw):
 
 
 def test_forward_shapes_and_dtypes():
-  config = tiny_config()
+  config = _two_level_config()
   model = models.build(config.model)
   x, t, ctx = _inputs()
-  variables = jax.jit(model.init)(jax.random.key(0), x, t, ctx)
+  variables = _init(model, 0, x, t, ctx)
   y = jax.jit(model.apply)(variables, x, t, ctx)
   assert y.shape == x.shape and y.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(y)))
@@ -166,15 +180,16 @@ def test_split_weight_grad_conv_equals_lax_conv_and_its_gradients(monkeypatch):
                                atol=tol * float(jnp.abs(rw.astype(jnp.float32)).max()))
 
 
+@pytest.mark.slow  # compiles the UNet twice (~15-25 s); the fast tier builds it in other tests
 def test_attention_chunking_changes_neither_outputs_nor_cost():
-  config = tiny_config()
+  config = _two_level_config()
   x, t, ctx = _inputs()
   outs = []
   for chunk in (0, 64):
     config.model.attn_query_chunk = chunk
     model = models.build(config.model)
-    params = model.init(jax.random.key(0), x, t, ctx)
-    outs.append(model.apply(params, x, t, ctx))
+    params = _init(model, 0, x, t, ctx)
+    outs.append(jax.jit(model.apply)(params, x, t, ctx))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
   config.model.attn_query_chunk = 0
   dense = cost.measure(config.model, config.cost)
@@ -182,13 +197,14 @@ def test_attention_chunking_changes_neither_outputs_nor_cost():
   assert cost.measure(config.model, config.cost) == dense
 
 
+@pytest.mark.slow  # compiles the UNet twice (~15-25 s); the fast tier builds it in other tests
 def test_remat_changes_nothing_numerically():
-  config = tiny_config()
+  config = _two_level_config()
   x, t, ctx = _inputs()
   plain = models.build(config.model)
   config.model.remat = "block"
   remat = models.build(config.model)
-  variables = jax.jit(plain.init)(jax.random.key(1), x, t, ctx)
+  variables = _init(plain, 1, x, t, ctx)
   params = variables["params"]
 
   def loss(module):
@@ -201,12 +217,13 @@ def test_remat_changes_nothing_numerically():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the UNet twice (~15-25 s); the fast tier builds it in other tests
 def test_dropout_is_active_only_in_training():
-  config = tiny_config()
+  config = _two_level_config()
   config.model.dropout = 0.5
   model = models.build(config.model)
   x, t, ctx = _inputs()
-  variables = jax.jit(model.init)(jax.random.key(0), x, t, ctx)
+  variables = _init(model, 0, x, t, ctx)
   train = jax.jit(lambda v, key: model.apply(v, x, t, ctx, train=True, rngs={"dropout": key}))
   infer = jax.jit(lambda v: model.apply(v, x, t, ctx))
   a, b = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))

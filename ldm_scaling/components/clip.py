@@ -8,6 +8,8 @@
   so a directory holding it is complete.
 - :func:`ensure` trains only when absent; :func:`retrieval` measures image -> caption retrieval
   on the held-out split.
+
+transformers is imported where it is used (see ``models/text.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from transformers import CLIPImageProcessor
 
 from ldm_scaling import data
 from ldm_scaling import files
@@ -57,6 +58,7 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
           force: bool = False) -> dict:
   """Trains the small CLIP (contrastive, symmetric InfoNCE with a learned temperature), resuming
   ``<directory>/train``, and exports it to ``directory``; returns the metadata written with it."""
+  from transformers import CLIPImageProcessor  # deferred: see module docstring
   cfg = config.clip
   run = contrastive.training_config(config)
   if force:
@@ -86,7 +88,8 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
   metrics = retrieval(config, directory, log=log)
   meta = dict(clip=cfg.to_dict(), data=dict(name=config.data.name,
                                             shapes_sizes=list(config.data.shapes_sizes)),
-              train_seconds=round(train_seconds, 1), history=metrics_lib.history(workdir(directory)),
+              train_seconds=round(train_seconds, 1),
+              history=metrics_lib.history(workdir(directory)),
               retrieval=metrics, trained_in=workdir(directory),
               note="stand-in CLIP trained on the embedded dataset; not comparable to real CLIP "
                    "scores")
@@ -104,7 +107,7 @@ def retrieval(config: ml_collections.ConfigDict, directory: str, n: int = 1000,
   A hit is a retrieved caption whose *text* equals the image's own (captions can repeat, e.g.
   "two small red circles on a black background"); chance is computed the same way."""
 
-  model = text.load_clip_model(directory)
+  model, params = text.load_clip_model(directory)
   tokenizer = tokenizer_lib.load_tokenizer(directory, config.clip.max_length)
   size = model.config.vision_config.image_size
   src_n = len(data.source(config, config.data.eval_split).records)
@@ -124,7 +127,7 @@ def retrieval(config: ml_collections.ConfigDict, directory: str, n: int = 1000,
 
   t_emb, v_emb = [], []
   for i in range(0, n, 250):
-    t, v = embed(model.params, batch["tokens"][i:i + 250], batch["images"][i:i + 250])
+    t, v = embed(params, batch["tokens"][i:i + 250], batch["images"][i:i + 250])
     t_emb.append(np.asarray(t))
     v_emb.append(np.asarray(v))
   t_emb, v_emb = np.concatenate(t_emb), np.concatenate(v_emb)

@@ -83,7 +83,8 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
   extra = dict(vae=cfg.to_dict(), data=dict(name=config.data.name,
                                             resolution=config.data.resolution,
                                             shapes_sizes=list(config.data.shapes_sizes)),
-               train_seconds=round(train_seconds, 1), history=metrics_lib.history(workdir(directory)),
+               train_seconds=round(train_seconds, 1),
+               history=metrics_lib.history(workdir(directory)),
                heldout=metrics, trained_in=workdir(directory),
                scaling_factor_from="1/std of posterior samples of 2048 training images")
   os.makedirs(directory, exist_ok=True)

@@ -15,6 +15,7 @@ Images are preprocessed by transformers' ``CLIPImageProcessor`` (resize of the s
 bicubic; centre crop; CLIP mean/std) from the model's own ``preprocessor_config.json`` when it has
 one, else with the CLIP defaults at the model's ``vision_config.image_size``. The towers run in
 float32 matmul precision, batch-parallel over devices (:mod:`ldm_scaling.eval.parallel`).
+transformers is imported where it is used (see ``models/text.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel
 
+from ldm_scaling.errors import WeightsError
 from ldm_scaling.eval import parallel
+from ldm_scaling.models import text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,7 @@ def label_for(name_or_path: str) -> str:
 
 def default_image_processor(model):
   """CLIP's standard preprocessing at the model's input size."""
+  from transformers import CLIPImageProcessor, CLIPTokenizer  # deferred: see module docstring
   size = int(model.config.vision_config.image_size)
   return CLIPImageProcessor(size={"shortest_edge": size},
                             crop_size={"height": size, "width": size})
@@ -103,12 +106,14 @@ class CLIPScorer:
   def from_pretrained(cls, name_or_path: str, *, label: str | None = None, **kwargs):
     """A hub name (e.g. ``openai/clip-vit-large-patch14``, what TPU users run) or a local
     directory saved with ``save_pretrained`` (the offline default: the project's small CLIP)."""
+    from transformers import CLIPImageProcessor, CLIPTokenizer  # deferred: see module docstring
     try:
-      model = FlaxCLIPModel.from_pretrained(name_or_path)
+      model, params = text.load_clip_model(name_or_path)
     except (OSError, ValueError) as e:
-      raise OSError(f"cannot load a Flax CLIP from {name_or_path!r} ({e}). Give a hub name "
-                    f"(needs internet or the HF cache) or a directory written by "
-                    f"FlaxCLIPModel.save_pretrained") from None
+      raise WeightsError(f"cannot load a Flax CLIP from {name_or_path!r} ({e}). Give a hub name "
+                         f"(needs internet or the HF cache) or a directory written by "
+                         f"FlaxCLIPModel.save_pretrained") from None
+    kwargs.setdefault("params", params)
     if "image_processor" not in kwargs:
       try:
         kwargs["image_processor"] = CLIPImageProcessor.from_pretrained(name_or_path)

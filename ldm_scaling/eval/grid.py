@@ -201,45 +201,65 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     log(f"note: {small} samples per cell <= 2048 feature dimensions: the generated covariance is "
         f"singular, so FIDs are biased upward and comparable only between cells with the same "
         f"number of samples (the paper uses 30k)")
-  done_s, started = 0.0, time.perf_counter()
+  done_s, started, done = 0.0, time.perf_counter(), 0
   loaded: dict = {}
   shared: dict = {}
-  for k, (workdir, config, e, step, cell) in enumerate(todo):
+  for group in _groups(todo):
+    workdir, config, e, step, first = group[0]
     t0 = time.perf_counter()
     if loaded.get("key") != (workdir, step):
       loaded = _load(workdir, step, config, e, extractor, log, shared)
-    key = _key(run_id(workdir, table_dir), config, step, cell)
+    # The CFG scales of one (sampler, steps) are sampled together: one compiled program, and
+    # every prompt keeps its own noise whatever the scale (generate.generate).
+    scales = [cell.cfg_scale for *_, cell in group]
+    n = len(loaded["prompts"])
     out = generate.generate(
         config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
-        sampler=cell.sampler, steps=cell.steps, cfg_scales=[cell.cfg_scale], seed=e.seed,
-        batch_size=min(e.batch_size, len(loaded["prompts"])),
-        latent_size=loaded["latent_size"], conditioning=loaded["conditioning"],
-        decoding=loaded["decoding"], norm_cost=loaded["norm_cost"], log=lambda _: None)
-    feats = extractor(out.images)
-    row = dict(key)
-    row.update(
-        width=config.model.width, params=loaded["params_count"], norm_cost=loaded["norm_cost"],
-        sampling_cost=float(out.cost[0]), train_compute=loaded["norm_cost"] * step,
-        fid=loaded["reference"].distance(feats), n=len(out.images), seed=e.seed,
-        prompts=f"{config.data.name}/{config.data.eval_split}[:{len(out.images)}]",
-        fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
-        wall_s=round(time.perf_counter() - t0, 3), time=time.time())
-    row.update(loaded["scorer"].score(out.images, loaded["prompts"]).columns())
-    _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
-              tile(out.images[:e.grid_images]))
-    table.add(row)
-    if count == 1:  # one process: keep the CSV current; shards regenerate it when they finish
-      table.write_tables()
+        sampler=first.sampler, steps=first.steps, cfg_scales=scales, seed=e.seed,
+        batch_size=min(e.batch_size, n * len(scales)), latent_size=loaded["latent_size"],
+        conditioning=loaded["conditioning"], decoding=loaded["decoding"],
+        norm_cost=loaded["norm_cost"], log=lambda _: None)
+    for j, (*_, cell) in enumerate(group):
+      images = out.images[j::len(scales)]
+      key = _key(run_id(workdir, table_dir), config, step, cell)
+      row = dict(key)
+      row.update(
+          width=config.model.width, params=loaded["params_count"], norm_cost=loaded["norm_cost"],
+          sampling_cost=float(out.cost[j]), train_compute=loaded["norm_cost"] * step,
+          fid=loaded["reference"].distance(extractor(images)), n=len(images), seed=e.seed,
+          prompts=f"{config.data.name}/{config.data.eval_split}[:{len(images)}]",
+          fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
+          wall_s=round((time.perf_counter() - t0) / (j + 1), 3), time=time.time())
+      row.update(loaded["scorer"].score(images, loaded["prompts"]).columns())
+      _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
+                tile(images[:e.grid_images]))
+      table.add(row)
+      if count == 1:  # one process: keep the CSV current; shards regenerate it when they finish
+        table.write_tables()
+      done += 1
+      eta = (done_s + time.perf_counter() - t0) / done * (len(todo) - done)
+      clip_col = next(c for c in row if c.startswith("clip_score["))
+      log(f"[{done}/{len(todo)}] {os.path.basename(workdir.rstrip('/'))} step {step} "
+          f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
+          f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
+          f"({time.perf_counter() - t0:.1f} s, ETA {format_duration(eta)})")
     done_s += time.perf_counter() - t0
-    eta = done_s / (k + 1) * (len(todo) - k - 1)
-    clip_col = next(c for c in row if c.startswith("clip_score["))
-    log(f"[{k + 1}/{len(todo)}] {os.path.basename(workdir.rstrip('/'))} step {step} "
-        f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
-        f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
-        f"({time.perf_counter() - t0:.1f} s, ETA {format_duration(eta)})")
   table.write_tables()
   log(f"eval grid: {len(todo)} cells in {format_duration(time.perf_counter() - started)}")
   return table
+
+
+def _groups(todo) -> list[list]:
+  """Consecutive cells of one (run, checkpoint, sampler, steps): sampled together."""
+  groups: list[tuple[tuple, list]] = []
+  for item in todo:
+    workdir, _, _, step, cell = item
+    key = (workdir, step, cell.sampler, cell.steps)
+    if groups and groups[-1][0] == key:
+      groups[-1][1].append(item)
+    else:
+      groups.append((key, [item]))
+  return [items for _, items in groups]
 
 
 def run_id(workdir: str, table_dir: str | None = None) -> str:

@@ -11,7 +11,8 @@ The trained model is a plain transformers checkpoint directory (``save_pretraine
 flax_model.msgpack, the tokenizer built from the shipped BPE vocabulary, and a
 ``preprocessor_config.json`` mapping uint8 pixels to [-1, 1]), so
 ``FlaxCLIPModel.from_pretrained(dir)`` / ``CLIPProcessor.from_pretrained(dir)`` load it, plus
-``ldm_scaling.json`` (the config it was trained from and its retrieval metrics).
+``ldm_scaling.json`` (the config it was trained from and its retrieval metrics). transformers is
+imported where it is used (see ``models/text.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 from ldm_scaling import files
 from ldm_scaling.errors import ConfigError, WeightsError
@@ -50,6 +50,7 @@ def _key(config: ml_collections.ConfigDict) -> str:
 
 def clip_config(cfg: ml_collections.ConfigDict):
   """The transformers ``CLIPConfig`` of a ``clip`` config section."""
+  from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig  # deferred: see module docstring
   tc = CLIPTextConfig(
       vocab_size=tokenizer.VOCAB_SIZE, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,

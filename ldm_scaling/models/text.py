@@ -9,7 +9,10 @@ Where the weights come from is ``config.text.encoder``:
   (``ldm-scaling train-clip``, :mod:`ldm_scaling.models.clip`), stored with ``save_pretrained`` in
   ``config.clip.dir``.
 
-The tokenizer is CLIP's BPE (:mod:`ldm_scaling.models.tokenizer`). Interfaces other stages use:
+The tokenizer is CLIP's BPE (:mod:`ldm_scaling.models.tokenizer`). transformers is imported
+where it is used: it imports PyTorch whenever PyTorch is installed (4 s here), which processes
+that never load a text encoder (most trainer runs of the tests, the VAE, the launchers) need not
+pay. Interfaces other stages use:
 :func:`load_clip_model` (a full ``FlaxCLIPModel``, e.g. for the CLIP score),
 :func:`load_text_encoder` (the frozen tower the UNet is conditioned on) and :class:`TextEncoder`.
 """
@@ -23,18 +26,18 @@ import json
 import os
 from typing import Any, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from transformers import FlaxCLIPModel, FlaxCLIPTextModel
-from transformers.utils import logging as hf_logging
 
 from ldm_scaling.errors import ConfigError, WeightsError  # WeightsError re-exported
 from ldm_scaling.models import clip
 from ldm_scaling.models.tokenizer import OFFLINE, hub_or_dir, load_tokenizer, tokenize
 
 def _load_flax(cls, location: str, subfolder: str, what: str, dtype: str = "float32"):
+  from transformers.utils import logging as hf_logging  # deferred: see module docstring
   kw = hub_or_dir(location, subfolder, what)
   path = kw["pretrained_model_name_or_path"]
   if os.path.isdir(path):
@@ -53,19 +56,37 @@ def _load_flax(cls, location: str, subfolder: str, what: str, dtype: str = "floa
   # transformers reports as a long warning; that is the intended use here.
   hf_logging.set_verbosity_error()
   try:
-    model = cls.from_pretrained(**kw, dtype=jnp.dtype(dtype))
+    try:
+      # Without _do_init transformers does not first initialise random weights under jit (5 s
+      # for the small CLIP here; the loaded values are the same); missing weights are checked
+      # below. Converting a PyTorch checkpoint needs the initialised model.
+      model, params = cls.from_pretrained(**kw, dtype=jnp.dtype(dtype), _do_init=False)
+    except ValueError as e:
+      if "_do_init" not in str(e):
+        raise
+      model = cls.from_pretrained(**kw, dtype=jnp.dtype(dtype))
+      params = model.params
   except OSError as e:
     raise WeightsError(f"cannot load {what} from {location!r}: {e}. Offline, point to a local "
                        f"directory or train the project's small CLIP (ldm-scaling train-clip)") \
         from None
   finally:
     hf_logging.set_verbosity(verbosity)
-  return model
+  expected = jax.eval_shape(lambda key: model.init_weights(key, model.input_shape),
+                            jax.random.key(0))
+  missing = sorted(set(flax.traverse_util.flatten_dict(expected, sep="/"))
+                   - set(flax.traverse_util.flatten_dict(params, sep="/")))
+  if missing:
+    raise WeightsError(f"{what} checkpoint {location!r} lacks {len(missing)} weights "
+                       f"({', '.join(missing[:4])}, ...); it is not a {cls.__name__}")
+  return model, params
 
 
 def load_clip_model(location: str, dtype: str = "float32"):
-  """A full ``FlaxCLIPModel`` (both towers) from a hub id or directory, e.g. the offline CLIP's
-  directory (``components.clip.ensure(config)`` returns it) or ``openai/clip-vit-large-patch14``."""
+  """(a full ``FlaxCLIPModel`` (both towers), its parameters) from a hub id or directory, e.g. the
+  offline CLIP's directory (``components.clip.ensure(config)`` returns it) or
+  ``openai/clip-vit-large-patch14``. Pass the parameters to the model's calls (``params=``)."""
+  from transformers import FlaxCLIPModel  # deferred: see module docstring
   return _load_flax(FlaxCLIPModel, location, "", "CLIP model", dtype)
 
 
@@ -128,15 +149,17 @@ def load_text_encoder(config: ml_collections.ConfigDict, clip_dir: str | None = 
   (default ``models.clip.default_dir(config)``); a missing one is an error that says how to train it
   (``components.clip.ensure`` trains it when absent).
   """
+  from transformers import FlaxCLIPTextModel  # deferred: see module docstring
   text = config.text
   if text.encoder == OFFLINE:
     location = clip_dir or clip.default_dir(config)
     clip.check_trained(config, location)
-    model = _load_flax(FlaxCLIPTextModel, location, "", "offline CLIP", text.dtype)
+    model, params = _load_flax(FlaxCLIPTextModel, location, "", "offline CLIP", text.dtype)
     tokenizer = load_tokenizer(location, text.max_length)
   else:
     location = text.encoder
-    model = _load_flax(FlaxCLIPTextModel, location, text.subfolder, "text encoder", text.dtype)
+    model, params = _load_flax(FlaxCLIPTextModel, location, text.subfolder, "text encoder",
+                               text.dtype)
     tokenizer = load_tokenizer(text)
   hidden = model.config.hidden_size
   if hidden != config.model.cross_attn_dim:
@@ -146,7 +169,7 @@ def load_text_encoder(config: ml_collections.ConfigDict, clip_dir: str | None = 
   if text.max_length > model.config.max_position_embeddings:
     raise ConfigError(f"text.max_length={text.max_length} exceeds the encoder's "
                       f"{model.config.max_position_embeddings} positions")
-  return TextEncoder(module=model.module, params=model.params, tokenizer=tokenizer,
+  return TextEncoder(module=model.module, params=params, tokenizer=tokenizer,
                      max_length=text.max_length, hidden_size=hidden, source=location)
 
 

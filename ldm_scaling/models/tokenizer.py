@@ -4,6 +4,7 @@ Offline it is built from ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP's vocabul
 ``ldm_scaling/data/assets`` from the open-clip-torch wheel, MIT): the first 48,894 merges after the
 header give the 49,408-token vocabulary. By hub id or directory it is
 ``CLIPTokenizerFast.from_pretrained``. :class:`Tokenize` is the data pipeline's thread-safe form.
+transformers is imported where it is used (see ``models/text.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
-from transformers import CLIPTokenizerFast
 
 from ldm_scaling import files
 from ldm_scaling.errors import WeightsError
@@ -74,6 +74,7 @@ def bpe_tokenizer(max_length: int = 77, path: str = BPE_FILE):
 
   Building the fast tokenizer from vocab + merges takes seconds, so the result is kept (as a
   ``save_pretrained`` directory keyed by the vocabulary's hash) in ``~/.cache/ldm_scaling``."""
+  from transformers import CLIPTokenizerFast  # deferred: see module docstring
   if not os.path.isfile(path):
     bpe_vocab(path)  # raises the explanatory error
   with open(path, "rb") as f:
@@ -128,6 +129,7 @@ def load_tokenizer(text: ml_collections.ConfigDict | str = BPE, max_length: int 
   id or directory (``CLIPTokenizerFast.from_pretrained``); for a diffusers pipeline layout
   (``text.subfolder="text_encoder"``) the tokenizer is read from its ``tokenizer`` subfolder.
   """
+  from transformers import CLIPTokenizerFast  # deferred: see module docstring
   if isinstance(text, ml_collections.ConfigDict):
     location = text.tokenizer or text.encoder
     if not text.tokenizer and text.subfolder:

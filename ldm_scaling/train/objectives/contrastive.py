@@ -4,7 +4,8 @@ Symmetric InfoNCE over a batch's (caption, image) pairs with CLIP's learned temp
 log 100 after every update. :func:`training_config` turns an experiment's config into the CLIP
 run's (captions at ``clip.train_length`` tokens, no caption dropout: an empty caption has no
 partner; images at ``clip.image_size``); ``ldm_scaling.components.clip`` runs it with the trainer
-and exports a transformers checkpoint.
+and exports a transformers checkpoint. transformers is imported where it is used (see
+``models/text.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from transformers import FlaxCLIPModel
 
 from ldm_scaling import data
 from ldm_scaling.errors import ConfigError
@@ -45,6 +45,7 @@ def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def model(cfg: ml_collections.ConfigDict) -> FlaxCLIPModel:
   """The transformers model of a ``clip`` section, without weights (``init_weights`` makes them)."""
+  from transformers import FlaxCLIPModel  # deferred: see module docstring
   return FlaxCLIPModel(clip_lib.clip_config(cfg), input_shape=_shapes(cfg), seed=cfg.seed,
                        _do_init=False)
 
