@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from typing import Any, Mapping
 
@@ -21,31 +20,13 @@ def _jsonable(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-_PRELOAD: list[threading.Thread] = []
-
-
-def _import_writers() -> None:
-  # clu's TensorBoard writer imports TensorFlow: ~6 s, which only training pays, and in the
-  # background (preload_writers) while the trainer loads and compiles.
-  import clu.metric_writers  # pylint: disable=g-import-not-at-top,unused-import
-  import clu.periodic_actions  # pylint: disable=g-import-not-at-top,unused-import
-
-
-def preload_writers() -> None:
-  """Starts importing clu's metric writers in a background thread; :func:`make_writer` waits for
-  it. The import overlaps the trainer's loading and compiling instead of adding to them."""
-  if not _PRELOAD:
-    _PRELOAD.append(threading.Thread(target=_import_writers, daemon=True))
-    _PRELOAD[0].start()
-
-
 def make_writer(workdir: str, is_main: bool):
   """clu ``MultiWriter``: TensorBoard events + logging (+ ``metrics.jsonl``) on the main process,
   nothing but logging elsewhere."""
-  if _PRELOAD:
-    _PRELOAD[0].join()
-  _import_writers()
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # see _import_writers
+  # clu's writers import TensorFlow (~6 s; once per process): only a training run pays for it.
+  # Not imported in a background thread: concurrent with transformers' own TensorFlow probe that
+  # deadlocked (seen on a fresh install).
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu.metric_writers import interface  # pylint: disable=g-import-not-at-top
 
   class JsonlWriter(interface.MetricWriter):

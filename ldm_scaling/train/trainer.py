@@ -317,7 +317,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   cfglib.check_schema(config)
   optim.validate(config.train)
   objective = objectives.build(config)  # checks the sections its networks and data use
-  metrics_lib.preload_writers()
   num_devices, process_count = jax.device_count(), jax.process_count()
   check_batch_layout(config, num_devices, process_count)
   networks, phases = objective.networks(), objective.phases()
@@ -414,8 +413,7 @@ class _Loop:
                                         peak_tflops=tcfg.peak_tflops_per_device)
     hooks = []
     if is_main:
-      # Imported in the background: metrics_lib.preload_writers.
-      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top  # imports TensorFlow
       hooks.append(periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                                    every_steps=tcfg.log_every, every_secs=None))
       if tcfg.profile_steps > 0:
