@@ -44,14 +44,14 @@ def get_config(arg=None):
     # CI-sized (<= 5 min from cold components on 2 cores): compiles dominate, so fewer and
     # smaller programs -- a two-level UNet at two widths, small components, one sampler.
     config.data.shapes_sizes = (2000, 256)
-    config.clip.update(steps=30, batch_size=64, layers=1, vision_layers=1, warmup_steps=5)
-    config.vae.update(steps=40, batch_size=16)
+    config.clip.update(steps=20, batch_size=64, layers=1, vision_layers=1, warmup_steps=4)
+    config.vae.update(steps=30, batch_size=16)
     config.model.update(channel_mult=(1, 2), attn_levels=(True, False))
     config.model.update(unet.preset(16, (1, 2)))
     config.train.update(steps=12, warmup_steps=2, log_every=6)
     config.study.update(widths=(16, 32), fid_curve_cell=("ddim", 4, 4.0), checkpoints=2)
-    config.eval.update(samplers=("ddim",), steps=(2, 4), cfg_scales=(1.0, 4.0), num_samples=16,
-                       fid_reference_n=64, batch_size=16, grid_images=4)
+    config.eval.update(samplers=("ddim",), steps=(2, 4), cfg_scales=(1.0, 4.0), num_samples=12,
+                       fid_reference_n=48, batch_size=12, grid_images=4)
   if arg.steps:
     config.train.steps = arg.steps
   return config
