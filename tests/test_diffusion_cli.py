@@ -17,6 +17,9 @@ from conftest import tiny_config
 T2I = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "t2i.py")
 TINY = [f"--config={T2I}:width=32", "--config.model.num_heads=0", "--config.model.head_dim=16",
         "--config.model.cross_attn_dim=24"]
+# Two levels, one block each: every layer kind, compiled in seconds.
+TWO_LEVEL = TINY + ["--config.model.channel_mult=(1,2)", "--config.model.attn_levels=(True,False)",
+                    "--config.model.layers_per_block=1"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_random_conditioning_and_latent_preview_are_deterministic_and_labelled()
 @pytest.mark.slow  # samples twice through the CLI (~30 s); the fast tier samples through the API
 def test_sample_command_writes_a_labelled_png_grid(tmp_path, capsys):
   out = tmp_path / "grid.png"
-  argv = ["sample", *TINY, "--prompt", "a red circle", "--prompt", "a blue square",
+  argv = ["sample", *TWO_LEVEL, "--prompt", "a red circle", "--prompt", "a blue square",
           "--prompt", "a green triangle", "--cfg-scale", "1,5", "--sampler", "dpm++",
           "--steps", "3", "--seed", "3", "--batch-size", "2", "--out", str(out)]
   assert cli.main(argv) == 0

@@ -29,6 +29,12 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components):
   overrides = ["study.widths=(16,)",
                f"data.data_dir={components.data.data_dir}", f"clip.dir={components.clip.dir}",
                f"vae.dir={components.vae.dir}"]
+  # The session's components were trained with the test recipe, not the quick study's (smaller):
+  # the study must be told so, or it rightly refuses them as trained with another config.
+  quick = experiment.load(CONFIG + ":quick")
+  overrides += [f"{section}.{key}={value}" for section in ("clip", "vae")
+                for key, value in components[section].items()
+                if key != "dir" and value != quick[section][key]]
   argv = [sys.executable, "-m", "ldm_scaling", "study", "--config", CONFIG, "--quick",
           "--workdir", str(root), *(f"--config.{o}" for o in overrides)]
   config = experiment.load(CONFIG + ":quick", overrides)

@@ -37,12 +37,28 @@ def _env(devices=1):
   return env
 
 
-def _run(workdir, *overrides, devices=1, extra=(), check=True, cwd=None):
-  proc = subprocess.run([sys.executable, TOY, str(workdir), *extra, *overrides],
-                        env=_env(devices), capture_output=True, text=True, timeout=600, cwd=cwd)
+def _start(workdir, *overrides, devices=1, extra=(), cwd=None):
+  return subprocess.Popen([sys.executable, TOY, str(workdir), *extra, *overrides],
+                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=cwd)
+
+
+def _finish(proc, check=True):
+  out, err = proc.communicate(timeout=600)
   if check and proc.returncode:
-    raise AssertionError(f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
-  return proc
+    raise AssertionError(f"rc={proc.returncode}\n{out}\n{err[-4000:]}")
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(workdir, *overrides, devices=1, extra=(), check=True, cwd=None):
+  return _finish(_start(workdir, *overrides, devices=devices, extra=extra, cwd=cwd), check)
+
+
+def _run_together(*runs):
+  """Independent runs ``(workdir, overrides, devices)`` at the same time: tracing and XLA's CPU
+  compile are mostly single-threaded, so concurrent processes use the 2 cores better than runs
+  one after another (the results do not depend on it)."""
+  return [_finish(p) for p in [_start(w, *o, devices=d) for w, o, d in runs]]
 
 
 def _restore_here(manager, step):
@@ -95,19 +111,24 @@ def _kill_and_resume(tmp_path, steps: int, *overrides, devices=1, seed=SEED):
   """Runs the toy straight and, in another workdir, SIGKILLs it at a seeded step and resumes it;
   returns both final states."""
   args = (f"train.steps={steps}", *overrides)
-  _run("straight", *args, extra=["--delay", "0.05"], cwd=tmp_path, devices=devices)  # relative
+  # The uninterrupted run (a relative workdir) runs alongside the killed one.
+  straight = _start("straight", *args, extra=["--delay", "0.05"], cwd=tmp_path, devices=devices)
   kill_at = random.Random(seed).randint(3, steps - 3)
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, TOY, str(workdir), "--delay", "0.3", *args],
-                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
-    _wait_for_step(workdir, proc, kill_at)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, TOY, str(workdir), "--delay", "0.3", *args],
+                            env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+      _wait_for_step(workdir, proc, kill_at)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    finally:
+      proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    _run(workdir, *args, devices=devices)
+    _finish(straight)
   finally:
-    proc.kill()
-  assert proc.returncode == -signal.SIGKILL
-  _run(workdir, *args, devices=devices)
+    straight.kill()
   step_a, a = _final_state(tmp_path / "straight")
   step_b, b = _final_state(workdir)
   assert step_a == step_b == steps
@@ -219,9 +240,9 @@ def test_same_trajectory_on_meshes_and_two_processes(tmp_path):
   x 4 devices: the same losses. (The 2-process global batch holds the same examples in another
   row order, so the objective here is the noise-free one, whose loss does not depend on order.)"""
   base = ("train.steps=6", "train.batch_size=16", "objective.name=toy_regression_exact")
-  _run(tmp_path / "m111", *base, "mesh.data=1", devices=1)
-  _run(tmp_path / "m811", *base, "mesh.data=8", devices=8)
-  _run(tmp_path / "m241", *base, "mesh.data=2", "mesh.fsdp=4", devices=8)
+  _run_together((tmp_path / "m111", (*base, "mesh.data=1"), 1),
+                (tmp_path / "m811", (*base, "mesh.data=8"), 8),
+                (tmp_path / "m241", (*base, "mesh.data=2", "mesh.fsdp=4"), 8))
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, TOY, str(tmp_path / "mp"), "--coordinator", f"localhost:{port}",
@@ -245,8 +266,8 @@ def test_unet_denoising_same_trajectory_on_meshes(tmp_path):
   """The real thing, small: denoising a tiny UNet on (1,1,1) and (2,4,1) meshes gives the same
   losses; FSDP really splits the UNet's weights and Adam moments 4 ways. (Pure data parallelism,
   (8,1,1), is covered on the toy objective.)"""
-  _run(tmp_path / "m111", "--unet", "mesh.data=1", devices=1)
-  _run(tmp_path / "m241", "--unet", "mesh.data=2", "mesh.fsdp=4", devices=8)
+  _run_together((tmp_path / "m111", ("--unet", "mesh.data=1"), 1),
+                (tmp_path / "m241", ("--unet", "mesh.data=2", "mesh.fsdp=4"), 8))
   layout = json.load(open(tmp_path / "m241" / "partitioning.json"))
   conv = layout["leaves"][".params['unet']['mid_block']['resnets_0']['conv1']['kernel']"]
   assert conv["spec"] == "P(None, None, 'fsdp', 'tensor')"
