@@ -153,6 +153,7 @@ def test_cpu_conv_layout_equals_batched_conv(n, kernel, stride):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # three more InceptionV3 compiles (two sizes, float input): ~20 s cold
 def test_mixed_image_sizes_and_float_inputs(extractor):
   small, big = _images(2, 4, size=48), _images(1, 5, size=80)
   together = extractor([small, big])

@@ -49,7 +49,7 @@ def _diffusers_sd2(width, heads, cross_attn_dim=1024, **kw):
       norm_num_groups=32, **kw)
 
 
-def test_forward_shapes_and_dtypes():
+def test_forward_shapes():
   config = _two_level_config()
   model = models.build(config.model)
   x, t, ctx = _inputs()
@@ -61,6 +61,14 @@ def test_forward_shapes_and_dtypes():
   y0 = jax.jit(model.apply)(variables, x, 10.0, ctx)
   np.testing.assert_allclose(np.asarray(y0)[0], np.asarray(y)[0], rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.slow  # two more UNet compiles (~10 s cold)
+def test_bfloat16_compute_keeps_f32_master_weights():
+  config = _two_level_config()
+  model = models.build(config.model)
+  x, t, ctx = _inputs()
+  variables = _init(model, 0, x, t, ctx)
+  y = jax.jit(model.apply)(variables, x, t, ctx)
   config.model.dtype = "bfloat16"
   model16 = models.build(config.model)
   y16 = jax.jit(model16.apply)(variables, x, t, ctx)
@@ -88,7 +96,8 @@ def test_every_parameter_has_logical_axes():
       == len(leaves)
 
 
-@pytest.mark.parametrize("num_heads", [0, 4])
+# Fixed head width (the paper's) in the fast tier; a fixed head count in the full suite.
+@pytest.mark.parametrize("num_heads", [0, pytest.param(4, marks=pytest.mark.slow)])
 def test_matches_diffusers_pytorch_unet(num_heads):
   """Our forward equals diffusers' PyTorch UNet2DConditionModel with the same weights, moved
   over by the rename table alone."""
@@ -232,7 +241,11 @@ def test_dropout_is_active_only_in_training():
   np.testing.assert_array_equal(c, d)
 
 
-@pytest.mark.parametrize("width", sorted(cost.PAPER_TABLE1))
+# The fast tier counts the smallest, the reference (320) and the largest width; the full suite
+# every width of Table 1 (each builds a UNet's abstract shapes: ~5 s).
+@pytest.mark.parametrize("width", [
+    w if w in (64, 320, 768) else pytest.param(w, marks=pytest.mark.slow)
+    for w in sorted(cost.PAPER_TABLE1)])
 def test_param_count_equals_diffusers_at_every_paper_width(width):
   """Counted on abstract shapes; diffusers' model is built on torch's meta device (no memory)."""
   import torch  # pylint: disable=g-import-not-at-top
