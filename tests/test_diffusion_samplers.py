@@ -59,7 +59,17 @@ def _case_id(case):
   return f"{sampler}-{pred}-{n}-{extra}" + (f"-eta{eta}" if eta else "")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+# The fast tier runs every sampler, spacing, parametrisation and option once; the same settings
+# at other step counts (a compile each, ~3 s) run in the full suite.
+FAST = [c for i, c in enumerate(CASES)
+        if not any(c[:3] == d[:3] and c[4] == d[4] for d in CASES[:i])]
+
+
+def _params():
+  return [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+
+
+@pytest.mark.parametrize("case", _params(), ids=[_case_id(c) for c in CASES])
 def test_matches_diffusers(case):
   sampler, kw, prediction, steps, eta = case
   schedule = diffusion.Schedule(**kw)
