@@ -30,7 +30,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ldm_scaling import data, experiment, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.components import clip as clip_component  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ldm_scaling.models import tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.train import optim, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.train.objectives import contrastive  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.train.state import TrainState  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,7 +38,6 @@ KEYS = {"old": jax.random.key, "trainer": lambda seed: trainer.run_keys(seed)[0]
 
 
 def train_and_measure(config, seed: int, key: str, n: int) -> dict:
-  from transformers import CLIPImageProcessor  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(config)
   config.clip.seed = seed
   c = config.clip
@@ -61,11 +59,7 @@ def train_and_measure(config, seed: int, key: str, n: int) -> dict:
     if (i + 1) % (c.steps // 10) == 0:
       losses.append(round(float(metrics["loss"]), 3))
   with tempfile.TemporaryDirectory() as d:
-    objective.model.save_pretrained(d, params=jax.device_get(state.params["clip"]))
-    tokenizer.bpe_tokenizer(c.max_length).save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": c.image_size},
-                       crop_size={"height": c.image_size, "width": c.image_size},
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(d)
+    clip_component.export(c, state.params["clip"], d)
     m = clip_component.retrieval(config, d, n=n, log=lambda _: None)
   return dict(key=key, seed=seed, top1=m["top1"], top5=m["top5"], losses=losses,
               seconds=round(time.time() - start, 1))

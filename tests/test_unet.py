@@ -49,12 +49,18 @@ def _diffusers_sd2(width, heads, cross_attn_dim=1024, **kw):
       norm_num_groups=32, **kw)
 
 
-def test_forward_shapes():
+def _two_level_forward():
+  """(config, variables, inputs, f32 output) of the two-level UNet."""
   config = _two_level_config()
   model = models.build(config.model)
   x, t, ctx = _inputs()
   variables = _init(model, 0, x, t, ctx)
-  y = jax.jit(model.apply)(variables, x, t, ctx)
+  return config, variables, (x, t, ctx), jax.jit(model.apply)(variables, x, t, ctx)
+
+
+def test_forward_shapes():
+  config, variables, (x, t, ctx), y = _two_level_forward()
+  model = models.build(config.model)
   assert y.shape == x.shape and y.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(y)))
   # A scalar timestep broadcasts over the batch.
@@ -64,11 +70,7 @@ def test_forward_shapes():
 
 @pytest.mark.slow  # two more UNet compiles (~10 s cold)
 def test_bfloat16_compute_keeps_f32_master_weights():
-  config = _two_level_config()
-  model = models.build(config.model)
-  x, t, ctx = _inputs()
-  variables = _init(model, 0, x, t, ctx)
-  y = jax.jit(model.apply)(variables, x, t, ctx)
+  config, variables, (x, t, ctx), y = _two_level_forward()
   config.model.dtype = "bfloat16"
   model16 = models.build(config.model)
   y16 = jax.jit(model16.apply)(variables, x, t, ctx)

@@ -58,7 +58,6 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
           force: bool = False) -> dict:
   """Trains the small CLIP (contrastive, symmetric InfoNCE with a learned temperature), resuming
   ``<directory>/train``, and exports it to ``directory``; returns the metadata written with it."""
-  from transformers import CLIPImageProcessor  # deferred: see module docstring
   cfg = config.clip
   run = contrastive.training_config(config)
   if force:
@@ -79,12 +78,7 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
   meta_path = os.path.join(directory, clip_lib.META)
   if os.path.exists(meta_path):
     os.remove(meta_path)  # a directory holding META is complete
-  contrastive.model(cfg).save_pretrained(directory, params=jax.device_get(weights["clip"]))
-  tokenizer_lib.bpe_tokenizer(cfg.max_length).save_pretrained(directory)
-  CLIPImageProcessor(
-      size={"shortest_edge": cfg.image_size},
-      crop_size={"height": cfg.image_size, "width": cfg.image_size},
-      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(directory)
+  export(cfg, weights["clip"], directory)
   metrics = retrieval(config, directory, log=log)
   meta = dict(clip=cfg.to_dict(), data=dict(name=config.data.name,
                                             shapes_sizes=list(config.data.shapes_sizes)),
@@ -98,6 +92,19 @@ def train(config: ml_collections.ConfigDict, directory: str, log: Callable[[str]
       f"{metrics['top1']:.3f} top-5 {metrics['top5']:.3f} (chance {metrics['chance_top1']:.4f} / "
       f"{metrics['chance_top5']:.4f}, {metrics['n']} images)")
   return meta
+
+
+def export(cfg: ml_collections.ConfigDict, params, directory: str) -> None:
+  """Writes a transformers checkpoint of the ``clip`` section ``cfg`` with ``params``: the model,
+  the tokenizer built from the shipped BPE vocabulary, an image processor mapping uint8 pixels to
+  [-1, 1] (without ``ldm_scaling.json``, which marks a trained, measured directory)."""
+  from transformers import CLIPImageProcessor  # deferred: see module docstring
+  contrastive.model(cfg).save_pretrained(directory, params=jax.device_get(params))
+  tokenizer_lib.bpe_tokenizer(cfg.max_length).save_pretrained(directory)
+  CLIPImageProcessor(
+      size={"shortest_edge": cfg.image_size},
+      crop_size={"height": cfg.image_size, "width": cfg.image_size},
+      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(directory)
 
 
 def retrieval(config: ml_collections.ConfigDict, directory: str, n: int = 1000,
