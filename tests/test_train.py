@@ -132,6 +132,9 @@ def _kill_and_resume(tmp_path, steps: int, *overrides, devices=1, seed=SEED):
   step_a, a = _final_state(tmp_path / "straight")
   step_b, b = _final_state(workdir)
   assert step_a == step_b == steps
+  # The steps logged between the last checkpoint and the kill were trained again: logged once.
+  logged = [r["step"] for r in _rows(workdir) if any(k.endswith("loss") for k in r)]
+  assert logged == list(range(1, steps + 1)), logged
   return a, b
 
 

@@ -4,6 +4,12 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Saves are asynchrono
 (orbax writes to a temporary directory and renames it when complete), so a run killed mid-save
 resumes from the last complete step. Retention keeps the last ``keep`` steps plus the best step by
 the recorded metric (lower is better).
+
+A checkpoint that is listed but cannot be read (a truncated or damaged file, an empty step
+directory: on gcsfuse/NFS the rename that marks a step complete is not atomic) does not block a
+run: :meth:`Checkpointer.restore_newest_readable` names it, moves it aside to
+``<step>.corrupt-<time>`` and goes on with the next older step, every process agreeing. A failed
+asynchronous save is reported as one :class:`CheckpointWriteError` line naming step and directory.
 """
 
 from __future__ import annotations
@@ -11,11 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 from orbax.checkpoint import checkpoint_managers as cm
 import orbax.checkpoint as ocp
 
@@ -31,6 +41,54 @@ STATE_LAYOUT = 2
 
 def _grain_handler():
   return grain.checkpoint.CheckpointHandler()
+
+
+class CheckpointWriteError(UserError, OSError):
+  """An (asynchronous) checkpoint save failed: disk full, permissions, a vanished bucket."""
+
+
+class UnreadableCheckpointError(UserError):
+  """A checkpoint step that exists but cannot be restored."""
+
+
+def reason(error: BaseException, limit: int = 300) -> str:
+  """One line of an exception (tensorstore's run to dozens of lines): its innermost cause's
+  type and first line."""
+  while error.__cause__ is not None and not str(error).strip():
+    error = error.__cause__
+  text = (str(error).strip().splitlines() or [""])[0]
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (one collective; trivially local on one)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _warn(line: str) -> None:
+  """A warning the user must see (the console, not only the log)."""
+  log.info("%s", line)
+  print(line, file=sys.stderr, flush=True)
+
+
+def _move_aside(directory: str, step: int) -> str:
+  """``<directory>/<step>`` -> ``<step>.corrupt-<UTC time>`` (orbax lists integer names only, so
+  the step is no longer seen and nothing is deleted); where a rename is impossible (object
+  stores cannot rename directories) the step is deleted instead, which is said."""
+  src = epath.Path(directory) / str(step)
+  dst = epath.Path(directory) / f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+  try:
+    src.rename(dst)
+    return f"moved aside to {dst}"
+  except Exception as e:  # pylint: disable=broad-except
+    try:
+      src.rmtree()
+      return f"deleted (it could not be moved aside: {reason(e)})"
+    except Exception as e2:  # pylint: disable=broad-except
+      return f"left in place (it could not be moved or deleted: {reason(e2)})"
 
 
 class Checkpointer:
@@ -55,6 +113,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saving: int | None = None  # the step whose (asynchronous) save may still be running
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -73,11 +132,33 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                              force=True)
+    if self._saving is not None:
+      self.wait()  # orbax waits for the previous save anyway: its failure is named as its own
+    self._saving = step
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
     if saved:
       log.info("checkpoint %d: saving (async) to %s", step, self.directory)
     return saved
+
+  def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
+    latest = [s for s in self.manager.all_steps() if s != step]
+    return CheckpointWriteError(
+        f"checkpoint {step} could not be written to {self.directory}: {reason(error)}. The run "
+        f"stopped; the newest complete checkpoint is "
+        f"{max(latest) if latest else 'none'}. Free space (or fix access) and run the same "
+        f"command again to resume.")
+
+  def check(self) -> None:
+    """Raises :class:`CheckpointWriteError` if an asynchronous save has failed (cheap: called at
+    every log interval, so a full disk stops the run within one interval)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._saving, e) from e
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
     """Restores onto ``abstract_state``'s shardings (which may be another mesh than the save's)
@@ -91,10 +172,53 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def restore_newest_readable(self, restore: Callable[[int], Any]) -> tuple[int | None, Any]:
+    """``(step, restore(step))`` of the newest step that every process can restore, or
+    ``(None, None)`` if there is no checkpoint. Each unreadable newer step is named in a warning
+    and moved aside (process 0, after all processes have tried it). Raises when steps exist but
+    none is readable (they were all moved aside: running again starts from step 0).
+
+    ``restore`` may raise a :class:`UserError` (e.g. an incompatible layout): that is not damage
+    and propagates."""
+    bad = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        out, why = restore(step), None
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        out, why = None, reason(e)
+      if _all_processes(why is None):
+        if bad:
+          self.manager.reload()
+        return step, out
+      if jax.process_index() == 0:
+        fate = _move_aside(self.directory, step)
+        _warn(f"checkpoint {step} in {self.directory} is unreadable"
+              f"{': ' + why if why else ' on another process (see its log)'}; {fate}; trying "
+              f"the previous step")
+      elif why:
+        _warn(f"checkpoint {step} in {self.directory} is unreadable on process "
+              f"{jax.process_index()}: {why}")
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"ldm_scaling_aside_{step}")
+      bad.append(step)
+    self.manager.reload()
+    if bad:
+      raise UnreadableCheckpointError(
+          f"no readable checkpoint in {self.directory}: steps {bad} are damaged (moved aside as "
+          f"<step>.corrupt-*). Run the same command again to start from step 0, or put back a "
+          f"good copy of a step.")
+    return None, None
+
   def wait(self) -> None:
-    """Blocks until pending async saves are on disk; raises if one of them failed."""
-    self.manager.wait_until_finished()
-    self.manager.check_for_errors()
+    """Blocks until pending async saves are on disk; raises :class:`CheckpointWriteError` if one
+    of them failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._saving, e) from e
+    self.check()
 
   def close(self) -> None:
     self.manager.close()
@@ -165,21 +289,39 @@ def load_weights(workdir: str, step: int | None = None, which: str = "ema",
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
-    steps = list(manager.all_steps())
+    steps = sorted(manager.all_steps())
     if not steps:
       raise RunNotFoundError(f"no complete checkpoint in {directory!r}; the run has not saved yet "
                              f"(train.checkpoint_every) or the path is wrong")
-    step = max(steps) if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
       raise RunNotFoundError(f"no checkpoint for step {step} in {directory!r}; have {steps}")
-    tree = manager.item_metadata(step)["state"]
-    tree = dict(getattr(tree, "tree", tree))
-    abstract = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                    dict(tree)[which])}
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=True)))
+    for candidate in ([step] if step is not None else steps[::-1]):
+      try:
+        return candidate, _restore_weights(manager, candidate, which, sharding)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise UnreadableCheckpointError(
+              f"checkpoint {step} in {directory} is unreadable: {reason(e)}; pick another step "
+              f"(have {steps})") from e
+        _warn(f"checkpoint {candidate} in {directory} is unreadable: {reason(e)}; using the "
+              f"previous step")
+    raise UnreadableCheckpointError(f"no readable checkpoint in {directory}: steps {steps} are "
+                                    f"all damaged")
   finally:
     manager.close()
-  return step, restored["state"][which]
+
+
+def _restore_weights(manager, step: int, which: str, sharding) -> Any:
+  tree = manager.item_metadata(step)["state"]
+  tree = dict(getattr(tree, "tree", tree))
+  if which not in tree:
+    raise RunNotFoundError(f"checkpoint {step} in {manager.directory} has no {which!r} weights "
+                           f"(it has {sorted(tree)}); ask for which='params'")
+  abstract = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[which])}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=restore_args, partial_restore=True)))
+  return restored["state"][which]

@@ -12,6 +12,8 @@ from typing import Any, Mapping
 from etils import epath
 import numpy as np
 
+from ldm_scaling import files
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
 
 
@@ -92,14 +94,40 @@ def make_writer(workdir: str, is_main: bool):
                                                                        "metrics.jsonl"))])
 
 
+def _parse(lines: list[str]) -> list[dict[str, Any] | None]:
+  """Each line's JSON object, None for a line that is not one (a killed run's torn last line)."""
+  out = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    out.append(row if isinstance(row, dict) else None)
+  return out
+
+
 def history(workdir: str) -> list[dict[str, float]]:
   """A run's logged training metrics (``metrics.jsonl``), one row per log interval."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
     return []
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in _parse(path.read_text(encoding="utf-8").splitlines()) if r]
   return [{k: v for k, v in r.items() if k != "time"} for r in rows if "loss" in r]
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+  """Removes the ``metrics.jsonl`` rows of steps after ``step`` (and torn lines), returning how
+  many: a run killed after its last checkpoint logged steps that the resumed run trains and logs
+  again, and the history must hold each step once."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    return 0
+  lines = path.read_text(encoding="utf-8").splitlines()
+  keep = [line for line, row in zip(lines, _parse(lines))
+          if row is not None and not (isinstance(row.get("step"), int) and row["step"] > step)]
+  if len(keep) != len(lines):
+    files.atomic_write_text(path, "".join(line + "\n" for line in keep))
+  return len(lines) - len(keep)
 
 
 class Throughput:

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from etils import epath
@@ -85,6 +86,29 @@ def check_batch_layout(config, num_devices: int, process_count: int) -> dict[str
   return sizes
 
 
+# (key, smallest value, what it counts): every cadence and count the loop divides by or keeps.
+_COUNTS = (("steps", 1, "training steps"),
+           ("batch_size", 1, "examples per step"),
+           ("log_every", 1, "steps between metric lines"),
+           ("checkpoint_every", 1, "steps between checkpoints (the last step and a preemption "
+                                   "always save; to save only at the end set it to train.steps)"),
+           ("keep_checkpoints", 1, "checkpoints kept (0 would keep none)"),
+           ("sample_every", 0, "steps between preview grids (0: none)"),
+           ("profile_steps", 0, "steps profiled (0: none)"),
+           ("sample_steps", 1, "sampler steps of the preview grid"))
+
+
+def check_cadence(train_cfg) -> None:
+  """Every count/cadence of the ``train`` section is an integer in range (checked before anything
+  compiles or is written: ``checkpoint_every=0`` used to divide by zero after compiling, and
+  ``keep_checkpoints=0`` to keep no checkpoint at all)."""
+  for key, low, what in _COUNTS:
+    value = train_cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ConfigError(f"train.{key} must be an integer >= {low} ({what}), got {value!r}; set "
+                        f"--config.train.{key}=N")
+
+
 def _check_workdir(workdir: str, config, objective) -> None:
   """Refuses to resume a workdir created by a structurally different experiment."""
   path = epath.Path(workdir) / "config.json"
@@ -101,6 +125,31 @@ def _check_workdir(workdir: str, config, objective) -> None:
   others = [s for s in config if s not in changed and cfglib.section_changes(old, config, s)]
   if others:
     log.warning("resuming %s with changed %s settings", workdir, ", ".join(others))
+
+
+def _check_shared_workdir(workdir: str) -> None:
+  """Every process must see the same workdir (a bucket or a shared filesystem): with host-local
+  directories the hosts would disagree on the latest checkpoint and hang in the first collective.
+  Process 0 writes a random token there; after a barrier every process reads it back."""
+  if jax.process_count() == 1:
+    return
+  token = int.from_bytes(os.urandom(3), "little") if jax.process_index() == 0 else 0
+  token = int(multihost_utils.broadcast_one_to_all(np.array(token, np.int32)))
+  path = epath.Path(workdir) / ".shared_workdir_check"
+  if jax.process_index() == 0:
+    files.atomic_write_text(path, str(token))
+  multihost_utils.sync_global_devices("ldm_scaling_shared_workdir")
+  try:
+    seen = path.read_text().strip() == str(token)
+  except OSError:
+    seen = False
+  ok = multihost_utils.process_allgather(np.array(seen))
+  if not ok.all():
+    blind = [i for i, v in enumerate(np.ravel(ok)) if not v]
+    raise ConfigError(
+        f"workdir {workdir!r} is not shared by the {jax.process_count()} processes: process(es) "
+        f"{blind} cannot see the file process 0 wrote there, so they would disagree on the "
+        f"checkpoints. Give every host the same workdir: a gs:// bucket or a shared filesystem.")
 
 
 def _write_partitioning(workdir: str, trees: dict[str, tuple[Any, Any]]) -> None:
@@ -271,27 +320,68 @@ def _restore(checkpointer, step: int, abstract: TrainState, state_sh: TrainState
 # The job.
 
 
-class _StopFlag:
-  """Set by SIGTERM; every process agrees on it before acting (multi-host safe)."""
+def _jax_owns_sigterm() -> bool:
+  """True when ``jax.distributed`` started JAX's preemption service: its notifier catches
+  SIGTERM and agrees on a sync step that ``reached_preemption`` reports (checked every step). A
+  Python handler would replace that C++ handler (it cannot be chained), so none is installed."""
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    return jax_distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):  # a private module: absent in another jax
+    return False
 
-  def __init__(self):
+
+class _StopFlag:
+  """SIGTERM -> a checkpoint and a clean exit, agreed by every process.
+
+  Without JAX's preemption service a Python handler sets a flag (and calls a previous Python
+  handler, if any). With several processes the flag is agreed in an allgather every
+  ``poll_seconds`` of wall time -- the interval in steps is recomputed at each agreement from the
+  slowest process's step time, so every process computes the same next step -- so a Spot VM's
+  ~30 s notice is met whatever ``train.log_every`` is."""
+
+  def __init__(self, poll_seconds: float = 2.0):
     self.event = threading.Event()
+    self.poll_seconds = poll_seconds
     self._previous = None
+    self._installed = False
+    self._next = 0
+    self._last = None  # (step, time) of the last agreement
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    if _jax_owns_sigterm():
+      log.info("SIGTERM is left to JAX's preemption service (checked every step)")
+    elif threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
     return self
 
+  def _handle(self, signum, frame):
+    self.event.set()
+    if callable(self._previous):
+      self._previous(signum, frame)
+
   def __exit__(self, *exc):
-    if self._previous is not None:
+    if self._installed:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self) -> bool:
+  def agreed(self, step: int) -> bool:
     local = self.event.is_set()
     if jax.process_count() == 1:
       return local
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    if step < self._next:
+      return False
+    now = time.monotonic()
+    # Seconds per step since the last agreement (-1 at the first: no estimate yet, check again
+    # at the next step).
+    per_step = -1.0 if self._last is None else (now - self._last[1]) / max(step - self._last[0], 1)
+    gathered = np.asarray(multihost_utils.process_allgather(
+        np.array([float(local), per_step], np.float32))).reshape(-1, 2)
+    self._last = (step, now)
+    slowest = float(gathered[:, 1].max())
+    interval = 1 if slowest <= 0 else int(np.clip(np.ceil(self.poll_seconds / slowest), 1, 10_000))
+    self._next = step + interval
+    return bool(gathered[:, 0].any())
 
 
 def _global_batch(local: dict[str, Any], spec: dict[str, Any], mesh) -> dict[str, jax.Array]:
@@ -316,6 +406,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   cfglib.check_schema(config)
   optim.validate(config.train)
+  check_cadence(config.train)
   objective = objectives.build(config)  # checks the sections its networks and data use
   num_devices, process_count = jax.device_count(), jax.process_count()
   check_batch_layout(config, num_devices, process_count)
@@ -323,6 +414,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   frozen = objective.frozen()  # loaded once on the host, before anything is written; never saved
   objectives.check_declaration(networks, phases, frozen)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _check_shared_workdir(workdir)
   _check_workdir(workdir, config, objective)
   _write_config(workdir, config)
 
@@ -361,9 +453,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = ckpt_lib.Checkpointer(
         workdir, keep=tcfg.keep_checkpoints,
         best_metric=tcfg.best_metric or None, async_save=tcfg.async_checkpointing)
-    start = checkpointer.latest_step()
+    start, state = checkpointer.restore_newest_readable(
+        lambda step: _restore(checkpointer, step, abstract, state_sh, data_iter, txs))
     if start is not None:
-      state = _restore(checkpointer, start, abstract, state_sh, data_iter, txs)
       if jax.process_index() == 0:
         metrics_lib.console(f"resumed from step {start} of {tcfg.steps} ({workdir})")
     else:
@@ -406,6 +498,8 @@ class _Loop:
     total = tcfg.steps
     end = total if max_steps is None else min(total, max_steps)
     is_main = jax.process_index() == 0
+    if is_main:  # steps logged after the checkpoint resumed from (a killed run) are redone
+      metrics_lib.drop_rows_after(self.workdir, start)
     writer = metrics_lib.make_writer(self.workdir, is_main)
     throughput = metrics_lib.Throughput(start_step=start, total_steps=total,
                                         batch_size=tcfg.batch_size,
@@ -441,6 +535,7 @@ class _Loop:
             hook(step)
           if step % tcfg.log_every == 0 or step == end:
             _check_finite(previous, step, checkpointer)
+            checkpointer.check()  # a failed asynchronous save stops the run here
             last = _summarise(window)
             window = []
             last.update(throughput.report(step))
@@ -450,8 +545,7 @@ class _Loop:
                                                             throughput.eta_seconds(step)))
           if tcfg.sample_every and step % tcfg.sample_every == 0 and not self.multi_host:
             self._write_preview(state, step, writer)
-          check_stop = not self.multi_host or step % tcfg.log_every == 0
-          preempted = (check_stop and stop.agreed()) or checkpointer.reached_preemption(step)
+          preempted = stop.agreed(step) or checkpointer.reached_preemption(step)
           if preempted or step == end or step % tcfg.checkpoint_every == 0:
             _check_finite(previous, step, checkpointer)  # never save a step that was skipped
             checkpointer.save(step, state, data_iter, meta,
@@ -460,11 +554,10 @@ class _Loop:
             stopped = "preempted"
             log.warning("stop requested at step %d: checkpoint saved, exiting", step)
             break
-      finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.flush()
-        writer.close()
+      except BaseException:
+        _close(checkpointer, writer, failing=True)
+        raise
+      _close(checkpointer, writer, failing=False)
     return Result(step=step, stopped=stopped, metrics=last)
 
   def _write_preview(self, state, step: int, writer) -> None:
@@ -479,6 +572,25 @@ class _Loop:
                                [preview["label"]])
     writer.write_images(step, {"samples": image[None]})
     log.info("wrote %s", path)
+
+
+def _close(checkpointer, writer, *, failing: bool) -> None:
+  """Waits for pending saves and closes the writers -- the metrics are flushed whatever happens.
+  When the run is already failing, a second error from the pending save is logged, not raised
+  (the first one is the one to report)."""
+  try:
+    checkpointer.wait()
+  except Exception as e:  # pylint: disable=broad-except
+    if not failing:
+      raise
+    log.error("%s", e)
+  finally:
+    try:
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.error("closing the checkpointer: %s", e)
+    writer.flush()
+    writer.close()
 
 
 def _check_finite(metrics, step: int, checkpointer) -> None:
