@@ -300,12 +300,12 @@ def _executable(path, text):
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run_start_command(tmp_path, runs, accelerator_type, curl=None, **opts):
-  """Runs the start step's remote command with a real bash in a fake home, a stub python3 that
-  records its argv (NUL-separated) and the LDM_SCALING_* variables, and optionally a stub curl
-  (the metadata server); returns (argv lines, env lines) once every run left its marker."""
+def _fake_worker(tmp_path, curl=None, remote_dir="ldm-scaling"):
+  """A fake TPU worker: a home with the checkout directory, and a bin directory with a stub
+  python3 that records its argv (NUL-separated) and the LDM_SCALING_* variables, and optionally a
+  stub curl (the metadata server). Returns (home, bin_dir, argv_file, env_file)."""
   home = tmp_path / "home"
-  (home / "ldm-scaling").mkdir(parents=True)
+  (home / remote_dir).mkdir(parents=True)
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   argv_file, env_file = tmp_path / "argv.txt", tmp_path / "env.txt"
@@ -316,6 +316,13 @@ def _run_start_command(tmp_path, runs, accelerator_type, curl=None, **opts):
               f" >> {env_file}\necho 'ldm-scaling train: done at step 5'\n")
   if curl:
     _executable(bin_dir / "curl", curl)
+  return home, bin_dir, argv_file, env_file
+
+
+def _run_start_command(tmp_path, runs, accelerator_type, curl=None, **opts):
+  """Runs the start step's remote command with a real bash on a fake worker (:func:`_fake_worker`);
+  returns (argv lines, env lines) once every run left its marker."""
+  home, bin_dir, argv_file, env_file = _fake_worker(tmp_path, curl)
   topo = topology.topology(accelerator_type)
   remote = tpu.start_command(runs, _opts(accelerator_type=accelerator_type, **opts), topo)
   env = dict(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(home))
@@ -376,6 +383,142 @@ def test_multi_host_start_reads_the_coordinator_from_the_metadata_server(tmp_pat
   runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root=str(tmp_path / "r"))
   _, env = _run_start_command(tmp_path, runs, "v4-32", curl=curl, workdir_is_shared=True)
   assert env == [f"10.1.0.5:{tpu.COORDINATOR_PORT} 2 1"]
+
+
+def _metadata(endpoints="10.1.0.5,10.1.0.6", worker="1", rc=0):
+  """A stub curl answering the metadata server's two keys (rc: curl's exit code, as -f gives on
+  an HTTP error or a missing server)."""
+  return ("#!/bin/sh\ncase \"$*\" in\n"
+          f"  *worker-network-endpoints*) printf '%s' '{endpoints}' ;;\n"
+          f"  *agent-worker-number*) printf '%s' '{worker}' ;;\nesac\nexit {rc}\n")
+
+
+def _run_multi_host_script(tmp_path, curl, remote_dir="ldm-scaling", **env):
+  """The v4-32 start script (what nohup runs) in a real bash on a fake worker, synchronously,
+  with ``env`` set on the worker; returns (the finished process, the LDM_SCALING_* line the stub
+  trainer saw, or None when it did not run)."""
+  home, bin_dir, _, env_file = _fake_worker(tmp_path, curl, remote_dir)
+  run = sweeps.Run(sweep="s", name="r", command="train", config="c.py", overrides=(),
+                   workdir=str(tmp_path / "r"), logdir=str(tmp_path / "r"))
+  script = tpu.remote_script([run], _opts(workdir_is_shared=True, remote_dir=remote_dir),
+                             topology.topology("v4-32"))
+  proc = subprocess.run(["bash", "-c", script], cwd=home, capture_output=True, text=True,
+                        env=dict(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(home), **env),
+                        check=False, timeout=20)
+  return proc, (env_file.read_text().strip() if env_file.exists() else None)
+
+
+@pytest.mark.parametrize("curl, key, variables", [
+    (_metadata(endpoints="", worker=""), "worker-network-endpoints",
+     ["LDM_SCALING_COORDINATOR", "LDM_SCALING_NUM_PROCESSES"]),
+    (_metadata(endpoints="", worker="", rc=22), "worker-network-endpoints",  # HTTP error
+     ["LDM_SCALING_COORDINATOR", "LDM_SCALING_NUM_PROCESSES"]),
+    (_metadata(endpoints="t1v-w-0:uid0:,t1v-w-1:uid1:"), "worker-network-endpoints",  # no IP
+     ["LDM_SCALING_COORDINATOR", "LDM_SCALING_NUM_PROCESSES"]),
+    (_metadata(worker=""), "agent-worker-number", ["LDM_SCALING_PROCESS_ID"]),
+    (_metadata(worker="w1"), "agent-worker-number", ["LDM_SCALING_PROCESS_ID"]),
+])
+def test_multi_host_start_stops_on_an_empty_metadata_lookup(tmp_path, curl, key, variables):
+  # Before: empty lookups became COORDINATOR=:8482 NUM_PROCESSES=0 and the trainer failed later.
+  proc, trainer_env = _run_multi_host_script(tmp_path, curl)
+  assert proc.returncode != 0 and trainer_env is None  # no run started
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("ldm-scaling launch: "), proc.stderr
+  assert f"metadata key {key}" in lines[0]
+  for variable in variables:
+    assert variable in lines[0] and "to override it" in lines[0]
+
+
+def test_multi_host_start_uses_the_variables_set_on_the_worker(tmp_path):
+  # No metadata server at all (curl fails); the three variables set on the worker are enough, and
+  # a nested --remote-dir works.
+  env = dict(LDM_SCALING_COORDINATOR="10.9.0.1:1234", LDM_SCALING_NUM_PROCESSES="4",
+             LDM_SCALING_PROCESS_ID="3")
+  proc, trainer_env = _run_multi_host_script(tmp_path, _metadata("", "", rc=7),
+                                             remote_dir="work/ldm", **env)
+  assert proc.returncode == 0, proc.stderr
+  assert trainer_env == "10.9.0.1:1234 4 3"
+  # Only the variable whose lookup is empty: the others still come from the metadata server.
+  _, trainer_env = _run_multi_host_script(tmp_path / "2", _metadata(worker=""),
+                                          LDM_SCALING_PROCESS_ID="0")
+  assert trainer_env == f"10.1.0.5:{tpu.COORDINATOR_PORT} 2 0"
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(LDM_SCALING_NUM_PROCESSES="four"),
+     'LDM_SCALING_NUM_PROCESSES="four" (set on the worker) is not a number'),
+    (dict(LDM_SCALING_PROCESS_ID="2"), "LDM_SCALING_PROCESS_ID=2 (set on the worker) is not "
+     "below LDM_SCALING_NUM_PROCESSES=2 (from metadata key worker-network-endpoints)"),
+    (dict(LDM_SCALING_NUM_PROCESSES="0"), "LDM_SCALING_NUM_PROCESSES=0 (set on the worker) is "
+     "below 1"),
+])
+def test_multi_host_start_checks_the_variables_set_on_the_worker(tmp_path, env, message):
+  proc, trainer_env = _run_multi_host_script(tmp_path, _metadata(), **env)
+  assert proc.returncode != 0 and trainer_env is None
+  assert message in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+_TPU_ARGS = ["--tpu-name", "t", "--zone", "z", "--accelerator-type", "v4-8", "--source-tarball",
+             "x.tgz", "--dry-run"]
+_EXPERIMENT = ["--config", "configs/t2i.py", "--workdir", "gs://b/w"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (_EXPERIMENT + ["--config.train.steps=5\n6"], "override '--config.train.steps=5\\n6'"),
+    (["--config", "configs/t2i.py", "--workdir", "gs://b/w\nrm -rf ~"], "workdir"),
+    (_EXPERIMENT + ["--zone", "z\tz"], "--zone 'z\\tz'"),
+    (_EXPERIMENT + ["--tpu-name", "t\x1b[2J"], "--tpu-name 't\\x1b[2J'"),
+    (_EXPERIMENT + ["--remote-python", "python3\r"], "--remote-python"),
+    (_EXPERIMENT + ["--project", "p\x7f"], "--project"),
+    (["--config", "configs/sweeps/model_size.py:widths=(64,)", "--bucket", "gs://b",
+      '--config.train.sample_prompts=("a\nb",)'], "run 'w64': override"),
+    (["--teardown", "--project", "p\nq"], "--project"),
+])
+def test_tpu_launcher_refuses_control_characters(args, named, capsys, monkeypatch):
+  monkeypatch.setenv("PATH", "/nonexistent")
+  assert commands.main(_TPU_ARGS + args, launcher="tpu", prog="p") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("p: error: ") and len(err.splitlines()) == 1
+  assert named in err and "control character" in err and "remove it" in err
+
+
+def test_plan_refuses_control_characters_in_runs_and_options():
+  run = sweeps.Run(sweep="s", name="r", command="train", config="configs/t2i.py",
+                   overrides=("train.sample_prompts=('a\nb',)",), workdir="gs://b/r",
+                   logdir="gs://b/r")
+  with pytest.raises(ConfigError, match="run 'r': override .*control character '\\\\n'"):
+    tpu.plan([run], _opts())
+  ok = dataclasses.replace(run, overrides=())
+  with pytest.raises(ConfigError, match="--jax-spec 'jax\\[tpu\\]\\\\x00'"):
+    tpu.plan([ok], _opts(jax_spec="jax[tpu]\0"))
+  with pytest.raises(ConfigError, match="run name 'r\\\\n'"):
+    tpu.plan([dataclasses.replace(ok, name="r\n")], _opts())
+  assert tpu.plan([ok], _opts(source_git="https://h/r.git"))  # plain text passes
+
+
+@pytest.mark.parametrize("remote_dir, why", [
+    ("/abs", "is not relative"), ("/", "is not relative"), ("~/ldm", "is not relative"),
+    ("a/../b", "has a '..' component"), ("..", "has a '..' component"),
+    ("../ldm", "has a '..' component"), (".", "names the home directory"),
+    ("", "names the home directory"), ("./", "names the home directory"),
+])
+def test_remote_dir_must_stay_under_the_home_directory(remote_dir, why, capsys, monkeypatch):
+  # The install step runs `rm -rf REMOTE_DIR` on every worker.
+  with pytest.raises(ConfigError, match=f"--remote-dir .*{why}.*relative to the home directory"):
+    tpu.plan([], _opts(remote_dir=remote_dir))
+  monkeypatch.setenv("PATH", "/nonexistent")
+  assert commands.main(_TPU_ARGS + _EXPERIMENT + ["--remote-dir", remote_dir], launcher="tpu",
+                       prog="p") == 2
+  assert why in capsys.readouterr().err
+
+
+def test_a_relative_remote_dir_is_used_by_install_and_start(capsys, monkeypatch):
+  monkeypatch.setenv("PATH", "/nonexistent")
+  assert commands.main(_TPU_ARGS + _EXPERIMENT + ["--remote-dir", "work/ldm-2"], launcher="tpu",
+                       prog="p") == 0
+  out = capsys.readouterr().out
+  assert "rm -rf work/ldm-2 && mkdir -p work/ldm-2 && tar -xzf" in out
+  assert "pip install -q -e work/ldm-2" in out and "cd work/ldm-2 || exit 1" in out
 
 
 def test_topology_presets_match_the_cloud_tpu_tables():

@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
   g.add_argument("--source-ref", default="", help="branch, tag or commit of --source-git")
   g.add_argument("--source-tarball", default="", help="a source tarball to copy instead")
   g.add_argument("--remote-dir", default="ldm-scaling",
-                 help="checkout on each worker, relative to home (default: ldm-scaling)")
+                 help="checkout on each worker, relative to home, without '..' (deleted and "
+                 "recreated on each install; default: ldm-scaling)")
   g.add_argument("--remote-python", default="python3", help="Python on the workers")
   g.add_argument("--jax-spec", default="",
                  help="pip requirement for JAX on TPU (default: jax[tpu] at the pinned version)")
@@ -134,8 +135,12 @@ def build_runs(args):
 
 def run_command(args, launcher: str, prog: str) -> int:
   from ldm_scaling.launch import local, sweeps, tpu
-  if launcher == "tpu" and args.teardown:
+  if launcher == "tpu":
+    # Refuse bad TPU flags (a control character, an absolute --remote-dir) before loading every
+    # run's config, which takes seconds for a large sweep.
     opts = _tpu_options(args)
+    tpu.check_options(opts)
+  if launcher == "tpu" and args.teardown:
     runs = build_runs(args) if args.config else []
     steps = tpu.teardown(opts, runs)
     if args.dry_run:
@@ -145,6 +150,8 @@ def run_command(args, launcher: str, prog: str) -> int:
     return 0
 
   runs = build_runs(args)
+  if launcher == "tpu":
+    tpu.check_run_text(runs)  # a newline in an override: one clear error, not a config error
   errors = [None] * len(runs) if args.no_validate else sweeps.validate_runs(runs)
   bad = sum(e is not None for e in errors)
   if bad:
@@ -153,7 +160,6 @@ def run_command(args, launcher: str, prog: str) -> int:
           f"above); nothing launched", file=sys.stderr)
     return 2
   if launcher == "tpu":
-    opts = _tpu_options(args)
     runs = tpu.prepare_runs(runs, opts)  # as the slice runs them (mesh added)
   print(sweeps.describe(runs))
 

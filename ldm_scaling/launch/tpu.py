@@ -23,13 +23,20 @@ sets from the TPU VM metadata server (``LDM_SCALING_COORDINATOR`` = worker 0's a
 ``_NUM_PROCESSES``, ``_PROCESS_ID`` = this worker's number, read by
 ``ldm_scaling.train.distributed``) -- the same values ``jax.distributed.initialize()`` finds
 itself on a TPU VM, made explicit because the trainer's TPU detection keys on environment variables
-that GKE sets and a plain TPU VM may not.
+that GKE sets and a plain TPU VM may not. A variable already set on the worker wins over its
+lookup; an empty or non-numeric lookup stops the script with one line naming the metadata key and
+the variable that overrides it.
+
+Every value the user gives ends up in the workers' bash script or a gcloud argument, so a newline
+or other control character in any of them is refused (:func:`check_text`), and ``--remote-dir``,
+deleted and recreated by each install, must stay under the home directory (relative, no ``..``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import posixpath
 import re
 import shlex
 import shutil
@@ -116,10 +123,53 @@ def default_jax_spec() -> str:
   return "jax[tpu]"
 
 
-def _check_options(opts: TpuOptions) -> topo_lib.Topology:
+# Characters no launcher input may contain: they would end a line of the workers' script or of
+# a gcloud argument (C0 and C1 controls, DEL; newline and tab included).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# TpuOptions fields that are text the user gave, and their flags.
+_TEXT_FLAGS = {"tpu_name": "--tpu-name", "zone": "--zone", "accelerator_type": "--accelerator-type",
+               "project": "--project", "runtime_version": "--runtime-version",
+               "source_git": "--source-git", "source_ref": "--source-ref",
+               "source_tarball": "--source-tarball", "remote_dir": "--remote-dir",
+               "python": "--remote-python", "jax_spec": "--jax-spec"}
+
+
+def check_text(what: str, value: str) -> None:
+  """Refuses a value with a newline or other control character: the launcher writes every value
+  into the workers' bash script or a gcloud argument, where such a character would split or
+  corrupt the command (and a multi-line value cannot be shown as one shell line)."""
+  match = _CONTROL.search(value)
+  if match:
+    raise ConfigError(f"{what} {value!r} contains the control character {match.group()!r} "
+                      f"(newline, tab, ...), which the TPU launcher cannot put into the workers' "
+                      f"script or a gcloud argument: remove it")
+
+
+def check_remote_dir(remote_dir: str) -> None:
+  """``--remote-dir`` is deleted and recreated under the home directory of every worker, so it
+  must stay inside it: relative, without ``..``, and not the home directory itself."""
+  hint = "give a directory relative to the home directory on the workers, e.g. ldm-scaling"
+  if posixpath.isabs(remote_dir) or remote_dir.startswith("~"):
+    raise ConfigError(f"--remote-dir {remote_dir!r} is not relative: it is a directory under "
+                      f"the home directory of every worker (deleted and recreated on each "
+                      f"install); {hint}")
+  if ".." in remote_dir.split("/"):
+    raise ConfigError(f"--remote-dir {remote_dir!r} has a '..' component, which could leave the "
+                      f"home directory (the directory is deleted and recreated on each "
+                      f"install); {hint}")
+  if posixpath.normpath(remote_dir or ".") == ".":
+    raise ConfigError(f"--remote-dir {remote_dir!r} names the home directory itself, which each "
+                      f"install would empty; {hint}")
+
+
+def check_options(opts: TpuOptions) -> topo_lib.Topology:
+  """Refuses options that cannot make a launch (before anything else is done); the topology."""
+  for field, flag in _TEXT_FLAGS.items():
+    check_text(flag, getattr(opts, field))
   for field in ("tpu_name", "zone", "accelerator_type"):
     if not getattr(opts, field):
       raise ConfigError(f"the TPU launcher needs --{field.replace('_', '-')}")
+  check_remote_dir(opts.remote_dir)
   if opts.best_effort and not opts.queued:
     raise ConfigError("--best-effort is a queued-resource tier: add --queued")
   if opts.spot and opts.best_effort:
@@ -131,6 +181,17 @@ def _check_options(opts: TpuOptions) -> topo_lib.Topology:
   if opts.distributed not in ("metadata", "auto"):
     raise ConfigError(f"--distributed must be metadata or auto, got {opts.distributed!r}")
   return topo_lib.topology(opts.accelerator_type)
+
+
+def check_run_text(runs: Sequence[Run]) -> None:
+  """Refuses runs with a control character in any value the workers' script holds (names,
+  config, overrides, workdir, logdir, results): see :func:`check_text`."""
+  for run in runs:
+    values = [("run name", run.name), ("sweep name", run.sweep), ("--config", run.config)]
+    values += [("override", f"--config.{o}") for o in run.overrides]
+    values += [("workdir", run.workdir), ("logdir", run.logdir), ("results", run.results)]
+    for what, value in values:
+      check_text(f"run {run.name!r}: {what}" if what != "run name" else what, value)
 
 
 def _scope(opts: TpuOptions) -> list[str]:
@@ -246,14 +307,52 @@ run_one() {
 
 # Worker 0's address and this worker's number from the TPU VM metadata server, parsed as
 # jax._src.clusters.cloud_tpu_cluster.GceTpuCluster does (endpoints: "host" or "name:id:ip").
-_METADATA_ENV = r"""md() {
+# A LDM_SCALING_* variable already set on the worker wins over its lookup. Every value is checked
+# here: an empty lookup (no metadata server, a key missing) would otherwise become
+# "COORDINATOR=:8482 NUM_PROCESSES=0" and fail later in the trainer with advice about flags the
+# user never passed; instead the script stops with one line naming the key and the variables that
+# override it. Constant text like _HELPERS (double quotes only).
+_METADATA_ENV = r"""fail() {
+  echo "ldm-scaling launch: $*; no run started" >&2
+  exit 1
+}
+override="in the environment on each worker to override it"
+md() {
   curl -sf -H "Metadata-Flavor: Google" \
     "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
 }
-IFS=, read -ra endpoints <<< "$(md worker-network-endpoints)"
-export LDM_SCALING_COORDINATOR="${endpoints[0]##*:}:PORT"
-export LDM_SCALING_NUM_PROCESSES=${#endpoints[@]}
-export LDM_SCALING_PROCESS_ID=$(md agent-worker-number)""".replace("PORT", str(COORDINATOR_PORT))
+numeric() {
+  case "${!1}" in
+    ""|*[!0-9]*) fail "$1=\"${!1}\" ($2) is not a number: set $1 to a whole number" "$override" ;;
+  esac
+}
+num_from="set on the worker"; id_from="set on the worker"
+if [ -z "${LDM_SCALING_COORDINATOR:-}" ] || [ -z "${LDM_SCALING_NUM_PROCESSES:-}" ]; then
+  value=$(md worker-network-endpoints)
+  IFS=, read -ra endpoints <<< "$value"
+  host=${endpoints[0]##*:}
+  [ -n "$host" ] || fail "TPU metadata key worker-network-endpoints is empty or has no" \
+    "address (got \"$value\"): set LDM_SCALING_COORDINATOR=HOST:PORT and" \
+    "LDM_SCALING_NUM_PROCESSES=N" "$override"
+  [ -n "${LDM_SCALING_NUM_PROCESSES:-}" ] || num_from="from metadata key worker-network-endpoints"
+  : "${LDM_SCALING_COORDINATOR:=$host:PORT}" "${LDM_SCALING_NUM_PROCESSES:=${#endpoints[@]}}"
+fi
+if [ -z "${LDM_SCALING_PROCESS_ID:-}" ]; then
+  LDM_SCALING_PROCESS_ID=$(md agent-worker-number)
+  [ -n "$LDM_SCALING_PROCESS_ID" ] || fail "TPU metadata key agent-worker-number is empty:" \
+    "set LDM_SCALING_PROCESS_ID=N (this worker, 0 to NUM_PROCESSES-1)" "$override"
+  id_from="from metadata key agent-worker-number"
+fi
+numeric LDM_SCALING_NUM_PROCESSES "$num_from"
+numeric LDM_SCALING_PROCESS_ID "$id_from"
+[ "$LDM_SCALING_NUM_PROCESSES" -ge 1 ] || fail \
+  "LDM_SCALING_NUM_PROCESSES=$LDM_SCALING_NUM_PROCESSES ($num_from) is below 1:" \
+  "set it to the number of workers" "$override"
+[ "$LDM_SCALING_PROCESS_ID" -lt "$LDM_SCALING_NUM_PROCESSES" ] || fail \
+  "LDM_SCALING_PROCESS_ID=$LDM_SCALING_PROCESS_ID ($id_from) is not below" \
+  "LDM_SCALING_NUM_PROCESSES=$LDM_SCALING_NUM_PROCESSES ($num_from): set both" "$override"
+export LDM_SCALING_COORDINATOR LDM_SCALING_NUM_PROCESSES LDM_SCALING_PROCESS_ID""".replace(
+    "PORT", str(COORDINATOR_PORT))
 
 
 def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
@@ -278,6 +377,7 @@ def start_command(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology
 
 def _check_runs(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> list[str]:
   """Refuses what cannot work on the slice; returns warnings for what works but may surprise."""
+  check_run_text(runs)
   warnings = []
   for run in runs:
     paths = {"workdir": run.workdir, "logdir": run.logdir, "results": run.results}
@@ -323,14 +423,14 @@ def with_mesh(runs: Sequence[Run], topo: topo_lib.Topology) -> list[Run]:
 def prepare_runs(runs: Sequence[Run], opts: TpuOptions) -> list[Run]:
   """The runs as the slice will run them: checked (:func:`plan` refuses the same), with the mesh
   added where the model needs FSDP (``auto_mesh``)."""
-  topo = _check_options(opts)
+  topo = check_options(opts)
   _check_runs(runs, opts, topo)
   return with_mesh(runs, topo) if opts.auto_mesh else list(runs)
 
 
 def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
   """Every step from creating the slice(s) to starting the runs (teardown: :func:`teardown`)."""
-  topo = _check_options(opts)
+  topo = check_options(opts)
   if not runs:
     raise ConfigError("no runs to launch")
   warnings = _check_runs(runs, opts, topo)
@@ -355,7 +455,7 @@ def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
 
 def teardown(opts: TpuOptions, runs: Sequence[Run] = ()) -> list[Step]:
   """The steps that delete the slice(s)."""
-  _check_options(opts)
+  check_options(opts)
   if "{run}" in opts.tpu_name and not runs:
     raise ConfigError(f"--tpu-name {opts.tpu_name!r} names one slice per run: give the sweep's "
                       f"--config so that teardown knows the runs")
