@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
       shapes_sizes=(20_000, 2_000),  # embedded dataset: (train, test) examples
       bad_examples="error",         # folder data: error | skip (skipped rows are counted)
       min_image_size=16,            # folder data: shorter side below this is a bad example
-      prepare_workers=0,            # folder data: threads checking images (0 = all cores)
+      prepare_workers=0,            # folder data: threads checking images (0 = all cores, at most 32)
       threads=4,                    # grain read threads
       prefetch=64,                  # grain prefetch buffer (examples)
       workers=0,                    # grain worker processes (0 = none; > 0 needs a __main__ guard)
