@@ -9,21 +9,29 @@
   when the product is singular; a small imaginary part is dropped, a large one is an error).
 
 Every statistics file records how it was made (network, weights digest, n, and for reference
-statistics the dataset, split and resolution); comparing statistics made differently is an error.
+statistics the dataset, split and resolution, and the dataset's identity where the caller knows
+it); comparing statistics made differently is an error. Files are read and written through
+``etils.epath`` (local paths or ``gs://``), written whole under a unique temporary name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import warnings
+import zipfile
 
+from etils import epath
 import numpy as np
 from scipy import linalg
 import scipy
 
+from ldm_scaling import files
 from ldm_scaling.errors import UserError
 from ldm_scaling.eval import fid_weights, inception, parallel
 from ldm_scaling.eval import images as imagelib
@@ -34,6 +42,11 @@ PREPROCESSING = "uint8/255 -> bilinear 299x299 (torch align_corners=False, no an
 class StatsMismatchError(UserError, ValueError):
   """Statistics that cannot be computed or compared: too few samples, another dimension, network,
   dataset, resolution or sample count."""
+
+
+class UnreadableStatsError(StatsMismatchError):
+  """A statistics file that is not a readable ``.npz`` with ``mu`` and ``sigma`` (e.g. one
+  truncated by a crash): a cache of them is recomputed."""
 
 
 class RankDeficientWarning(UserWarning):
@@ -147,31 +160,35 @@ def compute_stats(features: np.ndarray, metadata: Mapping[str, Any] | None = Non
 
 
 def save_stats(path: str, stats: FIDStats) -> str:
-  """``.npz`` with ``mu``, ``sigma`` (as pytorch-fid's), ``n`` and JSON ``metadata``."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
+  """``.npz`` with ``mu``, ``sigma`` (as pytorch-fid's), ``n`` and JSON ``metadata``, written whole
+  (``files.atomic_write_bytes``: a unique temporary, so concurrent saves of one path both succeed
+  and the last one wins) to a local path or a ``gs://`` URL."""
+  buf = io.BytesIO()
+  np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
            metadata=np.array(json.dumps(dict(stats.metadata), sort_keys=True)))
-  os.replace(tmp, path)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  files.atomic_write_bytes(target, buf.getvalue())
   return path
 
 
 def load_stats(path: str, expect: Mapping[str, Any] | None = None) -> FIDStats:
-  """Reads statistics (ours, or pytorch-fid's ``mu``/``sigma`` files).
+  """Reads statistics (ours, or pytorch-fid's ``mu``/``sigma`` files), local or ``gs://``.
 
   ``expect``: metadata the file must carry; any difference raises :class:`StatsMismatchError`
   naming each field. A file without metadata (pytorch-fid's) cannot be checked: with ``expect``
   it is an error, without it a warning at comparison time."""
-  if not os.path.isfile(path):
+  p = epath.Path(path)
+  if not p.is_file():
     raise FileNotFoundError(f"statistics file {path!r} not found")
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) as f:
       mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
       meta = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
       n = int(f["n"]) if "n" in f.files else int(meta.get("n", 0))
-  except (KeyError, ValueError, OSError) as e:
-    raise StatsMismatchError(f"{path}: not an FID statistics file with 'mu' and 'sigma' "
-                             f"({e})") from None
+  except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UnreadableStatsError(f"{path}: not an FID statistics file with 'mu' and 'sigma' "
+                               f"({e})") from None
   if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
     raise StatsMismatchError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit")
   if expect:
@@ -275,27 +292,53 @@ def fid_of_paths(path1: str, path2: str, extractor: FeatureExtractor | None = No
   return fid_from_stats(stats_of_path(path1, extractor), stats_of_path(path2, extractor))
 
 
-def reference_stats_path(directory: str, dataset: str, split: str, resolution: int,
-                         n: int) -> str:
-  return os.path.join(directory, f"{dataset}-{split}-{resolution}px-n{n}-"
-                                 f"{fid_weights.FEATURE_EXTRACTOR}.npz")
+def identity_digest(identity: Mapping[str, Any]) -> str:
+  """A short digest of a dataset's identity (what tells two builds of a dataset apart)."""
+  text = json.dumps(_normal(dict(identity)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def reference_stats_path(directory: str, dataset: str, split: str, resolution: int, n: int,
+                         identity: Mapping[str, Any] | None = None) -> str:
+  """The cache file of reference statistics. With ``identity`` (e.g. the prepared dataset's
+  name, version, example count and size) its digest is part of the name, so a rebuilt or edited
+  dataset (the same ``data.name``) gets new statistics instead of the old ones. ``dataset`` is
+  made file-name safe (``folder:/path/m.jsonl`` holds a colon and slashes)."""
+  name = f"{_file_safe(dataset)}-{_file_safe(split)}-{resolution}px-n{n}-" \
+         f"{fid_weights.FEATURE_EXTRACTOR}"
+  if identity is not None:
+    name += f"-{identity_digest(identity)}"
+  return os.fspath(epath.Path(directory) / f"{name}.npz")
+
+
+def _file_safe(text: str, limit: int = 80) -> str:
+  safe = re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(text)).strip("_.")
+  return safe[-limit:] or "dataset"
 
 
 def reference_stats(images: Callable[[], Iterable[np.ndarray]], *, dataset: str, split: str,
                     resolution: int, n: int, extractor: FeatureExtractor,
-                    directory: str | None = None, recompute: bool = False) -> FIDStats:
-  """Statistics of ``n`` real images, computed once per (dataset, split, resolution, n, network)
-  and cached as ``.npz`` with that metadata.
+                    directory: str | None = None, recompute: bool = False,
+                    identity: Mapping[str, Any] | None = None) -> FIDStats:
+  """Statistics of ``n`` real images, computed once per (dataset, split, resolution, n, network,
+  and the dataset's ``identity`` when given) and cached as ``.npz`` with that metadata in
+  ``directory`` (local or ``gs://``; default ``<cache>/fid_stats``).
 
   ``images()`` is called only on a cache miss and yields (B, H, W, 3) uint8 batches (at least
   ``n`` images; the first ``n`` are used). A cache file whose metadata differs raises
-  :class:`StatsMismatchError`; ``recompute=True`` overwrites it."""
+  :class:`StatsMismatchError`; ``recompute=True`` overwrites it. An unreadable cache file (e.g.
+  truncated) is recomputed, with a warning naming it."""
   directory = directory or os.path.join(os.path.dirname(fid_weights.cache_dir()), "fid_stats")
-  path = reference_stats_path(directory, dataset, split, resolution, n)
+  path = reference_stats_path(directory, dataset, split, resolution, n, identity)
   expect = dict(dataset=dataset, split=split, resolution=int(resolution), n=int(n),
                 **extractor.definition)
-  if os.path.exists(path) and not recompute:
-    return load_stats(path, expect=expect)
+  if identity is not None:
+    expect["dataset_identity"] = dict(identity)
+  if epath.Path(path).exists() and not recompute:
+    try:
+      return load_stats(path, expect=expect)
+    except UnreadableStatsError as e:
+      warnings.warn(f"{e}; recomputing the reference statistics", UserWarning, stacklevel=2)
 
   def first_n():
     left = n

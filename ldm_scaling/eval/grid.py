@@ -4,21 +4,28 @@ For each cell: ``eval.num_samples`` images for the first ``num_samples`` caption
 ``data.eval_split`` (the same prompts and the same initial noise in every cell:
 ``fold_in(key(eval.seed), prompt index)``), sampled from the checkpoint's EMA UNet and decoded by
 the run's VAE; FID against the reference statistics of ``eval.fid_reference_n`` real images of the
-eval split (cached per dataset/split/resolution/n); CLIP score with the named CLIP; the sampling
-cost from the cost model. Cells are independent and idempotent (``results.Table``): a rerun
-skips every cell that already has a row, and ``shard=(i, n)`` lets n processes (e.g. the workers of
-a TPU slice) split the cells.
+eval split (cached per prepared dataset identity/split/resolution/n); CLIP score with the named
+CLIP; the sampling cost from the cost model. Cells are independent and idempotent
+(``results.Table``): a rerun skips every cell whose row was made with the same settings
+(:func:`cell_settings`: samples, seed, sampler settings, FID reference, CLIP, the checkpoint and
+the run's config, digested into the row's ``eval_key``) and evaluates again, with a warning, a
+cell whose row was made otherwise (or before rows recorded their settings). ``shard=(i, n)`` lets
+n processes (e.g. the workers of a TPU slice) split the cells.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import io
 import itertools
+import json
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -26,10 +33,13 @@ from ldm_scaling import config as cfglib
 from ldm_scaling import data
 from ldm_scaling import models
 from ldm_scaling.diffusion import generate
+from ldm_scaling.diffusion import samplers
 from ldm_scaling.errors import ConfigError
-from ldm_scaling.eval import clip_score, fid, frechet, results
+from ldm_scaling.eval import clip_score, fid, fid_weights, frechet, results
 from ldm_scaling.models import clip as clip_model
 from ldm_scaling.models import cost as costlib
+from ldm_scaling.models import tokenizer
+from ldm_scaling.models import vae as vae_lib
 from ldm_scaling.train import checkpoint
 from ldm_scaling.train.metrics import format_duration
 
@@ -186,10 +196,13 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
       for cell in cells(e):
         plan.append((workdir, config, e, step, cell))
   mine = [p for i, p in enumerate(plan) if i % count == index]
-  todo = [(workdir, config, e, step, cell) for workdir, config, e, step, cell in mine
-          if not any(table.has(_key(r, config, step, cell)) for r in run_ids(workdir, table_dir))]
+  key_of = _key_function()
+  keys = {_item_id(p): key_of(p) for p in mine}
+  todo, notes = pending(table, table_dir, mine, lambda p: keys[_item_id(p)])
   log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
       f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
+  for note in notes:
+    log(note)
   if not todo:
     table.write_tables()
     return table
@@ -214,15 +227,17 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
     scales = [cell.cfg_scale for *_, cell in group]
     n = len(loaded["prompts"])
     out = generate.generate(
-        config, loaded["prompts"], apply_fn=loaded["apply_fn"], params=loaded["params"],
-        sampler=first.sampler, steps=first.steps, cfg_scales=scales, seed=e.seed,
-        batch_size=min(e.batch_size, n * len(scales)), latent_size=loaded["latent_size"],
-        conditioning=loaded["conditioning"], decoding=loaded["decoding"],
-        norm_cost=loaded["norm_cost"], log=lambda _: None)
-    for j, (*_, cell) in enumerate(group):
+        sampling_config(config, e), loaded["prompts"], apply_fn=loaded["apply_fn"],
+        params=loaded["params"], sampler=first.sampler, steps=first.steps, cfg_scales=scales,
+        seed=e.seed, batch_size=min(e.batch_size, n * len(scales)),
+        latent_size=loaded["latent_size"], conditioning=loaded["conditioning"],
+        decoding=loaded["decoding"], norm_cost=loaded["norm_cost"], log=lambda _: None)
+    for j, item in enumerate(group):
+      cell = item[-1]
       images = out.images[j::len(scales)]
-      key = _key(run_id(workdir, table_dir), config, step, cell)
-      row = dict(key)
+      key, settings = keys[_item_id(item)]
+      ids = run_ids(workdir, table_dir)
+      row = _key(ids[0], config, step, cell)
       row.update(
           width=config.model.width, params=loaded["params_count"], norm_cost=loaded["norm_cost"],
           sampling_cost=float(out.cost[j]), train_compute=loaded["norm_cost"] * step,
@@ -230,10 +245,13 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
           prompts=f"{config.data.name}/{config.data.eval_split}[:{len(images)}]",
           fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
           wall_s=round((time.perf_counter() - t0) / (j + 1), 3), time=time.time())
+      row[results.KEY_COLUMN], row[results.SETTINGS_COLUMN] = key, _settings_json(settings)
       row.update(loaded["scorer"].score(images, loaded["prompts"]).columns())
       _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
                 tile(images[:e.grid_images]))
       table.add(row)
+      for old in ids[1:]:  # a stale row under the absolute path older tables used
+        table.remove(_key(old, config, step, cell))
       if count == 1:  # one process: keep the CSV current; shards regenerate it when they finish
         table.write_tables()
       done += 1
@@ -286,6 +304,232 @@ def _key(run: str, config, step, cell) -> dict:
               cfg_scale=cell.cfg_scale, scale_schedule="")
 
 
+# -------------------------------------------------------------------------------------------------
+# Cell keys: a row counts as done only if it was made with the settings asked for now.
+
+KEY_VERSION = 1  # bump when the evaluation itself changes what a cell measures
+
+# Sections of a run's config that do not change what its checkpoint samples: the eval section is
+# replaced by the evaluated one, and training acts through the checkpoint (identified itself).
+_NOT_SAMPLING_SECTIONS = ("eval", "train", "study", "mesh")
+# eval fields that choose the cells or how fast they run, not what a cell measures (so the
+# study's training-curve pass finds the cells its grid pass evaluated).
+_NOT_MEASURING_FIELDS = ("samplers", "steps", "cfg_scales", "checkpoints", "batch_size",
+                         "stats_dir", "grid_images")
+
+
+def cell_settings(config, e, *, checkpoint_id: Mapping[str, Any],
+                  reference: Mapping[str, Any], components: Mapping[str, Any]) -> dict:
+  """Everything besides a cell's coordinates (``results.CELL_KEYS``) that its row's values
+  depend on: the measuring ``eval`` fields (num_samples, seed, ddim_eta, fid_reference_n,
+  clip_model, ...), the sampler options they give, a hash of the run's sampling-relevant config,
+  and the identities of the checkpoint (:func:`checkpoint_identity`), the FID reference
+  (:func:`reference_identity`) and the trained components (:func:`components_identity`).
+
+  Paths where things live (stats_dir, the workdir itself) are left out: a study moved as a whole
+  keeps its rows."""
+  measuring = {k: v for k, v in e.to_dict().items() if k not in _NOT_MEASURING_FIELDS}
+  options = samplers.options_from_config(sampling_config(config, e))
+  return _normal(dict(version=KEY_VERSION, eval=measuring, sampler=dataclasses.asdict(options),
+                      run_config=_sampling_config_hash(config), checkpoint=dict(checkpoint_id),
+                      reference=dict(reference), components=dict(components)))
+
+
+def cell_key(settings: Mapping[str, Any]) -> str:
+  """The ``eval_key`` of rows made with ``settings`` (:func:`cell_settings`)."""
+  return hashlib.sha256(_settings_json(settings).encode()).hexdigest()[:16]
+
+
+def cell_state(table: results.Table, runs: Sequence[str], config, step: int, cell: Cell,
+               key: str) -> tuple[str, dict | None]:
+  """Whether a cell needs evaluating: ``("done", row)`` if a row under one of ``runs`` (the
+  cell's run ids, :func:`run_ids`) was made with ``key``; ``("stale", row)`` if made with other
+  settings; ``("unkeyed", row)`` if written before rows recorded theirs; ``("missing", None)``
+  if there is no readable row (an unreadable one is warned about by name)."""
+  found = None
+  for run in runs:
+    row = table.row(_key(run, config, step, cell))
+    if row is None:
+      continue
+    if row.get(results.KEY_COLUMN) == key:
+      return "done", row
+    found = found or row
+  if found is None:
+    return "missing", None
+  return ("stale" if results.KEY_COLUMN in found else "unkeyed"), found
+
+
+def pending(table: results.Table, table_dir: str, items: Sequence[tuple],
+            key_of: Callable[[tuple], tuple[str, dict]]) -> tuple[list[tuple], list[str]]:
+  """The plan items ``(workdir, config, e, step, cell)`` whose cells need evaluating, and one
+  warning line per kind of row that is evaluated again (made with other settings; made before
+  rows recorded their settings)."""
+  todo, stale, unkeyed = [], [], 0
+  for item in items:
+    workdir, config, _, step, cell = item
+    key, settings = key_of(item)
+    state, row = cell_state(table, run_ids(workdir, table_dir), config, step, cell, key)
+    if state == "done":
+      continue
+    todo.append(item)
+    if state == "stale":
+      stale.append((row, settings))
+    unkeyed += state == "unkeyed"
+  notes = []
+  if stale:
+    row, settings = stale[0]
+    notes.append(
+        f"warning: {len(stale)} row(s) in {table_dir} were evaluated with other settings than "
+        f"these (e.g. {row['run']} step {row['checkpoint_step']} {row['sampler']} "
+        f"{row['steps']} steps cfg {row['cfg_scale']:g}: "
+        f"{_changes(row.get(results.SETTINGS_COLUMN), settings)}); evaluating them again")
+  if unkeyed:
+    notes.append(
+        f"warning: {unkeyed} row(s) in {table_dir} were written before rows recorded the settings "
+        f"they were made with ({results.KEY_COLUMN!r}), so they may be stale; evaluating them "
+        f"again")
+  return todo, notes
+
+
+def _key_function() -> Callable[[tuple], tuple[str, dict]]:
+  """Plan item -> (eval_key, settings), reading each identity once (small files, the prepared
+  dataset's info); the settings of a checkpoint are the same for all its cells."""
+  memo: dict = {}
+
+  def settings_of(workdir, config, e, step):
+    components_key = repr((tuple(config[s].to_dict() for s in ("text", "clip", "vae", "data")),
+                           e.clip_model))
+    settings = cell_settings(
+        config, e,
+        checkpoint_id=checkpoint_identity(workdir, step),
+        reference=_memo(memo, ("reference", repr(config.data.to_dict()), e.fid_reference_n),
+                        lambda: reference_identity(config, e)),
+        components=_memo(memo, ("components", components_key),
+                         lambda: components_identity(config, e)))
+    return cell_key(settings), settings
+
+  def key_of(item):
+    workdir, config, e, step, _ = item
+    return _memo(memo, ("settings", workdir, id(e), step),
+                 lambda: settings_of(workdir, config, e, step))
+  return key_of
+
+
+def _item_id(item: tuple) -> tuple:
+  workdir, _, e, step, cell = item
+  return workdir, id(e), step, cell
+
+
+def sampling_config(config, e):
+  """The run's config with the evaluated eval section: the sampler reads ``eval.ddim_eta`` from
+  the config it samples with, so an ``eval_config``'s eta would otherwise be ignored."""
+  if e.to_dict() == config.eval.to_dict():
+    return config
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.eval.update(e.to_dict())
+  return out
+
+
+def checkpoint_identity(workdir: str, step: int) -> dict:
+  """What tells a checkpoint from another one saved at the same step of the same workdir (a run
+  trained again): orbax's commit time and the config hash the trainer saved with it. Missing
+  records give None (the run's config hash is in the key anyway)."""
+  directory = epath.Path(checkpoint.checkpoints_dir(workdir)) / str(int(step))
+  commit = _read_json(directory / "_CHECKPOINT_METADATA")
+  meta = _read_json(directory / "meta" / "metadata")
+  return dict(step=int(step),
+              committed=commit.get("commit_timestamp_nsecs") or commit.get("init_timestamp_nsecs"),
+              config_hash=meta.get("config_hash"))
+
+
+def dataset_identity(config, split: str) -> dict:
+  """What identifies the prepared images of ``split`` (not just ``data.name``): the tfds full
+  name (builder, config -- for a folder dataset a digest of the manifest's path and content --,
+  version), the split's example count and size; for other sources their description, length and
+  metadata. Prepares embedded/folder data if needed, as evaluating does."""
+  src = data.source(config, split)
+  info = getattr(src.records, "dataset_info", None)
+  if info is not None:
+    split_info = info.splits[split]
+    return dict(dataset=info.full_name, split=split, num_examples=int(split_info.num_examples),
+                num_bytes=int(split_info.num_bytes))
+  return _normal(dict(dataset=src.description, split=split, num_examples=len(src.records),
+                      meta=getattr(src.records, "meta", None)))
+
+
+def reference_identity(config, e) -> dict:
+  """The FID reference statistics a cell is measured against: the dataset identity, resolution,
+  size and the feature network."""
+  return dict(dataset=dataset_identity(config, config.data.eval_split),
+              resolution=int(config.data.resolution), n=int(e.fid_reference_n),
+              feature_extractor=fid_weights.FEATURE_EXTRACTOR, preprocessing=fid.PREPROCESSING)
+
+
+def components_identity(config, e) -> dict:
+  """The CLIP that scores the cell, and digests of the metadata of the components trained here
+  that the cell uses (the offline CLIP: text encoder or scorer; a trained VAE): a component trained
+  again in the same directory records another training, so its cells are evaluated again."""
+  out = dict(clip_score=e.clip_model or OFFLINE_CLIP_LABEL)
+  if config.text.encoder == tokenizer.OFFLINE or not e.clip_model:
+    out["offline_clip"] = _file_digest(epath.Path(clip_model.default_dir(config)) /
+                                       clip_model.META)
+  if config.vae.weights == vae_lib.TRAINED:
+    out["trained_vae"] = _file_digest(epath.Path(vae_lib.default_dir(config)) / vae_lib.CONFIG)
+  return out
+
+
+def _sampling_config_hash(config) -> str:
+  sections = {k: v for k, v in config.to_dict().items() if k not in _NOT_SAMPLING_SECTIONS}
+  return hashlib.sha256(_settings_json(sections).encode()).hexdigest()[:12]
+
+
+def _settings_json(settings: Mapping[str, Any]) -> str:
+  return json.dumps(settings, sort_keys=True, default=list)
+
+
+def _normal(value):
+  """``value`` as it reads back from JSON (tuples -> lists): stored and fresh settings compare."""
+  return json.loads(json.dumps(value, default=list))
+
+
+def _read_json(path: epath.Path) -> dict:
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return value if isinstance(value, dict) else {}
+
+
+def _file_digest(path: epath.Path) -> str | None:
+  try:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+  except OSError:
+    return None
+
+
+def _changes(old_json: str | None, new: Mapping[str, Any], limit: int = 4) -> str:
+  """``"eval.num_samples 8 -> 30000, ..."``: what differs between a row's settings and ``new``."""
+  try:
+    old = _flat(json.loads(old_json))
+  except (TypeError, ValueError):
+    return "its settings were not recorded"
+  now = _flat(_normal(dict(new)))
+  diffs = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now))
+           if old.get(k) != now.get(k)]
+  more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+  return ", ".join(diffs[:limit]) + more if diffs else "no difference in the recorded settings"
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
 def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
   """Everything a checkpoint's cells share. ``shared`` memoises across checkpoints and runs what
   does not depend on the weights: encoders, prompts and reference statistics (per data /
@@ -321,7 +565,8 @@ def _load_run(config, e, extractor, log) -> dict:
   ref = fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
                             split=config.data.eval_split, resolution=config.data.resolution,
                             n=e.fid_reference_n, extractor=extractor,
-                            directory=e.stats_dir or None)
+                            directory=e.stats_dir or None,
+                            identity=dataset_identity(config, config.data.eval_split))
   return dict(
       prompts=prompts,
       conditioning=generate.Conditioning(_Memo(conditioning.encode), conditioning.label),

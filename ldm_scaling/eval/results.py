@@ -2,14 +2,23 @@
 
 One row per evaluated cell = (run, checkpoint step, objective, sampler, steps, cfg, scale
 schedule). Every cell is written as its own small JSON file ``<table>/rows/<cell id>.json``
-(temp file + rename: atomic locally, one object write on GCS), so
+(unique temporary + fsync + rename: atomic and durable locally, one object write on GCS), so
 
 * a killed job loses at most the cell in flight, a rerun skips every cell that has a row, and
   two hosts evaluating different cells never write the same file;
-* the same cell evaluated twice overwrites its own row: the table cannot hold duplicates.
+* the same cell evaluated twice overwrites its own row: the table cannot hold duplicates;
+* a row file that cannot be read (e.g. left empty by a crash of an older version) is named in a
+  :class:`CorruptRowWarning` and counts as missing: the table loads without it and the next eval
+  evaluates its cell again.
 
-``results.jsonl`` and ``results.csv`` next to ``rows/`` are regenerated from the rows after each
-cell (``write_tables``); ``load`` reads any of them into a pandas DataFrame.
+A row records in :data:`KEY_COLUMN` a digest of everything that determined its values (samples,
+seed, sampler settings, FID reference, CLIP, the checkpoint and run config: see
+``ldm_scaling.eval.grid.cell_settings``), so an eval with other settings re-evaluates the cell
+instead of keeping a stale row. Rows written before the column existed load as usual.
+
+``results.jsonl`` and ``results.csv`` next to ``rows/`` are regenerated from the rows
+(``write_tables``; safe with concurrent writers such as the shards of one grid); ``load`` reads
+any of them into a pandas DataFrame.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, Iterable, Mapping
+import warnings
 
 from etils import epath
 import pandas as pd
@@ -33,6 +43,20 @@ COLUMNS = CELL_KEYS + (
     "width", "params", "norm_cost", "sampling_cost", "fid", "n", "seed", "prompts",
     "fid_reference", "config_hash", "wall_s", "time")
 
+# Extra columns of rows written by the eval grid: the digest of what determined the row's values,
+# and those settings as JSON (to say what changed when they differ). Not in COLUMNS: tables from
+# before (and hand-made ones) do not have them.
+KEY_COLUMN = "eval_key"
+SETTINGS_COLUMN = "eval_settings"
+
+# write_tables regenerates the tables while other writers keep changing the rows, this many times
+# at most (each of those writers regenerates them again after its own change).
+_MAX_REGENERATIONS = 20
+
+
+class CorruptRowWarning(UserWarning):
+  """A row file that cannot be read: left out of the table; its cell counts as not evaluated."""
+
 
 def cell_id(row: Mapping[str, Any]) -> str:
   key = json.dumps([row.get(k) for k in CELL_KEYS], sort_keys=True, default=str)
@@ -46,33 +70,93 @@ class Table:
     self.root = epath.Path(root)
     self.rows_dir = self.root / "rows"
 
-  def has(self, cell: Mapping[str, Any]) -> bool:
-    return (self.rows_dir / f"{cell_id(cell)}.json").exists()
+  def path(self, cell: Mapping[str, Any]) -> epath.Path:
+    """The file holding ``cell``'s row."""
+    return self.rows_dir / f"{cell_id(cell)}.json"
+
+  def row(self, cell: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``cell``'s row, or None when it has none or only an unreadable one (warned)."""
+    return _read_row(self.path(cell))
+
+  def has(self, cell: Mapping[str, Any], key: str | None = None) -> bool:
+    """Whether ``cell`` has a readable row (made with evaluation key ``key``, if given)."""
+    row = self.row(cell)
+    return row is not None and (key is None or row.get(KEY_COLUMN) == key)
 
   def add(self, row: Mapping[str, Any]) -> None:
     missing = [k for k in COLUMNS if k not in row]
     if missing:
       raise ValueError(f"results row lacks columns {missing}")
     self.rows_dir.mkdir(parents=True, exist_ok=True)
-    path = self.rows_dir / f"{cell_id(row)}.json"
-    files.atomic_write_text(path, json.dumps(dict(row), sort_keys=True, default=_json_default))
+    files.atomic_write_text(self.path(row),
+                            json.dumps(dict(row), sort_keys=True, default=_json_default))
+
+  def remove(self, cell: Mapping[str, Any]) -> None:
+    """Deletes ``cell``'s row if it has one (a stale row stored under another run id)."""
+    path = self.path(cell)
+    if path.exists():
+      path.unlink()
 
   def rows(self) -> list[dict[str, Any]]:
+    """Every readable row, sorted by cell; unreadable row files are warned about by name."""
     if not self.rows_dir.exists():
       return []
-    out = []
-    for path in sorted(self.rows_dir.glob("*.json")):
-      out.append(json.loads(path.read_text()))
+    out = [r for r in (_read_row(p) for p in sorted(self.rows_dir.glob("*.json")))
+           if r is not None]
     return sorted(out, key=lambda r: [str(r.get(k)) for k in CELL_KEYS])
 
   def write_tables(self) -> None:
-    """Regenerates ``results.jsonl`` and ``results.csv`` from the rows (atomically)."""
-    rows = self.rows()
+    """Regenerates ``results.jsonl`` and ``results.csv`` from the rows, each written atomically
+    under a unique temporary name.
+
+    Shards of one grid call this concurrently, and a writer that read the rows before another
+    shard's last row appeared could otherwise replace a complete table with an older one (last
+    writer wins). So after writing, the rows are read again, and while they changed meanwhile
+    the tables are regenerated: whoever writes last has read every row."""
     self.root.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_text(self.root / "results.jsonl",
-                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    rows = self.rows()
+    for _ in range(_MAX_REGENERATIONS):
+      self._write(rows)
+      now = self.rows()
+      if _jsonl(now) == _jsonl(rows):
+        return
+      rows = now
+
+  def _write(self, rows: list[dict[str, Any]]) -> None:
+    files.atomic_write_text(self.root / "results.jsonl", _jsonl(rows))
     frame = pd.DataFrame(rows, columns=_ordered_columns(rows))
     files.atomic_write_text(self.root / "results.csv", frame.to_csv(index=False))
+
+
+def _read_row(path: epath.Path) -> dict[str, Any] | None:
+  """The row in ``path``; None if there is none, or (with a :class:`CorruptRowWarning` naming the
+  file) if it is empty, not JSON or not a row: one bad file must not take the table down."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError) as e:
+    return _bad_row(path, f"cannot be read: {e}")
+  if not text.strip():
+    return _bad_row(path, "is empty")
+  try:
+    row = json.loads(text)
+  except ValueError as e:
+    return _bad_row(path, f"is not JSON ({e})")
+  if not isinstance(row, dict) or any(k not in row for k in CELL_KEYS):
+    return _bad_row(path, f"is not a results row (needs the columns {', '.join(CELL_KEYS)})")
+  return row
+
+
+def _bad_row(path: epath.Path, problem: str) -> None:
+  warnings.warn(f"results row {path} {problem}: it is left out of the table, and `ldm-scaling "
+                f"eval` evaluates its cell again (delete the file if that cell is no longer "
+                f"wanted)", CorruptRowWarning, stacklevel=3)
+  return None
+
+
+def _jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
+  return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def _json_default(value):
@@ -95,7 +179,8 @@ class EmptyTableError(UserError, ValueError):
 def load(path: str):
   """A DataFrame from a table directory, its ``results.csv`` / ``results.jsonl``, or a CSV/JSONL
   file anywhere (e.g. the example table shipped with the repository). Raises
-  :class:`EmptyTableError` with a hint when there is nothing to analyse."""
+  :class:`EmptyTableError` with a hint when there is nothing to analyse. An unreadable row file
+  of a table directory is left out with a :class:`CorruptRowWarning` naming it."""
   p = epath.Path(path)
   if p.is_dir() and not (p / "rows").exists() and (p / "results.csv").exists():
     return load(str(p / "results.csv"))  # a copied table (e.g. docs/study/results): CSV only
