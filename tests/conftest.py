@@ -22,7 +22,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", 
 import pytest  # pylint: disable=g-import-not-at-top
 
 from ldm_scaling import config as cfglib  # pylint: disable=g-import-not-at-top
-from ldm_scaling import experiment  # pylint: disable=g-import-not-at-top
 from ldm_scaling import runtime  # pylint: disable=g-import-not-at-top
 
 runtime.configure_jax()
@@ -42,20 +41,34 @@ def repo_dir():
 
 class Offline:
   """The offline components trained once per test session (the real recipes, fewer steps):
-  ``config`` points at them (data.data_dir, clip.dir, vae.dir); logs say what training did."""
+  ``config`` points at them (data.data_dir, clip.dir, vae.dir); logs say what training did. The
+  VAE trains in a second process (``offline_setup.py``) while the CLIP trains here."""
 
   def __init__(self, root):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    from ldm_scaling import data  # pylint: disable=g-import-not-at-top
     from ldm_scaling.components import clip, vae  # pylint: disable=g-import-not-at-top
-    from ldm_scaling.models import offline  # pylint: disable=g-import-not-at-top
-    config = offline.apply(cfglib.base_config())
-    config.data.update(data_dir=str(root / "tfds"), shapes_sizes=(2000, 256), threads=2)
-    config.clip.update(steps=150, batch_size=64, lr=1e-3, dir=str(root / "clip"))
-    config.vae.update(steps=300, batch_size=32, lr=2e-3, dir=str(root / "vae"))
-    experiment.validate(config)
+    import offline_setup  # pylint: disable=g-import-not-at-top
+    config = offline_setup.offline_config(str(root))
     self.config = config
-    self.clip_logs, self.vae_logs = [], []
-    self.clip_dir = clip.ensure(config, log=self.clip_logs.append)
-    self.vae_dir = vae.ensure(config, log=self.vae_logs.append)
+    data.prepare(config)  # once, before two processes read it
+    with open(root / "vae.log", "w+") as out:
+      proc = subprocess.Popen([sys.executable, offline_setup.__file__, str(root)], stdout=out,
+                              stderr=subprocess.STDOUT, text=True)
+      try:
+        self.clip_logs = []
+        self.clip_dir = clip.ensure(config, log=self.clip_logs.append)
+        proc.wait(timeout=1800)
+      finally:
+        proc.kill()
+      out.seek(0)
+      text = out.read()
+    if proc.returncode:
+      raise RuntimeError(f"training the offline VAE failed (rc={proc.returncode}):\n"
+                         f"{text[-4000:]}")
+    self.vae_logs = [line for line in text.splitlines() if line.startswith("train-vae")]
+    self.vae_dir = vae.ensure(config, log=self.vae_logs.append)  # trained: loads and checks it
 
 
 @pytest.fixture(scope="session")
