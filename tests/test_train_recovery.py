@@ -111,7 +111,8 @@ def _params(workdir):
   return ckpt_lib.load_weights(str(workdir), which="params")
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage", [pytest.param(d, marks=[] if d == "truncated" else pytest.mark.slow)
+                                    for d in sorted(DAMAGE)])  # one kind in the fast tier
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
     runs, tmp_path, capsys, damage):
   workdir = tmp_path / "run"
