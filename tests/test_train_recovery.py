@@ -111,8 +111,8 @@ def _params(workdir):
   return ckpt_lib.load_weights(str(workdir), which="params")
 
 
-@pytest.mark.parametrize("damage", [pytest.param(d, marks=[] if d == "truncated" else pytest.mark.slow)
-                                    for d in sorted(DAMAGE)])  # one kind in the fast tier
+@pytest.mark.parametrize("damage", [  # one kind in the fast tier, all in the full suite
+    pytest.param(d, marks=[] if d == "truncated" else pytest.mark.slow) for d in sorted(DAMAGE)])
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
     runs, tmp_path, capsys, damage):
   workdir = tmp_path / "run"
@@ -143,7 +143,8 @@ def test_readers_fall_back_to_a_readable_step_unless_one_was_asked_for(runs, tmp
   step, _ = ckpt_lib.load_weights(str(workdir))  # what sample / eval / a teacher read
   assert step == 3 and "checkpoint 6 in" in capsys.readouterr().err
   with pytest.raises(ckpt_lib.UnreadableCheckpointError,
-                     match=r"checkpoint 6 in .* is unreadable: .*pick another step \(have \[3, 6\]"):
+                     match=r"checkpoint 6 in .* is unreadable: .*pick another step "
+                           r"\(have \[3, 6\]"):
     ckpt_lib.load_weights(str(workdir), step=6)
   assert os.path.isdir(workdir / "checkpoints" / "6")  # readers move nothing
 
@@ -280,5 +281,6 @@ def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode != 0
-    assert "is not shared by the 2 processes: process(es) [1] cannot see the file" in err, err[-2000:]
+    assert ("is not shared by the 2 processes: process(es) [1] cannot see the file"
+            in err), err[-2000:]
   assert not os.path.exists(tmp_path / "host0" / "checkpoints")
