@@ -55,7 +55,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["ldm_scaling", "ldm_scaling.*"]),
     # The CLIP BPE vocabulary (offline tokenizer) and its provenance/licence note.
     package_data={"ldm_scaling.data": ["assets/*.gz", "assets/*.md"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10.2, flax, orbax, grain, numpy need it
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["ldm-scaling=ldm_scaling.cli:main"]},

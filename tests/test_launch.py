@@ -9,11 +9,14 @@ intended change of the generated commands, regenerate them and review the diff:
 """
 
 import dataclasses
+import json
 import os
+import re
 import shlex
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -230,6 +233,12 @@ GOLDEN_CASES = {
         "--spot", "--bucket", "gs://my-bucket", "--source-git",
         "https://github.com/example/ldm-scaling.git", "--source-ref", "v0.1",
         "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+    # The image has a Python >= 3.11: install into it and run with it, no uv.
+    "tpu_t2i_v5litepod-8_remote_python.txt": [
+        "--config", "configs/t2i.py:width=64", "--workdir", "gs://my-bucket/t2i/w64",
+        "--tpu-name", "ldm-one", "--zone", "us-west4-a", "--accelerator-type", "v5litepod-8",
+        "--skip-create", "--source-tarball", "dist/ldm-scaling.tar.gz", "--remote-python",
+        "/opt/python3.12/bin/python3", "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
     "tpu_teardown_queued.txt": [
         "--teardown", "--tpu-name", "ldm-v5p", "--zone", "us-east5-a", "--accelerator-type",
         "v5p-32", "--queued", "--best-effort", "--dry-run"],
@@ -290,9 +299,10 @@ def test_every_command_round_trips_through_the_shell_quoting():
   words = shlex.split(remote)
   script = words[words.index("-c") + 1]
   run_lines = [l for l in script.splitlines() if l.startswith("run_one ")]
+  # The runs use the venv the install step made ($HOME expanded on the worker).
   assert [shlex.split(l) for l in run_lines] == [
-      ["run_one", r.name, r.logdir, r.command, "python3", "-m", "ldm_scaling", *r.args]
-      for r in runs]
+      ["run_one", r.name, r.logdir, r.command, "$HOME/ldm-scaling-venv/bin/python", "-m",
+       "ldm_scaling", *r.args] for r in runs]
 
 
 def _executable(path, text):
@@ -301,15 +311,18 @@ def _executable(path, text):
 
 
 def _fake_worker(tmp_path, curl=None, remote_dir="ldm-scaling"):
-  """A fake TPU worker: a home with the checkout directory, and a bin directory with a stub
-  python3 that records its argv (NUL-separated) and the LDM_SCALING_* variables, and optionally a
-  stub curl (the metadata server). Returns (home, bin_dir, argv_file, env_file)."""
+  """A fake TPU worker: a home with the checkout directory and, beside it, the install step's venv
+  with a stub python that records its argv (NUL-separated) and the LDM_SCALING_* variables, and a
+  bin directory with optionally a stub curl (the metadata server). Returns (home, bin_dir,
+  argv_file, env_file)."""
   home = tmp_path / "home"
   (home / remote_dir).mkdir(parents=True)
+  venv_bin = home / f"{os.path.normpath(remote_dir)}-venv" / "bin"
+  venv_bin.mkdir(parents=True)
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   argv_file, env_file = tmp_path / "argv.txt", tmp_path / "env.txt"
-  _executable(bin_dir / "python3",
+  _executable(venv_bin / "python",
               "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done >> "
               f"{argv_file}\nprintf '\\n' >> {argv_file}\n"
               "echo \"$LDM_SCALING_COORDINATOR $LDM_SCALING_NUM_PROCESSES $LDM_SCALING_PROCESS_ID\""
@@ -458,6 +471,307 @@ def test_multi_host_start_checks_the_variables_set_on_the_worker(tmp_path, env, 
   assert message in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
+# The install step on a fake slice: a fake gcloud on PATH that plays the workers, each a real bash
+# in its own home with stub tools on its PATH.
+
+_FAKE_GCLOUD = r'''
+"""gcloud for a fake slice whose workers' homes are $FAKE_TPU_ROOT/worker0, worker1, ...: records
+each call in $FAKE_TPU_ROOT/gcloud.log (a JSON list a line). `tpu-vm create` succeeds; `tpu-vm
+scp/ssh --worker=all` copy the file into / run the --command with a real bash in every worker's
+home, one after another (the command also goes to the worker's ssh.log), with the worker's PATH
+and FAKE_WORKER=<its number>; ssh exits 1 if any worker's command failed, as gcloud does."""
+import json, os, shutil, subprocess, sys
+
+root, args = os.environ["FAKE_TPU_ROOT"], sys.argv[1:]
+with open(os.path.join(root, "gcloud.log"), "a") as f:
+  f.write(json.dumps(args) + "\n")
+homes = sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("worker"))
+verb = args[:4]
+if verb == ["compute", "tpus", "tpu-vm", "create"]:
+  sys.exit(0)
+if "--worker=all" not in args:
+  sys.exit("fake gcloud: only --worker=all is emulated, got %s" % args)
+if verb == ["compute", "tpus", "tpu-vm", "scp"]:
+  source, dest = args[4], args[5].split(":", 1)[1]
+  for home in homes:
+    shutil.copy(source, os.path.join(home, dest))
+  sys.exit(0)
+if verb == ["compute", "tpus", "tpu-vm", "ssh"]:
+  command = args[args.index("--command") + 1]
+  failed = False
+  for i, home in enumerate(homes):
+    with open(os.path.join(home, "ssh.log"), "a") as f:
+      f.write(json.dumps(command) + "\n")
+    env = {"HOME": home, "PATH": os.environ["FAKE_WORKER_PATH"], "FAKE_WORKER": str(i)}
+    failed |= subprocess.run(["bash", "-c", command], cwd=home, env=env).returncode != 0
+  sys.exit(1 if failed else 0)
+sys.exit("fake gcloud: unexpected arguments %s" % args)
+'''
+
+_FAKE_TOOL = r'''
+"""A worker's tool, as configured by <its path>.json: hostname, curl (the metadata server), or a
+Python -- the image's python3, python3.12, or a venv's python made by `python3 -m uv venv`. A
+Python appends [its name, *argv] to ~/calls.log and emulates what the install and the runs use:
+`-c CODE` (run with its own version_info), `--version`, `-m pip install` (uv, or the package from
+a checkout: into its site), `-m uv` (only once pip installed uv: `venv`, which refuses an
+existing directory, and `pip install --python PY`) and `-m ldm_scaling` (only once the package is
+in its site: logs cwd and the LDM_SCALING_* variables to ~/env.log, prints the trainer's done)."""
+import json, os, shutil, sys
+
+exe, args = sys.argv[0], sys.argv[1:]
+with open(exe + ".json") as f:
+  conf = json.load(f)
+home = os.environ["HOME"]
+if conf["role"] == "hostname":
+  print("worker-" + os.environ["FAKE_WORKER"])
+  sys.exit(0)
+if conf["role"] == "curl":
+  answers = {"worker-network-endpoints": conf["endpoints"],
+             "agent-worker-number": os.environ["FAKE_WORKER"]}
+  key = args[-1].rsplit("/", 1)[-1]
+  if key not in answers:
+    sys.exit(22)
+  print(answers[key], end="")
+  sys.exit(0)
+
+with open(os.path.join(home, "calls.log"), "a") as f:
+  f.write(json.dumps([conf.get("name") or exe, *args]) + "\n")
+site = os.path.join(home, conf["site"])
+
+
+def fail(message, code=1):
+  print(message, file=sys.stderr)
+  sys.exit(code)
+
+
+def install(site, args):
+  source = args[args.index("-e") + 1]
+  if not os.path.exists(os.path.join(source, "setup.py")):
+    fail("fake pip: %s is not a Python project" % source)
+  requirements = [a for a in args[args.index("-e") + 2:]]
+  with open(os.path.join(site, "installed"), "w") as f:
+    json.dump([os.path.abspath(source), *requirements], f)
+
+
+if args[:1] == ["-c"]:
+  sys.version_info = tuple(conf["version"]) + (0, "final", 0)
+  exec(args[1], {})
+  sys.exit(0)
+if args == ["--version"]:
+  print("Python %d.%d.0" % tuple(conf["version"]))
+  sys.exit(0)
+if args[:3] == ["-m", "pip", "install"]:
+  os.makedirs(site, exist_ok=True)
+  if any(a.startswith("uv==") for a in args):
+    open(os.path.join(site, "uv"), "w").close()
+  else:
+    install(site, args)
+  sys.exit(0)
+if args[:2] == ["-m", "uv"]:
+  if not os.path.exists(os.path.join(site, "uv")):
+    fail("%s: No module named uv" % exe)
+  if args[2] == "venv":
+    target, version = args[-1], args[args.index("--python") + 1]
+    if os.path.exists(os.path.join(home, "uv-venv-fails")):
+      fail("error: No interpreter found for Python %s in managed installations or search path"
+           % version, 2)
+    if os.path.exists(target):
+      fail("error: %s exists; use --clear to replace it" % target, 2)
+    python = os.path.join(target, "bin", "python")
+    os.makedirs(os.path.dirname(python))
+    shutil.copy(exe, python)
+    with open(python + ".json", "w") as f:
+      json.dump({"role": "python", "version": [int(v) for v in version.split(".")],
+                 "site": os.path.abspath(target)}, f)
+    sys.exit(0)
+  if args[2:4] == ["pip", "install"]:
+    python = args[args.index("--python") + 1]
+    if not os.path.exists(python):
+      fail("error: no Python at %s" % python, 2)
+    with open(python + ".json") as f:
+      install(json.load(f)["site"], args)
+    sys.exit(0)
+if args[:2] == ["-m", "ldm_scaling"]:
+  if not os.path.exists(os.path.join(site, "installed")):
+    fail("%s: No module named ldm_scaling" % exe)
+  variables = [os.environ.get("LDM_SCALING_" + v)
+               for v in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID")]
+  with open(os.path.join(home, "env.log"), "a") as f:
+    f.write(json.dumps([os.getcwd(), *variables]) + "\n")
+  print("ldm-scaling train: done at step 5")
+  sys.exit(0)
+fail("fake %s: unexpected arguments %s" % (exe, args), 99)
+'''
+
+# What the install runs on a worker (the uv version and the check of python_requires).
+_UV = ["python3", "-m", "pip", "install", "-q", "--user", "--no-warn-script-location",
+       "uv==0.13.8"]
+_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
+
+
+def _fake_slice(tmp_path, monkeypatch, workers=2):
+  """A fake TPU slice: `gcloud` (_FAKE_GCLOUD) first on this process's PATH, and ``workers``
+  worker homes whose PATH has the stubs of _FAKE_TOOL: python3 3.10 with pip (the TPU images'),
+  python3.12, curl answering the metadata keys, hostname (worker-<i>). Returns the homes."""
+  root, local_bin, worker_bin = tmp_path / "slice", tmp_path / "bin", tmp_path / "worker-bin"
+  homes = [root / f"worker{i}" for i in range(workers)]
+  for path in (local_bin, worker_bin, *homes):
+    path.mkdir(parents=True)
+  shebang = f"#!{sys.executable} -S\n"  # stdlib only: no site, a faster start
+  _executable(local_bin / "gcloud", shebang + _FAKE_GCLOUD)
+  endpoints = ",".join(f"t1v-w-{i}:uid{i}:10.0.0.{i + 1}" for i in range(workers))
+  tools = {"python3": dict(role="python", name="python3", version=[3, 10], site=".local"),
+           "python3.12": dict(role="python", name="python3.12", version=[3, 12],
+                              site=".python3.12"),
+           "curl": dict(role="curl", endpoints=endpoints), "hostname": dict(role="hostname")}
+  for name, conf in tools.items():
+    _executable(worker_bin / name, shebang + _FAKE_TOOL)
+    (worker_bin / f"{name}.json").write_text(json.dumps(conf))
+  monkeypatch.setenv("PATH", f"{local_bin}:/usr/bin:/bin")
+  monkeypatch.setenv("FAKE_TPU_ROOT", str(root))
+  monkeypatch.setenv("FAKE_WORKER_PATH", f"{worker_bin}:/usr/bin:/bin")
+  return homes
+
+
+def _source_tarball(tmp_path):
+  """A source tarball as `git archive` makes it: the project's files at its top level."""
+  path = tmp_path / "src.tar.gz"
+  setup = tmp_path / "setup.py"
+  setup.write_text("# the project\n")
+  with tarfile.open(path, "w:gz") as tar:
+    tar.add(setup, arcname="setup.py")
+  return str(path)
+
+
+def _json_lines(path):
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(path, text, seconds=20):
+  deadline = time.time() + seconds
+  while not (path.exists() and text in path.read_text()) and time.time() < deadline:
+    time.sleep(0.05)
+  assert path.exists() and text in path.read_text(), path
+
+
+def _slice_opts(tmp_path, **kw):
+  return _opts(jax_spec="jax[tpu]==0.10.2", source_tarball=_source_tarball(tmp_path), **kw)
+
+
+def test_tpu_launch_on_a_fake_slice_installs_python_3_11_with_uv_and_runs_with_it(
+    tmp_path, monkeypatch):
+  """The whole launch, tpu.execute of the plan, against a fake gcloud and two workers whose
+  python3 is 3.10 as on the TPU images: each installs uv, makes a Python 3.11 venv, installs the
+  package into it and trains with the venv's python."""
+  homes = _fake_slice(tmp_path, monkeypatch, workers=2)
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root=str(tmp_path / "r"))
+  steps = tpu.plan(runs, _slice_opts(tmp_path, accelerator_type="v6e-16",
+                                     workdir_is_shared=True))
+  tpu.execute(steps, log=lambda _: None)
+  for home in homes:
+    _wait_for(home / tpu.LOG_DIR / "model_size.log", "all runs ended")
+
+  calls = _json_lines(tmp_path / "slice" / "gcloud.log")
+  assert [c[:4] for c in calls] == [["compute", "tpus", "tpu-vm", verb]
+                                    for verb in ("create", "scp", "ssh", "ssh")]
+  assert calls == [list(s.argv[1:]) for s in steps]  # gcloud got the plan, in order
+  commands = [c[c.index("--command") + 1] for c in calls[2:]]  # install, start
+  for i, home in enumerate(homes):
+    assert _json_lines(home / "ssh.log") == commands  # every worker ran both
+    assert _json_lines(home / "calls.log") == [
+        _UV,
+        ["python3", "-m", "uv", "venv", "-q", "--python", "3.11", "ldm-scaling-venv"],
+        ["python3", "-m", "uv", "pip", "install", "-q", "--python",
+         "ldm-scaling-venv/bin/python", "-e", "ldm-scaling", "jax[tpu]==0.10.2"],
+        [f"{home}/ldm-scaling-venv/bin/python", "-m", "ldm_scaling", *runs[0].args]]
+    assert json.loads((home / "ldm-scaling-venv" / "installed").read_text()) == [
+        f"{home}/ldm-scaling", "jax[tpu]==0.10.2"]
+    # The run: in the checkout, as process i of 2 with worker 0 as the coordinator.
+    assert _json_lines(home / "env.log") == [
+        [f"{home}/ldm-scaling", f"10.0.0.1:{tpu.COORDINATOR_PORT}", "2", str(i)]]
+  assert sorted(os.listdir(os.path.join(runs[0].logdir, "logs"))) == ["worker-0.log",
+                                                                      "worker-1.log"]
+  assert os.path.exists(os.path.join(runs[0].logdir, "launch.done"))
+
+
+def test_tpu_install_rerun_reuses_the_venv_and_replaces_an_old_one(tmp_path, monkeypatch):
+  (home,) = _fake_slice(tmp_path, monkeypatch, workers=1)
+  install = tpu.install_steps(_slice_opts(tmp_path, accelerator_type="v4-8"), "t")
+  venv_python = home / "ldm-scaling-venv" / "bin" / "python"
+  tpu.execute(install, log=lambda _: None)
+  assert venv_python.exists()
+  uv_install = ["python3", "-m", "uv", "pip", "install", "-q", "--python",
+                "ldm-scaling-venv/bin/python", "-e", "ldm-scaling", "jax[tpu]==0.10.2"]
+  check = ["ldm-scaling-venv/bin/python", "-c", _CHECK]
+  (home / "calls.log").unlink()
+  tpu.execute(install, log=lambda _: None)
+  assert _json_lines(home / "calls.log") == [_UV, check, uv_install]  # no new venv
+  # A venv of an older Python is replaced (the fake uv refuses to create over a directory).
+  conf = json.loads((home / "ldm-scaling-venv" / "bin" / "python.json").read_text())
+  (home / "ldm-scaling-venv" / "bin" / "python.json").write_text(
+      json.dumps(dict(conf, version=[3, 10])))
+  (home / "calls.log").unlink()
+  tpu.execute(install, log=lambda _: None)
+  assert _json_lines(home / "calls.log") == [
+      _UV, check, ["python3", "-m", "uv", "venv", "-q", "--python", "3.11", "ldm-scaling-venv"],
+      uv_install]
+  assert json.loads(venv_python.with_suffix(".json").read_text())["version"] == [3, 11]
+
+
+def test_tpu_install_failure_stops_the_launch_with_one_line(tmp_path, monkeypatch, capfd):
+  """uv cannot make the venv on worker 1: its install stops there with one line, gcloud exits 1
+  and the launch stops before the start step; worker 0's install went through."""
+  homes = _fake_slice(tmp_path, monkeypatch, workers=2)
+  (homes[1] / "uv-venv-fails").touch()
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root="gs://b/r")
+  steps = tpu.plan(runs, _slice_opts(tmp_path, accelerator_type="v6e-16", skip_create=True))
+  with pytest.raises(tpu.LaunchError, match="step failed with exit code 1: gcloud compute tpus "
+                     "tpu-vm ssh"):
+    tpu.execute(steps, log=lambda _: None)
+  err = capfd.readouterr().err.splitlines()
+  assert err == [
+      "error: No interpreter found for Python 3.11 in managed installations or search path",
+      "ldm-scaling install on worker-1: uv could not create a Python 3.11 environment in "
+      "~/ldm-scaling-venv (it downloads CPython when the image has none): check that the "
+      "worker reaches the internet, or give --remote-python, a Python >= 3.11"]
+  assert [c[3] for c in _json_lines(tmp_path / "slice" / "gcloud.log")] == ["scp", "ssh"]
+  assert _json_lines(homes[0] / "calls.log")[-1][3:5] == ["pip", "install"]
+  assert _json_lines(homes[1] / "calls.log")[-1][3] == "venv"  # nothing after it
+  assert not any((h / tpu.LOG_DIR).exists() for h in homes)  # no run started
+
+
+def test_tpu_install_with_remote_python_skips_uv_and_refuses_an_old_python(
+    tmp_path, monkeypatch, capfd):
+  (home,) = _fake_slice(tmp_path, monkeypatch, workers=1)
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root=str(tmp_path / "r"))
+  steps = tpu.plan(runs, _slice_opts(tmp_path, accelerator_type="v4-8", python="python3.12"))
+  tpu.execute(steps, log=lambda _: None)
+  _wait_for(home / tpu.LOG_DIR / "model_size.log", "all runs ended")
+  assert _json_lines(home / "calls.log") == [
+      ["python3.12", "-c", _CHECK],
+      ["python3.12", "-m", "pip", "install", "-q", "-e", "ldm-scaling", "jax[tpu]==0.10.2"],
+      ["python3.12", "-m", "ldm_scaling", *runs[0].args]]
+  assert not (home / "ldm-scaling-venv").exists()
+  # The image's python3 (3.10) and a Python the worker lacks are refused before installing.
+  for python, version in (("python3", "Python 3.10.0"), ("python3.13", "not found")):
+    (home / "calls.log").unlink()
+    install = tpu.install_steps(_slice_opts(tmp_path, accelerator_type="v4-8", python=python),
+                                "t")
+    with pytest.raises(tpu.LaunchError, match="step failed with exit code 1"):
+      tpu.execute(install, log=lambda _: None)
+    assert capfd.readouterr().err.splitlines() == [
+        f"ldm-scaling install on worker-0: --remote-python {python} ({version}) is not a Python "
+        ">= 3.11, which jax, flax, orbax and grain need: give one that is, or leave "
+        "--remote-python out to install Python 3.11 with uv"]
+    assert all(c[1:3] != ["-m", "pip"] for c in _json_lines(home / "calls.log"))
+
+
+def test_setup_python_requires_is_the_workers_python():
+  with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+    requires = re.search(r'python_requires=">=([\d.]+)"', f.read()).group(1)
+  assert requires == tpu.PYTHON_VERSION == "3.11"
+
+
 _TPU_ARGS = ["--tpu-name", "t", "--zone", "z", "--accelerator-type", "v4-8", "--source-tarball",
              "x.tgz", "--dry-run"]
 _EXPERIMENT = ["--config", "configs/t2i.py", "--workdir", "gs://b/w"]
@@ -518,7 +832,10 @@ def test_a_relative_remote_dir_is_used_by_install_and_start(capsys, monkeypatch)
                        prog="p") == 0
   out = capsys.readouterr().out
   assert "rm -rf work/ldm-2 && mkdir -p work/ldm-2 && tar -xzf" in out
-  assert "pip install -q -e work/ldm-2" in out and "cd work/ldm-2 || exit 1" in out
+  assert "make_venv work/ldm-2-venv\n" in out  # beside the checkout, which each install deletes
+  assert "pip install -q --python work/ldm-2-venv/bin/python -e work/ldm-2 " in out
+  assert "cd work/ldm-2 || exit 1" in out
+  assert '"$HOME"/work/ldm-2-venv/bin/python -m ldm_scaling train' in out
 
 
 def test_topology_presets_match_the_cloud_tpu_tables():

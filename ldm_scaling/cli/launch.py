@@ -71,7 +71,10 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
   g.add_argument("--remote-dir", default="ldm-scaling",
                  help="checkout on each worker, relative to home, without '..' (deleted and "
                  "recreated on each install; default: ldm-scaling)")
-  g.add_argument("--remote-python", default="python3", help="Python on the workers")
+  g.add_argument("--remote-python", default="",
+                 help="a Python >= 3.11 on the workers (on PATH or an absolute path) to install "
+                 "into with its pip and run with, skipping uv (default: a Python 3.11 venv that "
+                 "uv makes beside --remote-dir, <remote-dir>-venv; the images' python3 is 3.10)")
   g.add_argument("--jax-spec", default="",
                  help="pip requirement for JAX on TPU (default: jax[tpu] at the pinned version)")
   g.add_argument("--skip-create", action="store_true", help="the slice exists already")

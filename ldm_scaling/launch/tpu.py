@@ -6,12 +6,15 @@
    (``queued-resources create --node-id ... [--spot | --best-effort]``) and a wait until ACTIVE;
 2. install the package on all workers (``tpu-vm ssh --worker=all``): a tarball copied with
    ``tpu-vm scp --worker=all`` (by default ``git archive HEAD`` of this checkout) or a
-   ``git clone`` of a URL at a ref, then ``pip install -e`` with ``jax[tpu]`` at the pinned version;
+   ``git clone`` of a URL at a ref, then ``pip install -e`` with ``jax[tpu]`` at the pinned version
+   into a Python 3.11 virtual environment that uv makes beside the checkout (``<remote_dir>-venv``;
+   see :func:`install_command`), or into ``--remote-python`` when the image has a Python >= 3.11;
 3. start the runs, one after another, on all workers at once (``--worker=all``): every worker
-   executes the same ``python3 -m ldm_scaling train ... --workdir gs://...`` under ``nohup``, its
-   output in ``~/ldm-scaling-logs/<run>.log``, copied to ``<workdir>/logs/<worker hostname>.log``
-   when the run ends; a finished run leaves ``<workdir>/launch.done`` (its time and a checksum of
-   its command) and is skipped next time unless its command changed.
+   executes the same ``<venv>/bin/python -m ldm_scaling train ... --workdir gs://...`` under
+   ``nohup``, its output in ``~/ldm-scaling-logs/<run>.log``, copied to
+   ``<workdir>/logs/<worker hostname>.log`` when the run ends; a finished run leaves
+   ``<workdir>/launch.done`` (its time and a checksum of its command) and is skipped next time
+   unless its command changed.
 
 :func:`teardown` deletes the slice (``tpu-vm delete`` or ``queued-resources delete --force``).
 
@@ -54,6 +57,11 @@ LOG_DIR = "ldm-scaling-logs"            # on each worker, relative to the home d
 REMOTE_TARBALL = "ldm-scaling-src.tar.gz"
 DEFAULT_TARBALL = "/tmp/ldm-scaling-src.tar.gz"
 COORDINATOR_PORT = 8482                 # the port jax.distributed uses on Cloud TPU VMs
+# The Python of the workers' environment: setup.py's python_requires (jax 0.10.2, flax, orbax,
+# grain and numpy need >= 3.11), which the TPU images' python3 (3.10 on tpu-ubuntu2204-base and
+# the v2-alpha-tpuv5/v6e images) is not. 3.11 is also the version the pinned set is tested with.
+PYTHON_VERSION = "3.11"
+UV_SPEC = "uv==0.13.8"                  # installs that Python (PyPI wheel; see install_command)
 GCLOUD_INSTALL_HINT = (
     "gcloud (the Google Cloud CLI) is not on PATH: install it (https://cloud.google.com/sdk/docs/"
     "install, or `sudo apt-get install google-cloud-cli`), run `gcloud auth login` and `gcloud "
@@ -78,7 +86,8 @@ class TpuOptions:
   source_ref: str = ""           # ... at this branch, tag or commit
   source_tarball: str = ""       # ... or this local tarball; neither: git archive HEAD
   remote_dir: str = "ldm-scaling"  # on each worker, relative to the home directory
-  python: str = "python3"
+  python: str = ""               # "" = a uv-made Python 3.11 venv, <remote_dir>-venv; else an
+                                 # interpreter >= 3.11 on the workers to install into and run with
   jax_spec: str = ""             # "" = jax[tpu] at the version setup.py pins
   skip_create: bool = False      # the slice exists already
   workdir_is_shared: bool = False  # a non-gs:// workdir that all workers share (NFS, gcsfuse)
@@ -250,24 +259,110 @@ def pack_step(opts: TpuOptions) -> Step | None:
               "not in it)", kind="local")
 
 
+def venv_dir(opts: TpuOptions) -> str:
+  """The workers' virtual environment, relative to the home directory: beside the checkout, not in
+  it, because each install deletes the checkout and a rerun should reuse the environment (and the
+  jax, libtpu, TensorFlow wheels in it) rather than download them again."""
+  return posixpath.normpath(opts.remote_dir) + "-venv"
+
+
+def run_python(opts: TpuOptions) -> str:
+  """The interpreter of the runs, as a word of the start script (which runs in the checkout, so
+  the venv is named from ``$HOME``, expanded on the worker)."""
+  if opts.python:
+    return dquote(opts.python)
+  return '"$HOME"/' + dquote(f"{venv_dir(opts)}/bin/python")
+
+
+# The install step's shell functions: constant text (double quotes only, like _HELPERS below), with
+# the version and the uv requirement filled in. new_enough is the test of python_requires.
+_INSTALL_HELPERS = r"""fail() {
+  echo "ldm-scaling install on $(hostname): $*" >&2
+  exit 1
+}
+new_enough() {
+  "$1" -c "import sys; sys.exit(sys.version_info < (MAJOR, MINOR))" 2>/dev/null
+}"""
+# make_venv VENV: uv from PyPI for the image's python3 (a --user install, run as `python3 -m uv`,
+# so that ~/.local/bin need not be on PATH; PIP_BREAK_SYSTEM_PACKAGES lets pip do it on images
+# whose Python is marked externally managed, and older pip ignores it), then VENV with Python
+# VERSION: uv takes one the image has or downloads a standalone CPython. A VENV whose python
+# passes new_enough is kept (a rerun reuses it); anything else there is replaced.
+_MAKE_VENV = r"""make_venv() {
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --no-warn-script-location \
+    "UV_SPEC" || fail "could not install UV_SPEC with the image python3 -m pip: install pip" \
+    "(sudo apt-get install -y python3-pip), or give --remote-python, a Python >= VERSION with pip"
+  new_enough "$1/bin/python" && return 0
+  rm -rf "$1" && python3 -m uv venv -q --python VERSION "$1" || fail "uv could not create a" \
+    "Python VERSION environment in ~/$1 (it downloads CPython when the image has none): check" \
+    "that the worker reaches the internet, or give --remote-python, a Python >= VERSION"
+}"""
+# need_python PY: the --remote-python the user gave must pass new_enough on every worker.
+_NEED_PYTHON = r"""need_python() {
+  new_enough "$1" && return 0
+  version=$("$1" --version 2>&1) || version="not found"
+  fail "--remote-python $1 ($version) is not a Python >= VERSION, which jax, flax, orbax and" \
+    "grain need: give one that is, or leave --remote-python out to install Python VERSION" \
+    "with uv"
+}"""
+
+
+def _fill(helpers: str) -> str:
+  major, minor = PYTHON_VERSION.split(".")
+  return (helpers.replace("UV_SPEC", UV_SPEC).replace("VERSION", PYTHON_VERSION)
+          .replace("MAJOR", major).replace("MINOR", minor))
+
+
+def install_command(opts: TpuOptions, fetch: str, fetched: str) -> str:
+  """The install step's remote script: ``fetch`` (a shell command that puts the source in
+  ``remote_dir``; ``fetched`` says what it does, for its error), then the package with jax[tpu]
+  into a Python >= 3.11. Each command is checked: a failure stops the worker with one line
+  ``ldm-scaling install on HOST: what failed and what to do`` (under the tool's own output),
+  and gcloud's non-zero exit stops the launch."""
+  spec = opts.jax_spec or default_jax_spec()
+  if opts.python:
+    helpers, python = _NEED_PYTHON, f"need_python {dquote(opts.python)}"
+    install = [opts.python, "-m", "pip", "install", "-q", "-e", opts.remote_dir, spec]
+    where = f"with {opts.python} -m pip (pip says why above)"
+  else:
+    venv = venv_dir(opts)
+    helpers, python = _MAKE_VENV, f"make_venv {dquote(venv)}"
+    install = ["python3", "-m", "uv", "pip", "install", "-q", "--python", f"{venv}/bin/python",
+               "-e", opts.remote_dir, spec]
+    where = f"into ~/{venv} (uv says why above)"
+  message = f"could not install ~/{opts.remote_dir} and {spec} {where}"
+  return "\n".join([_fill(_INSTALL_HELPERS), _fill(helpers),
+                    f"{fetch} || fail {dquote(f'could not {fetched}')}", python,
+                    f"{dquote_join(install)} || fail {dquote(message)}"])
+
+
+def _into(opts: TpuOptions) -> str:
+  """Where the install step puts the package, for its comment."""
+  if opts.python:
+    return f"for {opts.python}"
+  return f"into a Python {PYTHON_VERSION} venv (uv), ~/{venv_dir(opts)},"
+
+
 def install_steps(opts: TpuOptions, name: str) -> list[Step]:
   d = dquote(opts.remote_dir)
-  pip = dquote_join([opts.python, "-m", "pip", "install", "-q", "-e", opts.remote_dir,
-                     opts.jax_spec or default_jax_spec()])
+  spec = opts.jax_spec or default_jax_spec()
   if opts.source_git:
+    source = f"{opts.source_git}{'@' + opts.source_ref if opts.source_ref else ''}"
     fetch = (f"rm -rf {d} && git clone -q {dquote(opts.source_git)} {d}"
              + (f" && git -C {d} checkout -q {dquote(opts.source_ref)}"
                 if opts.source_ref else ""))
-    return [Step(tuple(_ssh(opts, name, f"set -e; {fetch}; {pip}")),
-                 f"clone {opts.source_git}{'@' + opts.source_ref if opts.source_ref else ''} "
-                 f"and install it on every worker of {name}")]
+    command = install_command(opts, fetch, f"clone {source} into ~/{opts.remote_dir}")
+    return [Step(tuple(_ssh(opts, name, command)),
+                 f"clone {source} and install it with {spec} {_into(opts)} on every worker of "
+                 f"{name}")]
   tarball = opts.source_tarball or DEFAULT_TARBALL
   scp = _gcloud("tpu-vm", "scp", tarball, f"{name}:{REMOTE_TARBALL}", *_scope(opts),
                 "--worker=all")
   unpack = f"rm -rf {d} && mkdir -p {d} && tar -xzf {REMOTE_TARBALL} -C {d}"
+  command = install_command(opts, unpack, f"unpack ~/{REMOTE_TARBALL} into ~/{opts.remote_dir}")
   return [Step(tuple(scp), f"copy {tarball} to every worker of {name}"),
-          Step(tuple(_ssh(opts, name, f"set -e; {unpack}; {pip}")),
-               f"unpack and install it on every worker of {name}")]
+          Step(tuple(_ssh(opts, name, command)),
+               f"unpack it and install it with {spec} {_into(opts)} on every worker of {name}")]
 
 
 # Shell helpers of the remote script: constant text (no user data, no single quotes, so that the
@@ -362,8 +457,8 @@ def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology
   if topo.multi_host and opts.distributed == "metadata":
     lines.append(_METADATA_ENV)
   for run in runs:
-    argv = [opts.python, "-m", "ldm_scaling", *run.args]
-    lines.append(dquote_join(["run_one", run.name, run.logdir, run.command, *argv]))
+    lines.append(" ".join([dquote_join(["run_one", run.name, run.logdir, run.command]),
+                           run_python(opts), dquote_join(["-m", "ldm_scaling", *run.args])]))
   lines.append('echo "all runs ended $(date -u +%FT%TZ)"')
   return "\n".join(lines)
 
