@@ -154,7 +154,9 @@ def test_two_processes_see_disjoint_shards_covering_the_epoch(data_dir):
     it = data.make_pipeline(config, "train", batch_size=7, seed=5, process_index=p,
                             process_count=2, num_epochs=1, drop_remainder=False, tokenizer=None)
     seen.append([_key(img) for batch in it for img in batch["images"]])
-  assert len(seen[0]) == len(set(seen[0])) == SIZES[0] // 2
+  # Alternate blocks of 7 of the global stream: 96 = 13 blocks of 7 (7 for process 0, 6 for
+  # process 1) + a last block of 5, which falls to process 1.
+  assert [len(s) for s in seen] == [len(set(s)) for s in seen] == [7 * 7, 6 * 7 + 5]
   assert not set(seen[0]) & set(seen[1])
   assert set(seen[0]) | set(seen[1]) == every
 

@@ -1,5 +1,6 @@
 """The trainer on toy objectives: exact resume after SIGKILL, SIGTERM, NaN guard, bad configs,
-gradient accumulation, sharding over 8 fake devices and over 2 jax.distributed processes; two
+gradient accumulation, a UNet sharded over 8 fake devices (toy meshes and 2 jax.distributed
+processes: tests/test_resume_anywhere.py); two
 networks trained in phases (each phase leaves the other network bit-identical); checkpoints
 written before networks + phases resume.
 
@@ -236,33 +237,6 @@ def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
-
-
-def test_same_trajectory_on_meshes_and_two_processes(tmp_path):
-  """(1,1,1) on 1 device, (8,1,1) and (2,4,1) on 8 fake devices, and 2 jax.distributed processes
-  x 4 devices: the same losses. (The 2-process global batch holds the same examples in another
-  row order, so the objective here is the noise-free one, whose loss does not depend on order.)"""
-  base = ("train.steps=6", "train.batch_size=16", "objective.name=toy_regression_exact")
-  _run_together((tmp_path / "m111", (*base, "mesh.data=1"), 1),
-                (tmp_path / "m811", (*base, "mesh.data=8"), 8),
-                (tmp_path / "m241", (*base, "mesh.data=2", "mesh.fsdp=4"), 8))
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, TOY, str(tmp_path / "mp"), "--coordinator", f"localhost:{port}",
-       "--num-processes", "2", "--process-id", str(i), *base, "mesh.data=2", "mesh.fsdp=4"],
-      env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
-  layout = json.load(open(tmp_path / "m241" / "partitioning.json"))["leaves"]
-  w = layout[".params['linear']['w']"]
-  assert w["spec"] == "P('fsdp', 'tensor')" and w["bytes_per_device"] * 4 == w["bytes"]
-  assert layout[".opt_state['linear'][1][0].mu['w']"]["spec"] == w["spec"]  # Adam moments too
-  ref = _losses(tmp_path / "m111")
-  for name in ("m811", "m241", "mp"):
-    got = _losses(tmp_path / name)
-    assert sorted(got) == sorted(ref), name
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
-                               rtol=1e-5, err_msg=name)
 
 
 def test_unet_denoising_same_trajectory_on_meshes(tmp_path):

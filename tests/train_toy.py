@@ -2,9 +2,12 @@
 
 The objective is a noisy linear regression whose weights carry logical axis names, so the trainer
 shards, checkpoints and resumes it exactly like a UNet, in seconds. Data is a grain pipeline (the
-production iterator type) over deterministic examples; ``nan_at`` poisons one global step.
+production iterator type and row layout) over deterministic examples; ``nan_at`` poisons one global
+step. ``--images`` fits the same regression to features of the real pipeline's image batches
+(``make_pipeline`` on the embedded dataset in ``data.data_dir``).
 
-  python tests/train_toy.py WORKDIR [--steps N] [--nan-at K] [key=value config overrides ...]
+  python tests/train_toy.py WORKDIR [--max-steps N] [--nan-at K] [--images]
+                            [key=value config overrides ...]
 """
 
 import os
@@ -65,6 +68,37 @@ class ToyRegression(objectives.Objective):
 @objectives.register("toy_regression_exact")
 class ToyRegressionExact(ToyRegression):
   noise = 0.0
+
+
+@objectives.register("toy_regression_images")
+class ToyRegressionImages(ToyRegression):
+  """The noisy regression on batches of the production pipeline (``make_pipeline``: global
+  shuffle, random flips, this process's rows): x = the means of ``IN`` slices of each image."""
+
+  def batch_spec(self, batch_size):
+    r = self.config.data.resolution
+    return dict(images=jax.ShapeDtypeStruct((batch_size, r, r, 3), jnp.float32))
+
+  def loss(self, params, frozen, ema, batch, rng):
+    images = batch["images"]
+    x = 4 * images.reshape(images.shape[0], IN, -1).mean(-1)
+    return super().loss(params, frozen, ema, dict(x=x, y=x @ TRUE_W), rng)
+
+  def make_data(self, config, split, *, batch_size, seed, process_index, process_count):
+    # Imported here: the pipeline loads tensorflow_datasets (seconds) that other toys never need.
+    from ldm_scaling.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.make_pipeline(config, split, batch_size=batch_size, seed=seed,
+                                  process_index=process_index, process_count=process_count,
+                                  tokenizer=None)
+
+
+def images_config(**train):
+  """The image toy on a small embedded dataset (64 train examples: 4 steps of 16 per epoch)."""
+  config = toy_config(**train)
+  config.objective.name = "toy_regression_images"
+  config.data.update(name="shapes", resolution=32, shapes_sizes=(64, 16), flip="random",
+                     threads=1, prefetch=4)
+  return config
 
 
 CRITIC_LR, GEN_LR, CRITIC_EVERY, CRITIC_STEPS = 0.01, 0.05, 3, 6
@@ -130,8 +164,8 @@ def make_data(nan_at=None, delay=0.0):
         batch = dict(batch, x=np.full_like(batch["x"], np.nan))
       return batch
 
-    ds = (grain.MapDataset.range(10_000).shuffle(seed=seed)[process_index::process_count]
-          .repeat().map(example).batch(batch_size).map_with_index(poison))
+    ds = _rows_of_process(grain.MapDataset.range(10_000).shuffle(seed=seed).repeat().map(example),
+                          batch_size, process_index, process_count).map_with_index(poison)
     return iter(ds.to_iter_dataset())
 
   return factory
@@ -151,9 +185,16 @@ def make_embedding_data(config, split, batch_size, seed, process_index, process_
     lat = np.stack([np.outer(grid, grid) * ctx[0, c % dim] for c in range(channels)], -1)
     return dict(latents=lat + 0.1 * r.normal(size=lat.shape).astype(np.float32), context=ctx)
 
-  ds = (grain.MapDataset.range(4096).shuffle(seed=seed)[process_index::process_count].repeat()
-        .map(example).batch(batch_size))
+  ds = _rows_of_process(grain.MapDataset.range(4096).shuffle(seed=seed).repeat().map(example),
+                        batch_size, process_index, process_count)
   return iter(ds.to_iter_dataset())
+
+
+def _rows_of_process(ds, batch_size, process_index, process_count):
+  """``data.pipeline.process_batches`` of an infinite stream (the pipeline module is not imported
+  here: it loads tensorflow_datasets, seconds per toy process): process p's batch s is its block
+  of global batch s, so the global batches are the same for any number of processes."""
+  return ds.batch(batch_size)[process_index::process_count]
 
 
 def unet_config(**train):
@@ -187,6 +228,8 @@ def main(argv):
   p.add_argument("workdir")
   p.add_argument("--nan-at", type=int)
   p.add_argument("--unet", action="store_true", help="the denoising objective on a tiny UNet")
+  p.add_argument("--images", action="store_true", help="the regression on real image batches")
+  p.add_argument("--max-steps", type=int, help="stop early (the schedule follows train.steps)")
   p.add_argument("--delay", type=float, default=0.0, help="seconds per batch")
   p.add_argument("--coordinator")
   p.add_argument("--num-processes", type=int)
@@ -194,14 +237,15 @@ def main(argv):
   p.add_argument("overrides", nargs="*")
   args = p.parse_intermixed_args(argv)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  config = unet_config() if args.unet else toy_config()
+  config = unet_config() if args.unet else images_config() if args.images else toy_config()
   for item in args.overrides:
     key, value = item.split("=", 1)
     section, name = key.split(".")
     old = config[section][name]
     config[section][name] = value if isinstance(old, str) else type(old)(value)
-  data = make_embedding_data if args.unet else make_data(args.nan_at, args.delay)
-  result = trainer.train(config, args.workdir, make_data=data)
+  data = (make_embedding_data if args.unet else None if args.images  # None: the objective's
+          else make_data(args.nan_at, args.delay))
+  result = trainer.train(config, args.workdir, make_data=data, max_steps=args.max_steps)
   print(f"RESULT step={result.step} stopped={result.stopped}", flush=True)
 
 

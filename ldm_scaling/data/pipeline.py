@@ -4,18 +4,35 @@
 ``latents:<dir>``); any other name is a tfds dataset prepared in array_record format in
 ``data.data_dir`` (e.g. ``coco_captions``), adapted to (image, caption) by :data:`ADAPTERS`.
 
-:func:`make_pipeline` builds, per process::
+:func:`make_pipeline` builds one *global* stream of examples, the same on every host, and lets
+each process read its own rows of it::
 
-  source[process_index::process_count]        # disjoint per-host shards covering the epoch
+  source
     .shuffle(seed)                            # a new permutation every epoch
     .repeat(num_epochs)
-    .random_map(decode + preprocess + tokenize, seed)   # per-example RNG: reproducible
-    .batch(batch_size)                        # per-process batch
+    .random_map(decode + preprocess + tokenize, seed)   # RNG of global position g: reproducible
+    .batch(b)                                 # b = batch_size = B / P rows per process
+    [process_index::process_count]            # process p's k-th batch = global block k*P + p
     .to_iter_dataset(ReadOptions(threads))    # [+ mp_prefetch(worker processes)]
 
-Everything is a pure function of (seed, position in the stream), so the same seed gives the same
-batches and the iterator's state (``get_state`` / ``set_state``, or
-``grain.checkpoint.CheckpointSave`` inside an orbax ``CheckpointManager``) restores exactly.
+Every grain ``MapDataset`` step is lazy and random-access, so :func:`process_batches` (the last
+two lines before the iterator) costs nothing: process ``p`` of ``P`` decodes only its rows, and its
+batch ``s`` holds the global positions ``[s*B + p*b, s*B + (p+1)*b)`` where ``B = b*P`` is the
+global batch. The global batch of step ``s`` -- the processes' batches concatenated in process
+order, which is how ``jax.make_array_from_process_local_data`` lays them out -- therefore holds
+the same examples, augmented the same way, in the same row order for any number of processes:
+example ``g``'s shuffle slot, crop, flip, caption choice and caption dropout depend on ``(seed,
+g)`` only.
+
+So the position in the stream is a function of the training step alone: a run resumed at step
+``s`` sets the iterator to batch ``s`` (``train.checkpoint.set_data_position``: grain's
+``set_next_index``, or the equivalent state of ``mp_prefetch``'s workers; no data is read to get
+there) on any number of hosts, instead of restoring a per-process iterator state.
+The state also still round-trips (``get_state`` / ``set_state``, ``{"next_index": s}``) and the
+trainer keeps saving it with each checkpoint for inspection; see ``train/checkpoint.py``.
+Splits read in order (no shuffle: evaluation, reference statistics) are the same stream read from
+the start; with one process, as all of those callers use, batch ``k`` is simply examples
+``[k*b, (k+1)*b)``.
 """
 
 from __future__ import annotations
@@ -247,18 +264,35 @@ def make_dataset(config: ml_collections.ConfigDict, split: str | None, batch_siz
   n = len(src.records)
   if n < process_count:
     raise DataError(f"{src.description} has {n} examples, fewer than {process_count} processes")
+  if n < batch_size * process_count and drop_remainder:
+    raise DataError(f"{src.description}: {n} examples, fewer than one global batch of "
+                    f"{batch_size * process_count} ({batch_size} per process x {process_count} "
+                    f"processes); lower the batch size")
   ds = grain.MapDataset.source(src.records)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
-  if len(ds) < batch_size and drop_remainder:
-    raise DataError(f"{src.description}: {len(ds)} examples per process, fewer than one batch of "
-                    f"{batch_size}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   opts = options(config, train, resolution)
   ds = ds.random_map(_Transform(src, opts, tokenize), seed=seed)
-  return ds.batch(batch_size, drop_remainder=drop_remainder)
+  return process_batches(ds, batch_size, process_index, process_count,
+                         drop_remainder=drop_remainder)
+
+
+def process_batches(ds: grain.MapDataset, batch_size: int, process_index: int,
+                    process_count: int, *, drop_remainder: bool = True) -> grain.MapDataset:
+  """Process ``process_index``'s batches of the global stream ``ds``: its batch ``k`` holds the
+  global positions ``[k*B + p*b, k*B + (p+1)*b)`` (``b = batch_size``, ``B = b * process_count``,
+  ``p = process_index``), so the processes' ``k``-th batches, concatenated in process order, are
+  global batch ``k`` whatever the number of processes. Only ``p``'s rows are ever read.
+
+  ``drop_remainder``: every process has the same number of batches (the last partial global batch
+  is dropped). Otherwise the final global batch is split in order: process ``p`` gets what falls
+  in its block (possibly a short batch, or none)."""
+  if process_count == 1:
+    return ds.batch(batch_size, drop_remainder=drop_remainder)
+  if drop_remainder:  # whole global batches only (a no-op for an infinite stream)
+    ds = ds[:len(ds) // (batch_size * process_count) * batch_size * process_count]
+  return ds.batch(batch_size, drop_remainder=drop_remainder)[process_index::process_count]
 
 
 def make_pipeline(config: ml_collections.ConfigDict, split: str | None, batch_size: int,
@@ -280,16 +314,19 @@ def make_pipeline(config: ml_collections.ConfigDict, split: str | None, batch_si
       are read in order with centre crops and no caption dropout.
     batch_size: examples per batch *per process* (global batch / process_count).
     seed: shuffling and augmentation seed (default ``config.train.seed``).
-    process_index, process_count: this host's shard (default ``jax.process_index()`` /
-      ``jax.process_count()``); shards are disjoint and together cover every epoch.
+    process_index, process_count: this host's rows (default ``jax.process_index()`` /
+      ``jax.process_count()``): its block of each global batch (module docstring), so the global
+      batch of every step is the same for any process count.
     num_epochs: ``None`` repeats forever; the shuffle differs every epoch.
     tokenizer: ``"auto"`` loads ``config.text``'s tokenizer, ``None`` skips tokens, or an object.
     resolution: overrides ``data.resolution`` (e.g. the small CLIP's image size).
     workers: worker processes (default ``data.workers``; > 0 needs an ``if __name__ ==
       "__main__"`` guard in the calling script). Threads (``data.threads``) are used either way.
 
-  Save / restore the position with ``it.get_state()`` / ``it.set_state(state)`` or inside an
-  orbax ``CheckpointManager`` composite with ``grain.checkpoint.CheckpointSave(it)`` /
+  The position is batch ``k`` of global batch ``k`` on every process: set it with
+  ``train.checkpoint.set_data_position(it, k)`` (what the trainer does on resume), or save /
+  restore it with ``it.get_state()`` / ``it.set_state(state)`` or inside an orbax
+  ``CheckpointManager`` composite with ``grain.checkpoint.CheckpointSave(it)`` /
   ``CheckpointRestore(it)``.
   """
   ds = make_dataset(config, split, batch_size=batch_size, seed=seed, process_index=process_index,

@@ -5,6 +5,18 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Saves are asynchrono
 resumes from the last complete step. Retention keeps the last ``keep`` steps plus the best step by
 the recorded metric (lower is better).
 
+A checkpoint resumes anywhere: the state is restored onto the shardings of the abstract state it
+is given (the restoring run's mesh, whatever mesh, device or host count saved it; one CPU device
+for sampling, :func:`load_weights`), and the data position is *not* read back. The input pipeline
+makes the examples of global step ``s`` a function of ``s`` alone, the same for any number of
+processes (``data/pipeline.py``), so the trainer sets every process's iterator from the restored
+step. The ``data`` item -- grain's ``process_<i>-of-<n>.json``, one per saving process -- is still
+written: it records where each process was (``{"next_index": s}``) for inspection, and restoring
+parses one of those files as a check (a damaged file is damage, like any other), but no restore
+needs the file of its own process index and count. Requiring it would make a checkpoint of ``n``
+hosts unreadable on ``m != n`` hosts (grain's handler looks up ``process_<i>-of-<m>.json``) --
+exactly the resume this layout exists for; checkpoints written before it resume the same way.
+
 A checkpoint that is listed but cannot be read (a truncated or damaged file, an empty step
 directory: on gcsfuse/NFS the rename that marks a step complete is not atomic) does not block a
 run: :meth:`Checkpointer.restore_newest_readable` names it, moves it aside to
@@ -160,14 +172,28 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self._saving, e) from e
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restores onto ``abstract_state``'s shardings (which may be another mesh than the save's)
-    and sets ``data_iter`` to the saved position."""
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores onto ``abstract_state``'s shardings (which may be another mesh, device count or
+    process count than the save's). The data iterator is not touched: its position is a function
+    of the step (module docstring); the saved iterator state is only checked to be readable."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    if self.has_data:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    self.saved_data_state(step)
     return restored["state"], restored["meta"]
+
+  def saved_data_state(self, step: int) -> Any:
+    """The data-iterator state that one saving process recorded at ``step`` (``None`` when the
+    checkpoint has no data item): that of this process's index modulo the saving processes'
+    count, so with as many processes as the save every file is read by one of them. Raises when
+    the file is not JSON (a damaged checkpoint)."""
+    directory = epath.Path(self.directory) / str(step) / "data"
+    if not directory.is_dir():
+      return None
+    saved = sorted(directory.glob("process_*-of-*.json"),
+                   key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+    if not saved:
+      return None
+    return json.loads(saved[jax.process_index() % len(saved)].read_text())
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -222,6 +248,39 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def set_data_position(data_iter: Any, batches: int) -> None:
+  """Sets a fresh grain iterator to yield its batch ``batches`` next, reading no data to get there.
+
+  ``grain.experimental.set_next_index`` where grain supports it (``ds.to_iter_dataset()``); the
+  worker-process iterator of ``mp_prefetch`` (``data.workers > 0``) interleaves one slice of the
+  batches per worker, round robin, and grain does not set its index, so its state is written as
+  grain records it: worker ``w`` of ``W`` has yielded ``ceil((batches - w) / W)`` batches of its
+  slice, and the round continues at worker ``batches % W``."""
+  try:
+    grain.experimental.set_next_index(data_iter, batches)
+    return
+  except NotImplementedError:
+    pass
+  except AttributeError as e:
+    raise TypeError(f"the data iterator ({type(data_iter).__name__}) cannot be set to a position "
+                    f"({reason(e)}); make_data must return the iterator of a grain MapDataset "
+                    f"(ds.to_iter_dataset(), optionally .mp_prefetch())") from e
+  state = data_iter.get_state()
+  workers = state.get("iterators_in_use_states") if isinstance(state, dict) else None
+  fresh = (workers and state.get("next_index_in_cycle") == 0
+           and not any(state.get("exhausted", [1])) and not state.get("future_states")
+           and all(isinstance(w, dict) and w.get("next_index") == 0 for w in workers))
+  if not fresh:
+    raise TypeError(f"cannot set the position of a {type(data_iter).__name__} in state {state}; "
+                    f"make_data must return a fresh iterator of a grain MapDataset "
+                    f"(ds.to_iter_dataset(), optionally .mp_prefetch())")
+  n = len(workers)
+  data_iter.set_state(dict(
+      state, next_index_in_cycle=batches % n,
+      iterators_in_use_states=[dict(w, next_index=(batches - i + n - 1) // n)
+                               for i, w in enumerate(workers)]))
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
