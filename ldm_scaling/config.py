@@ -213,6 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
       clip_model="",                # hub id / dir; "" = the run's offline small CLIP (labelled)
       checkpoints="latest",         # latest | all | comma-separated steps
       grid_images=16,               # samples saved as a PNG per cell
+      param_dtype="float32",        # float32 | bfloat16: the UNet weights while sampling
   ))
 
   # `ldm-scaling study` (ldm_scaling.study): a model-size sweep trained and evaluated end to end;

@@ -83,14 +83,20 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  """Without --config, each run's own eval section defines its grid."""
+  """Without --config, each run's own eval section defines its grid. Joins the multi-process job
+  if there is one (a TPU slice's workers); each process then evaluates its share of the cells."""
+  shard = None
+  if args.shard is not None:
+    try:
+      index, count = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+      raise ConfigError(f"--shard must look like 0/4, got {args.shard!r}") from None
+    shard = (index, count)
+  from ldm_scaling.train import distributed
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   from ldm_scaling.eval import grid
   config = common.load_config(args, required=False)
-  try:
-    index, count = (int(x) for x in args.shard.split("/"))
-  except ValueError:
-    raise ConfigError(f"--shard must look like 0/4, got {args.shard!r}") from None
-  table = grid.evaluate(args.workdir, args.results, eval_config=config, shard=(index, count),
+  table = grid.evaluate(args.workdir, args.results, eval_config=config, shard=shard,
                         log=common.log)
   print(f"ldm-scaling eval: {len(table.rows())} rows in {args.results}/results.csv")
   return 0
@@ -183,8 +189,11 @@ def add_parsers(sub) -> None:
   p.add_argument("--workdir", action="append", required=True,
                  help="a training workdir (repeat for several runs)")
   p.add_argument("--results", required=True, help="results table directory (local or gs://)")
-  p.add_argument("--shard", default="0/1", help="i/n: evaluate every n-th cell starting at i "
-                 "(one process per host of a slice)")
+  p.add_argument("--shard", help="i/n: evaluate every n-th cell starting at i (default: this "
+                 "process of a multi-process job, e.g. a TPU slice's worker; else 0/1)")
+  p.add_argument("--coordinator-address", help="host:port of process 0 (multi-process runs)")
+  p.add_argument("--num-processes", type=int, help="number of processes (multi-process runs)")
+  p.add_argument("--process-id", type=int, help="this process's index (multi-process runs)")
   p.set_defaults(func=cmd_eval)
 
   p = sub.add_parser("study", help="the end-to-end scaling study (train sizes, eval grid, report)",

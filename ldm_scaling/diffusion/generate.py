@@ -7,6 +7,16 @@ the run's text encoder and VAE and the UNet is its EMA. Without a checkpoint the
 init and, when the config's text encoder / VAE cannot be loaded, the stand-ins say exactly what
 they are: deterministic *random* per-prompt context vectors (not text conditioning) and the raw
 latents (first 3 channels, normalised per image).
+
+Parameters larger than a device: :func:`place_unet` shards the UNet over a mesh of the local
+devices (``eval.parallel.model_mesh``: FSDP by the trainer's logical-axis rules, XLA gathering
+each layer's weights inside the compiled sampler), optionally stored in bfloat16
+(``eval.param_dtype``); a checkpoint's EMA is read into host memory first
+(:func:`from_checkpoint`), so no device ever holds all of it. :func:`generate` takes the mesh from
+sharded parameters and splits each batch's rows over it too; with parameters sharded over the
+devices of several processes (a pod's training state: the trainer's preview) every process runs
+the same program and gets all images back. On one device nothing is placed differently from a
+plain call, so single-device results do not change.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import Callable, Sequence
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,7 +39,9 @@ from ldm_scaling import data
 from ldm_scaling import diffusion
 from ldm_scaling import models
 from ldm_scaling import runtime
+from ldm_scaling import sharding as sh
 from ldm_scaling.errors import ConfigError, WeightsError
+from ldm_scaling.eval import parallel
 from ldm_scaling.models import cost as costlib
 from ldm_scaling.models import text
 from ldm_scaling.models import unet
@@ -114,24 +127,80 @@ def components(config, required: bool, log=print) -> tuple[Conditioning, Decodin
   return conditioning, decoding
 
 
-def from_checkpoint(workdir: str, which: str = "ema"):
-  """(config, apply_fn, params, step) of a training run's latest checkpoint."""
-  config = checkpoint.load_run_config(workdir)
-  step, weights = checkpoint.load_weights(workdir, which=which)
+def host_sharding() -> jax.sharding.Sharding:
+  """Where checkpoint weights are read to before :func:`place_unet` shards them: host memory (the
+  CPU backend) when the process has one besides its accelerators, else the first local device (a
+  CPU-only process: the same device as before)."""
+  try:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def load_unet(workdir: str, step: int | None = None, which: str = "ema"):
+  """(step, UNet parameters) of a run's checkpoint, in host memory (:func:`host_sharding`)."""
+  step, weights = checkpoint.load_weights(workdir, step=step, which=which,
+                                          sharding=host_sharding())
   if "unet" not in weights:
     raise ConfigError(f"run {workdir!r} has no 'unet' network (it has {sorted(weights)})")
-  return config, unet_apply(models.build(config.model)), weights["unet"], step
+  return step, weights["unet"]
+
+
+def from_checkpoint(workdir: str, which: str = "ema"):
+  """(config, apply_fn, params, step) of a training run's latest checkpoint; the parameters are in
+  host memory until :func:`place_unet` puts them on devices."""
+  config = checkpoint.load_run_config(workdir)
+  step, params = load_unet(workdir, which=which)
+  return config, unet_apply(models.build(config.model)), params, step
+
+
+def _init_inputs(config):
+  """The smallest valid UNet input (parameter shapes do not depend on the input size)."""
+  side = unet.down_factor(config.model)
+  return (jnp.zeros((1, side, side, config.model.in_channels), jnp.float32), jnp.zeros((1,)),
+          jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32))
 
 
 def random_init(config, seed: int):
   """A random-init UNet: (apply_fn(params, x, t, context), params). Parameter shapes do not depend
   on the input size, so init runs on the smallest valid input."""
   model = models.build(config.model)
-  side = unet.down_factor(config.model)
-  x = jnp.zeros((1, side, side, config.model.in_channels), jnp.float32)
-  ctx = jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32)
-  params = runtime.run_once(model.init, jax.random.key(seed), x, jnp.zeros((1,)), ctx)["params"]
+  params = runtime.run_once(model.init, jax.random.key(seed), *_init_inputs(config))["params"]
   return unet_apply(model), params
+
+
+_SHARDINGS: dict = {}
+
+
+def unet_shardings(config, mesh) -> dict:
+  """The UNet's parameter shardings on ``mesh``, from its logical axis names and the trainer's
+  rules (``sharding.tree_shardings``; axes that do not divide a dimension are dropped). Traced
+  once per (model section, mesh)."""
+  key = (repr(sorted(config.model.to_dict().items())), mesh)
+  if key not in _SHARDINGS:
+    model = models.build(config.model)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *_init_inputs(config))["params"]
+    _SHARDINGS[key] = sh.tree_shardings(abstract, mesh)
+  return _SHARDINGS[key]
+
+
+def place_unet(config, params, mesh=None, dtype: str = "float32"):
+  """UNet ``params`` (host memory, one device or sharded) on ``mesh`` (default: every local
+  device, ``parallel.model_mesh``), stored as ``dtype`` (``eval.param_dtype``: float32 |
+  bfloat16; the layers compute in the activations' float32 either way). One device: the plain
+  placement on it, nothing else, so results equal an unsharded call's."""
+  mesh = mesh if mesh is not None else parallel.model_mesh()
+  cast = parallel.param_dtype(dtype)
+  devices = mesh.devices.flatten()
+  if devices.size == 1:
+    one = jax.sharding.SingleDeviceSharding(devices[0])
+    return parallel.place(params, jax.tree.map(lambda _: one, params), cast)
+  shardings = unet_shardings(config, mesh)
+  params = sh.unbox(params)  # a random init's logical-axis boxes; checkpoints hold plain arrays
+  if jax.tree.structure(shardings) != jax.tree.structure(params):
+    raise ConfigError("the checkpoint's UNet parameters do not match the config's model section; "
+                      "sample it with the run's own config")
+  return parallel.place(params, shardings, cast)
 
 
 _APPLY = {}
@@ -156,11 +225,18 @@ class Result:
 def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, steps: int,
              cfg_scales: Sequence[float], seed: int, batch_size: int, latent_size: int,
              conditioning: Conditioning, decoding: Decoding, norm_cost: float | None = None,
-             step_progress: bool = False, log: Callable[[str], None] = print) -> Result:
+             step_progress: bool = False, log: Callable[[str], None] = print,
+             mesh: jax.sharding.Mesh | None = None) -> Result:
   """One image per (prompt, scale), prompt-major. All scales of a prompt share its initial noise
   and sampler key (``fold_in(key(seed), prompt index)``), so a row is a clean CFG sweep; a batch
-  mixes scales in one compiled program. The last batch is padded, so everything compiles once."""
+  mixes scales in one compiled program. The last batch is padded, so everything compiles once.
+
+  ``mesh`` (default: the mesh of ``params`` when they are sharded over several devices, see
+  :func:`place_unet`): each batch's rows are split over its batch axes (padded to a multiple of
+  their size); the images come back whole to every process."""
   _check_request(config, prompts, batch_size, latent_size)
+  mesh = mesh if mesh is not None else _params_mesh(params)
+  rows = _row_sharding(mesh) if mesh is not None and mesh.devices.size > 1 else None
   cells = [(p, float(w)) for p in range(len(prompts)) for w in cfg_scales]
   base = jax.random.key(seed)
   shape = (latent_size, latent_size, config.model.in_channels)
@@ -174,17 +250,26 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
   latents, costs, compile_s, run_s, start = [], [], 0.0, 0.0, time.perf_counter()
   for k, chunk in enumerate(chunks):
     n = len(chunk)
-    padded = chunk + [chunk[-1]] * (batch_size - n) if len(chunks) > 1 else chunk
+    size = batch_size if len(chunks) > 1 else n
+    if rows is not None:  # every device gets the same number of rows
+      parts = _row_count(rows)
+      size = -(-size // parts) * parts
+    padded = chunk + [chunk[-1]] * (size - n)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.array([p for p, _ in padded]))
     noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, 0), shape))(keys)
     step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
+    ctx, unc = context[[p for p, _ in padded]], uncond
+    if rows is not None:
+      noise, ctx = _global(noise, rows), _global(ctx, rows)
+      step_keys = jax.random.wrap_key_data(_global(jax.random.key_data(step_keys), rows))
+      unc = _global(uncond, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     out = diffusion.sample(
-        config, apply_fn, params, noise, context[[p for p, _ in padded]], key=step_keys,
-        uncond_context=uncond, cfg_scale=np.array([w for _, w in padded], np.float32),
+        config, apply_fn, params, noise, ctx, key=step_keys,
+        uncond_context=unc, cfg_scale=np.array([w for _, w in padded], np.float32),
         sampler=sampler, steps=steps, norm_cost=norm_cost, on_step=on_step, log=log)
     compile_s += out.compile_s
     run_s += out.run_s
-    latents.append(np.asarray(out.x)[:n])
+    latents.append(_to_host(out.x)[:n])
     costs.append(out.cost[:n])
     done = sum(len(c) for c in chunks[:k + 1])
     if len(chunks) > 1:
@@ -197,6 +282,40 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
       f"(+ {compile_s:.1f} s compiling)")
   return Result(images=decoding.decode(latents), latents=latents, cost=np.concatenate(costs),
                 seconds=seconds, compile_s=compile_s)
+
+
+def _params_mesh(params) -> jax.sharding.Mesh | None:
+  """The mesh ``params`` are sharded on (the first leaf with a NamedSharding), or None."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def _row_sharding(mesh) -> jax.sharding.NamedSharding:
+  """Batch rows over the mesh's batch axes (``sharding.batch_sharding``: data x fsdp), or over
+  all its axes when it has neither."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or tuple(mesh.axis_names)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+def _row_count(rows: jax.sharding.NamedSharding) -> int:
+  return math.prod(rows.mesh.shape[a] for a in rows.spec[0])
+
+
+def _global(x, sharding) -> jax.Array:
+  """A host value every process holds alike -> one array laid out by ``sharding`` (each process
+  supplies its own devices' slices)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _to_host(x) -> np.ndarray:
+  """An array -> numpy on this process, gathered from the other processes where it spans them."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_request(config, prompts, batch_size: int, latent_size: int) -> None:
@@ -256,11 +375,15 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
          batch_size: int, latent_size: int | None, step_progress: bool = False,
          log: Callable[[str], None] = print) -> dict:
   """What ``ldm-scaling sample`` does; returns the summary it prints as JSON."""
+  # How the weights are stored while sampling is a choice of this command, not of the run.
+  asked = config
   if checkpoint:
     run_config, apply_fn, params, step = from_checkpoint(checkpoint)
     if config is not None and config.model.to_dict() != run_config.model.to_dict():
       log("note: the model section of --config differs from the run's; using the run's")
     config = run_config
+  dtype = (asked if asked is not None else config).eval.param_dtype
+  parallel.param_dtype(dtype)
   sampler = sampler or config.eval.samplers[0]
   steps = int(steps if steps is not None else config.eval.steps[0])
   cfg_scales = [float(w) for w in (cfg_scales or config.eval.cfg_scales)]
@@ -283,6 +406,11 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
   if not checkpoint:
     log("initialising the UNet...")
     apply_fn, params = random_init(config, config.train.seed)
+  mesh = parallel.model_mesh()
+  params = place_unet(config, params, mesh, dtype)
+  if mesh.devices.size > 1 or dtype != "float32":
+    log(f"UNet parameters: {dtype}, sharded over {mesh.devices.size} "
+        f"{mesh.devices.flat[0].platform} device(s)")
   norm_cost = costlib.model_cost(config.model, config.cost).norm_cost
   log(f"sampling {len(prompts)} prompt(s) x {len(cfg_scales)} guidance scale(s) with {sampler}, "
       f"{steps} steps, {latent_size}x{latent_size} latents, seed {seed}")
@@ -299,6 +427,7 @@ def main(config, *, prompts: Sequence[str], sampler: str | None, steps: int | No
   return dict(out=out, images=int(len(result.images)), prompts=list(prompts), sampler=sampler,
               steps=steps, cfg_scales=cfg_scales, seed=seed, latent_size=latent_size,
               norm_cost=norm_cost, sampling_cost=cost_by_scale, model=weights,
+              param_dtype=dtype,
               conditioning=conditioning.label, decoder=decoding.label,
               seconds=round(result.seconds, 3), compile_seconds=round(result.compile_s, 3))
 

@@ -10,7 +10,16 @@ CLIP; the sampling cost from the cost model. Cells are independent and idempoten
 (:func:`cell_settings`: samples, seed, sampler settings, FID reference, CLIP, the checkpoint and
 the run's config, digested into the row's ``eval_key``) and evaluates again, with a warning, a
 cell whose row was made otherwise (or before rows recorded their settings). ``shard=(i, n)`` lets
-n processes (e.g. the workers of a TPU slice) split the cells.
+n processes split the cells: process i takes cells i, i + n, i + 2n, ... of the plan (interleaved,
+so every process gets about as many cells of each step count, the cost of a cell); the default is
+this process of a multi-process JAX job (``jax.process_index()``, ``jax.process_count()``: the
+workers of a TPU slice), and (0, 1) for a single process. Rows are files of their own, written
+atomically (``results.Table``), so processes never write the same file.
+
+The UNet is sharded over the process's local devices (``parallel.model_mesh``,
+``generate.place_unet``): an EMA larger than one device is evaluated as it was trained, each
+device holding 1/n of every split weight; ``eval.param_dtype="bfloat16"`` halves it again (a
+measuring setting: it enters the cell key when not the default float32).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
@@ -35,7 +46,7 @@ from ldm_scaling import models
 from ldm_scaling.diffusion import generate
 from ldm_scaling.diffusion import samplers
 from ldm_scaling.errors import ConfigError
-from ldm_scaling.eval import clip_score, fid, fid_weights, frechet, results
+from ldm_scaling.eval import clip_score, fid, fid_weights, frechet, parallel, results
 from ldm_scaling.models import clip as clip_model
 from ldm_scaling.models import cost as costlib
 from ldm_scaling.models import tokenizer
@@ -94,6 +105,20 @@ def validate(config) -> None:
   for name in ("samplers", "steps", "cfg_scales"):
     if not len(e[name]):
       raise ConfigError(f"eval.{name} is empty; the grid needs at least one value")
+  parallel.param_dtype(e.param_dtype)
+
+
+def default_shard() -> tuple[int, int]:
+  """(this process, number of processes) of the JAX job: each worker of a slice its own cells."""
+  return jax.process_index(), jax.process_count()
+
+
+def shard_plan(plan: Sequence, index: int, count: int) -> list:
+  """Process ``index`` of ``count``'s share of the plan: every ``count``-th item from ``index``.
+  The shares are disjoint, cover the plan and differ in size by at most one."""
+  if not 0 <= index < count:
+    raise ConfigError(f"shard {index}/{count}: need 0 <= index < count")
+  return [p for i, p in enumerate(plan) if i % count == index]
 
 
 class _Memo:
@@ -177,38 +202,55 @@ def tile(images: np.ndarray, cols: int = 4) -> np.ndarray:
 
 
 def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
-             shard: tuple[int, int] = (0, 1), log: Callable[[str], None] = print,
-             extractor=None) -> results.Table:
+             shard: tuple[int, int] | None = None, log: Callable[[str], None] = print,
+             extractor=None, mesh=None) -> results.Table:
   """Evaluates every cell of every run (see the module docstring); returns the table.
 
   ``eval_config``: a config whose ``eval`` section replaces each run's own (same grid for all
-  runs); ``None`` uses each run's. ``extractor``: a ``fid.FeatureExtractor`` to reuse."""
-  index, count = shard
-  if not 0 <= index < count:
-    raise ConfigError(f"shard {index}/{count}: need 0 <= index < count")
+  runs); ``None`` uses each run's. ``shard``: (i, n), default :func:`default_shard`.
+  ``extractor``: a ``fid.FeatureExtractor`` to reuse. ``mesh``: the devices the UNet is sharded
+  over (default ``parallel.model_mesh()``: every local device)."""
+  index, count = shard if shard is not None else default_shard()
+  shard_plan([], index, count)
   table = results.Table(table_dir)
   plan = []
-  for workdir in workdirs:
+  for workdir in dict.fromkeys(workdirs):
     config = checkpoint.load_run_config(workdir)
     e = (eval_config or config).eval
     validate(eval_config or config)
     for step in checkpoint_steps(workdir, e.checkpoints):
       for cell in cells(e):
         plan.append((workdir, config, e, step, cell))
-  mine = [p for i, p in enumerate(plan) if i % count == index]
   key_of = _key_function()
-  keys = {_item_id(p): key_of(p) for p in mine}
-  todo, notes = pending(table, table_dir, mine, lambda p: keys[_item_id(p)])
-  log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
-      f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
+  collective = jax.process_count() > 1
+  if collective:
+    # One JAX job (the workers of a slice): checkpoint reads end in a barrier of all processes
+    # (orbax), so every process reads the same checkpoints in the same order. The processes agree
+    # on the plan and on process 0's view of which cells are pending, then split those.
+    keys = {_item_id(p): key_of(p) for p in plan}
+    todo, notes = pending(table, table_dir, plan, lambda p: keys[_item_id(p)])
+    todo = _agreed(plan, todo)
+    reads = _blocks(todo)
+    log(f"eval grid: {len(plan)} cells, {len(plan) - len(todo)} already in {table_dir}, "
+        f"{len(todo)} to do; process {index} of {count} takes "
+        f"{len(shard_plan(todo, index, count))}")
+    todo = shard_plan(todo, index, count)
+  else:
+    mine = shard_plan(plan, index, count)
+    keys = {_item_id(p): key_of(p) for p in mine}
+    todo, notes = pending(table, table_dir, mine, lambda p: keys[_item_id(p)])
+    reads = _blocks(todo)
+    log(f"eval grid: {len(plan)} cells, {len(mine)} in shard {index}/{count}, "
+        f"{len(mine) - len(todo)} already in {table_dir}, {len(todo)} to do")
   for note in notes:
     log(note)
-  if not todo:
+  if not reads:
     table.write_tables()
     return table
 
-  extractor = extractor or fid.FeatureExtractor(
-      batch_size=feature_batch(max(p[2].num_samples for p in todo)), log=log)
+  if todo:
+    extractor = extractor or fid.FeatureExtractor(
+        batch_size=feature_batch(max(p[2].num_samples for p in todo)), log=log)
   small = sorted({p[2].num_samples for p in todo if p[2].num_samples <= 2048})
   if small:
     log(f"note: {small} samples per cell <= 2048 feature dimensions: the generated covariance is "
@@ -216,11 +258,13 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
         f"number of samples (the paper uses 30k)")
   done_s, started, done = 0.0, time.perf_counter(), 0
   loaded: dict = {}
-  shared: dict = {}
-  for group in _groups(todo):
+  shared: dict = dict(mesh=mesh if mesh is not None else parallel.model_mesh())
+  mine = _groups(todo)
+  for group in (g for block in reads for g in _visit(block, mine)):
     workdir, config, e, step, first = group[0]
     t0 = time.perf_counter()
-    if loaded.get("key") != (workdir, step):
+    if loaded.get("key") != (workdir, step, e.param_dtype):
+      loaded = {}  # the previous weights leave the devices before the next arrive
       loaded = _load(workdir, step, config, e, extractor, log, shared)
     # The CFG scales of one (sampler, steps) are sampled together: one compiled program, and
     # every prompt keeps its own noise whatever the scale (generate.generate).
@@ -265,6 +309,36 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
   table.write_tables()
   log(f"eval grid: {len(todo)} cells in {format_duration(time.perf_counter() - started)}")
   return table
+
+
+def _blocks(items) -> list[tuple]:
+  """The checkpoints ``(workdir, step)`` of plan items, in plan order (each once)."""
+  return list(dict.fromkeys((workdir, step) for workdir, _, _, step, _ in items))
+
+
+def _visit(block: tuple, groups: list[list]) -> list[list]:
+  """This process's groups of one checkpoint; with none, it only reads the checkpoint (a
+  collective read: every process of a JAX job takes part in every read, :func:`evaluate`)."""
+  mine = [g for g in groups if (g[0][0], g[0][3]) == block]
+  if not mine:
+    generate.load_unet(*block)
+  return mine
+
+
+def _agreed(plan: Sequence[tuple], todo: Sequence[tuple]) -> list[tuple]:
+  """Process 0's pending items, on every process of a JAX job (their reads of the table happen
+  at different times); raises on every process if their plans differ (checkpoints listed while
+  training still saves: name the steps, or evaluate when it has finished)."""
+  ids = repr([(w, s, dataclasses.astuple(c)) for w, _, _, s, c in plan]).encode()
+  digest = np.frombuffer(hashlib.sha256(ids).digest()[:8], np.uint32)
+  digests = np.asarray(multihost_utils.process_allgather(digest))
+  if not np.all(digests == digests[0]):
+    raise ConfigError("the eval processes see different checkpoints (training still saving?); "
+                      "pass eval.checkpoints as steps, or evaluate when training has finished")
+  pending_ids = {id(item) for item in todo}
+  mask = np.array([id(item) in pending_ids for item in plan], np.int32)
+  mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+  return [item for item, m in zip(plan, mask) if m]
 
 
 def _groups(todo) -> list[list]:
@@ -329,6 +403,8 @@ def cell_settings(config, e, *, checkpoint_id: Mapping[str, Any],
   Paths where things live (stats_dir, the workdir itself) are left out: a study moved as a whole
   keeps its rows."""
   measuring = {k: v for k, v in e.to_dict().items() if k not in _NOT_MEASURING_FIELDS}
+  if measuring.get("param_dtype") == "float32":  # the default: rows made before it keep their key
+    del measuring["param_dtype"]
   options = samplers.options_from_config(sampling_config(config, e))
   return _normal(dict(version=KEY_VERSION, eval=measuring, sampler=dataclasses.asdict(options),
                       run_config=_sampling_config_hash(config), checkpoint=dict(checkpoint_id),
@@ -535,17 +611,20 @@ def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
   does not depend on the weights: encoders, prompts and reference statistics (per data /
   conditioning / eval settings), the UNet apply function (per model). The cost model caches its
   own compiled measurements."""
-  _, weights = checkpoint.load_weights(workdir, step=step, which="ema")
+  _, params = generate.load_unet(workdir, step=step)  # host memory, then sharded
+  params = generate.place_unet(config, params, shared["mesh"], e.param_dtype)
   inputs = tuple(config[s].to_dict() for s in ("data", "text", "vae", "clip"))
   run = _memo(shared, repr(("inputs", inputs, e.to_dict())),
               lambda: _load_run(config, e, extractor, log))
   apply_fn = _memo(shared, repr(("model", config.model.to_dict())),
                    lambda: generate.unet_apply(models.build(config.model)))
   cost = costlib.model_cost(config.model, config.cost)
+  devices = shared["mesh"].devices.size
   log(f"loaded {workdir} step {step}: width {config.model.width}, {cost.params / 1e6:.2f}M "
-      f"params, normalised cost {cost.norm_cost:.4f}; {len(run['prompts'])} prompts; FID "
+      f"params ({e.param_dtype}, {f'sharded over {devices} devices' if devices > 1 else '1 device'}"
+      f"), normalised cost {cost.norm_cost:.4f}; {len(run['prompts'])} prompts; FID "
       f"reference {run['reference_id']}")
-  return dict(run, key=(workdir, step), params=weights["unet"], params_count=cost.params,
+  return dict(run, key=(workdir, step, e.param_dtype), params=params, params_count=cost.params,
               norm_cost=cost.norm_cost, apply_fn=apply_fn)
 
 

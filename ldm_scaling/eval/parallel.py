@@ -1,10 +1,16 @@
-"""Batch-parallel evaluation over devices: one jitted function, the batch split on a ``data`` axis.
+"""Evaluation over the local devices: batch-parallel networks and FSDP-sharded generators.
 
 Evaluation networks (the FID InceptionV3, CLIP towers) are small next to their inputs, so
-parameters are replicated and every device takes a slice of each batch. The same code runs on one
-CPU, on 8 fake CPU devices and on every local chip of a TPU host. On a multi-host slice each
-process maps its own images over its local devices (the mesh holds only addressable devices);
-gathering per-host results is the caller's step.
+:class:`BatchMapper` replicates their parameters and every device takes a slice of each batch on a
+``data`` axis. The generator being evaluated need not fit one device (a width-768 UNet's f32 EMA
+is 19.6 GB, a v5e chip has 16 GB): :func:`model_mesh` is the trainer's ``(data, fsdp, tensor)``
+mesh over the local devices with every device on ``fsdp``, and :func:`place` puts a parameter tree
+onto the shardings the project's logical-axis rules give it there (``sharding.tree_shardings``:
+each weight split along its input features), optionally cast to ``bfloat16`` first. Inside the
+jitted sampler XLA gathers each layer's weights when it runs; batch rows are split over the same
+devices. The same code runs on one CPU, on 8 fake CPU devices and on every local chip of a TPU
+host. On a multi-host slice each process works on its own cells with its own devices (the meshes
+hold only addressable devices); the eval grid splits the cells between processes.
 """
 
 from __future__ import annotations
@@ -12,24 +18,72 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldm_scaling import sharding as sh
+from ldm_scaling.errors import ConfigError
+
 DATA_AXIS = "data"
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
   """A 1-D mesh ``('data',)`` over ``devices`` (default: all local devices; an int: the first
   that many local devices)."""
+  return Mesh(np.asarray(_local(devices)), (DATA_AXIS,))
+
+
+def _local(devices) -> list:
   local = jax.local_devices()
   if devices is None:
-    devices = local
-  elif isinstance(devices, int):
+    return local
+  if isinstance(devices, int):
     if not 1 <= devices <= len(local):
       raise ValueError(f"asked for {devices} devices but this process has {len(local)} "
                        f"({local[0].platform}); pass a count between 1 and {len(local)}")
-    devices = local[:devices]
-  return Mesh(np.asarray(list(devices)), (DATA_AXIS,))
+    return local[:devices]
+  return list(devices)
+
+
+def model_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
+  """The trainer's ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all local devices;
+  an int: the first that many) with every device on ``fsdp``: parameters split FSDP-style by
+  ``sharding.LOGICAL_RULES``, batch rows over ``data x fsdp`` (``sharding.batch_sharding``)."""
+  return sh.make_mesh(dict(data=1, fsdp=-1, tensor=1), _local(devices))
+
+
+def param_dtype(name: str):
+  """``eval.param_dtype`` -> a dtype: the one floating parameters are stored in while sampling."""
+  if name not in PARAM_DTYPES:
+    raise ConfigError(f"eval.param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {name!r}")
+  return PARAM_DTYPES[name]
+
+
+def place(tree: Any, shardings: Any, dtype=None) -> Any:
+  """``tree`` (on the host, one device, or sharded otherwise) onto ``shardings`` leaf by leaf,
+  floating leaves cast to ``dtype`` first. Leaves go through host memory (numpy: no per-shape
+  resharding program to compile, and a bf16 tree never exists in f32 on the devices); each device
+  receives only its shards. A leaf already placed so is kept as it is."""
+  def one(x, sharding):
+    cast = (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+            and np.dtype(x.dtype) != np.dtype(dtype))
+    if (not cast and isinstance(x, jax.Array)
+        and x.sharding.is_equivalent_to(sharding, x.ndim)):
+      return x
+    x = np.asarray(x)
+    return jax.device_put(x.astype(dtype) if cast else x, sharding)
+  return jax.tree.map(one, tree, shardings)
+
+
+def bytes_per_device(tree: Any) -> dict:
+  """``{device: bytes of the tree's shards it holds}`` (what sharding saved, measured)."""
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
 
 
 class BatchMapper:

@@ -284,15 +284,15 @@ class _Steps:
 # Restoring, including checkpoints written before networks + phases.
 
 
-def _restore(checkpointer, step: int, abstract: TrainState, state_sh: TrainState, data_iter,
+def _restore(checkpointer, step: int, abstract: TrainState, state_sh: TrainState,
              txs) -> TrainState:
-  """The state of checkpoint ``step``. Layout 1 (one optimiser state over the dict of networks,
-  written before ``STATE_LAYOUT`` 2) is converted: for a single network its leaves are those of
-  the per-network state in the same order."""
+  """The state of checkpoint ``step`` on this run's shardings ``state_sh`` (any mesh, device or
+  process count may have saved it; the data position is set from the step by the caller). Layout 1
+  (one optimiser state over the dict of networks, written before ``STATE_LAYOUT`` 2) is converted:
+  for a single network its leaves are those of the per-network state in the same order."""
   layout = checkpointer.restore_meta(step).get("state_layout", 1)
   if layout == ckpt_lib.STATE_LAYOUT:
-    return checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, state_sh),
-                                data_iter)[0]
+    return checkpointer.restore(step, ckpt_lib.abstract_with_shardings(abstract, state_sh))[0]
   if layout != 1 or len(abstract.params) != 1:
     raise ConfigError(
         f"checkpoint {step} in {checkpointer.directory} has state layout {layout}, which this "
@@ -309,8 +309,7 @@ def _restore(checkpointer, step: int, abstract: TrainState, state_sh: TrainState
                                   jax.tree.leaves(state_sh.opt_state[name]))
   old = dataclasses.replace(abstract, opt_state=old_opt)
   old_sh = dataclasses.replace(state_sh, opt_state=old_opt_sh)
-  restored = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(old, old_sh),
-                                  data_iter)[0]
+  restored = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(old, old_sh))[0]
   log.info("converted checkpoint %d from state layout 1", step)
   return dataclasses.replace(restored, opt_state={
       name: jax.tree.unflatten(treedef, jax.tree.leaves(restored.opt_state))})
@@ -454,8 +453,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         workdir, keep=tcfg.keep_checkpoints,
         best_metric=tcfg.best_metric or None, async_save=tcfg.async_checkpointing)
     start, state = checkpointer.restore_newest_readable(
-        lambda step: _restore(checkpointer, step, abstract, state_sh, data_iter, txs))
+        lambda step: _restore(checkpointer, step, abstract, state_sh, txs))
     if start is not None:
+      # Batch s of every process is its share of global batch s, whatever the process count
+      # (data/pipeline.py), and each step draws one batch (gradient accumulation splits it on
+      # device): the position is the step.
+      ckpt_lib.set_data_position(data_iter, start)
       if jax.process_index() == 0:
         metrics_lib.console(f"resumed from step {start} of {tcfg.steps} ({workdir})")
     else:
@@ -543,7 +546,7 @@ class _Loop:
             if is_main:
               metrics_lib.console(metrics_lib.progress_line(step, total, last,
                                                             throughput.eta_seconds(step)))
-          if tcfg.sample_every and step % tcfg.sample_every == 0 and not self.multi_host:
+          if tcfg.sample_every and step % tcfg.sample_every == 0:  # every process: sharded
             self._write_preview(state, step, writer)
           preempted = stop.agreed(step) or checkpointer.reached_preemption(step)
           if preempted or step == end or step % tcfg.checkpoint_every == 0:
@@ -561,11 +564,13 @@ class _Loop:
     return Result(step=step, stopped=stopped, metrics=last)
 
   def _write_preview(self, state, step: int, writer) -> None:
-    """``<workdir>/samples/step_<step>.png`` and a TensorBoard image of the objective's preview
-    (single-process runs; on a pod, sample a checkpoint with ``ldm-scaling sample``)."""
+    """``<workdir>/samples/step_<step>.png`` and a TensorBoard image of the objective's preview.
+    Every process calls this: the EMA stays sharded as trained and the sampler runs on the whole
+    mesh (``generate.generate`` splits the rows too and gathers the images on every process);
+    process 0 writes the files."""
     weights = {n: state.ema.get(n, p) for n, p in state.params.items()}
     preview = self.objective.preview(weights, self.frozen, step)
-    if preview is None:
+    if preview is None or jax.process_index() != 0:
       return
     path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
     image = generate.save_grid(path, preview["images"], preview["prompts"], [""],
