@@ -15,8 +15,8 @@ from ldm_scaling.diffusion import generate
 from conftest import tiny_config
 
 T2I = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "t2i.py")
-TINY = [f"--config={T2I}:width=32", "--config.model.num_heads=0", "--config.model.head_dim=16",
-        "--config.model.cross_attn_dim=24"]
+TINY = [f"--config={T2I}:width=32,resolution=64", "--config.model.num_heads=0",
+        "--config.model.head_dim=16", "--config.model.cross_attn_dim=24"]  # 8x8 latents
 # Two levels, one block each: every layer kind, compiled in seconds.
 TWO_LEVEL = TINY + ["--config.model.channel_mult=(1,2)", "--config.model.attn_levels=(True,False)",
                     "--config.model.layers_per_block=1"]

@@ -226,7 +226,8 @@ GOLDEN_CASES = {
         "--config", "configs/sweeps/model_size.py:widths=(64,224,768)", "--tpu-name", "ldm-v4",
         "--zone", "us-central2-b", "--project", "my-project", "--accelerator-type", "v4-32",
         "--bucket", "gs://my-bucket", "--source-tarball", "dist/ldm-scaling.tar.gz",
-        "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+        "--jax-spec", "jax[tpu]==0.10.2", "--env", "TFDS_DATA_DIR=gs://my-bucket/tfds",
+        "--env", "HF_HOME=~/hf-cache", "--log-every", "30", "--dry-run"],
     "tpu_cfg_v6e-8_queued.txt": [
         "--config", "configs/sweeps/cfg.py:widths=(128,),per_scale=false", "--tpu-name",
         "ldm-eval", "--zone", "europe-west4-a", "--accelerator-type", "v6e-8", "--queued",
@@ -509,14 +510,17 @@ sys.exit("fake gcloud: unexpected arguments %s" % args)
 '''
 
 _FAKE_TOOL = r'''
-"""A worker's tool, as configured by <its path>.json: hostname, curl (the metadata server), or a
-Python -- the image's python3, python3.12, or a venv's python made by `python3 -m uv venv`. A
-Python appends [its name, *argv] to ~/calls.log and emulates what the install and the runs use:
-`-c CODE` (run with its own version_info), `--version`, `-m pip install` (uv, or the package from
-a checkout: into its site), `-m uv` (only once pip installed uv: `venv`, which refuses an
-existing directory, and `pip install --python PY`) and `-m ldm_scaling` (only once the package is
-in its site: logs cwd and the LDM_SCALING_* variables to ~/env.log, prints the trainer's done)."""
-import json, os, shutil, sys
+"""A worker's tool, as configured by <its path>.json: hostname, curl (the metadata server),
+gcloud (`gcloud storage ls/cat/cp`, with gs://X the folder <conf gcs>/X; each cp is logged with
+what it copied to ~/storage.log), or a Python -- the image's python3, python3.12, or a venv's
+python made by `python3 -m uv venv`. A Python appends [its name, *argv] to ~/calls.log and
+emulates what the install and the runs use: `-c CODE` (run with its own version_info),
+`--version`, `-m pip install` (uv, or the package from a checkout: into its site), `-m uv` (only
+once pip installed uv: `venv`, which refuses an existing directory, and `pip install --python
+PY`) and `-m ldm_scaling` (only once the package is in its site: prints a step, waits until the
+launcher has copied that line to a gs:// workdir's logs/<host>.log, logs cwd, the LDM_SCALING_*
+and cache variables and whether it saw the copy to ~/env.log, prints the trainer's done)."""
+import json, os, shutil, sys, time
 
 exe, args = sys.argv[0], sys.argv[1:]
 with open(exe + ".json") as f:
@@ -525,6 +529,26 @@ home = os.environ["HOME"]
 if conf["role"] == "hostname":
   print("worker-" + os.environ["FAKE_WORKER"])
   sys.exit(0)
+if conf["role"] == "gcloud":
+  def local(url):
+    return os.path.join(conf["gcs"], url[len("gs://"):]) if url.startswith("gs://") else url
+  if args[:2] == ["storage", "ls"]:
+    sys.exit(0 if os.path.exists(local(args[2])) else 1)
+  if args[:2] == ["storage", "cat"]:
+    if not os.path.exists(local(args[2])):
+      sys.exit(1)
+    with open(local(args[2])) as f:
+      sys.stdout.write(f.read())
+    sys.exit(0)
+  if args[:2] == ["storage", "cp"]:
+    source, dest = local(args[2]), local(args[3])
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.copyfile(source, dest + ".part")
+    os.replace(dest + ".part", dest)  # an object appears whole
+    with open(dest) as f, open(os.path.join(home, "storage.log"), "a") as log:
+      log.write(json.dumps([args[2], args[3], f.read()]) + "\n")
+    sys.exit(0)
+  sys.exit("fake gcloud on a worker: unexpected arguments %s" % args)
 if conf["role"] == "curl":
   answers = {"worker-network-endpoints": conf["endpoints"],
              "agent-worker-number": os.environ["FAKE_WORKER"]}
@@ -582,7 +606,7 @@ if args[:2] == ["-m", "uv"]:
     shutil.copy(exe, python)
     with open(python + ".json", "w") as f:
       json.dump({"role": "python", "version": [int(v) for v in version.split(".")],
-                 "site": os.path.abspath(target)}, f)
+                 "site": os.path.abspath(target), "gcs": conf.get("gcs")}, f)
     sys.exit(0)
   if args[2:4] == ["pip", "install"]:
     python = args[args.index("--python") + 1]
@@ -594,10 +618,20 @@ if args[:2] == ["-m", "uv"]:
 if args[:2] == ["-m", "ldm_scaling"]:
   if not os.path.exists(os.path.join(site, "installed")):
     fail("%s: No module named ldm_scaling" % exe)
-  variables = [os.environ.get("LDM_SCALING_" + v)
-               for v in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID")]
+  variables = [os.environ.get(v) for v in (
+      "LDM_SCALING_COORDINATOR", "LDM_SCALING_NUM_PROCESSES", "LDM_SCALING_PROCESS_ID",
+      "TFDS_DATA_DIR", "HF_HOME", "JAX_COMPILATION_CACHE_DIR")]
+  print("ldm-scaling train: step 1", flush=True)
+  workdir, streamed = args[args.index("--workdir") + 1], None
+  if conf.get("gcs") and workdir.startswith("gs://"):
+    copy = os.path.join(conf["gcs"], workdir[len("gs://"):], "logs",
+                        "worker-%s.log" % os.environ["FAKE_WORKER"])
+    deadline = time.time() + 30
+    while not streamed and time.time() < deadline:
+      time.sleep(0.05)
+      streamed = os.path.exists(copy) and "step 1" in open(copy).read()
   with open(os.path.join(home, "env.log"), "a") as f:
-    f.write(json.dumps([os.getcwd(), *variables]) + "\n")
+    f.write(json.dumps([os.getcwd(), *variables, streamed]) + "\n")
   print("ldm-scaling train: done at step 5")
   sys.exit(0)
 fail("fake %s: unexpected arguments %s" % (exe, args), 99)
@@ -612,18 +646,22 @@ _CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
 def _fake_slice(tmp_path, monkeypatch, workers=2):
   """A fake TPU slice: `gcloud` (_FAKE_GCLOUD) first on this process's PATH, and ``workers``
   worker homes whose PATH has the stubs of _FAKE_TOOL: python3 3.10 with pip (the TPU images'),
-  python3.12, curl answering the metadata keys, hostname (worker-<i>). Returns the homes."""
+  python3.12, curl answering the metadata keys, hostname (worker-<i>), gcloud storage on the
+  bucket ``tmp_path/gcs``. Returns the homes."""
   root, local_bin, worker_bin = tmp_path / "slice", tmp_path / "bin", tmp_path / "worker-bin"
+  gcs = str(tmp_path / "gcs")  # the bucket the workers' gcloud storage reads and writes
   homes = [root / f"worker{i}" for i in range(workers)]
   for path in (local_bin, worker_bin, *homes):
     path.mkdir(parents=True)
   shebang = f"#!{sys.executable} -S\n"  # stdlib only: no site, a faster start
   _executable(local_bin / "gcloud", shebang + _FAKE_GCLOUD)
   endpoints = ",".join(f"t1v-w-{i}:uid{i}:10.0.0.{i + 1}" for i in range(workers))
-  tools = {"python3": dict(role="python", name="python3", version=[3, 10], site=".local"),
+  tools = {"python3": dict(role="python", name="python3", version=[3, 10], site=".local",
+                           gcs=gcs),
            "python3.12": dict(role="python", name="python3.12", version=[3, 12],
-                              site=".python3.12"),
-           "curl": dict(role="curl", endpoints=endpoints), "hostname": dict(role="hostname")}
+                              site=".python3.12", gcs=gcs),
+           "curl": dict(role="curl", endpoints=endpoints), "hostname": dict(role="hostname"),
+           "gcloud": dict(role="gcloud", gcs=gcs)}
   for name, conf in tools.items():
     _executable(worker_bin / name, shebang + _FAKE_TOOL)
     (worker_bin / f"{name}.json").write_text(json.dumps(conf))
@@ -664,9 +702,11 @@ def test_tpu_launch_on_a_fake_slice_installs_python_3_11_with_uv_and_runs_with_i
   python3 is 3.10 as on the TPU images: each installs uv, makes a Python 3.11 venv, installs the
   package into it and trains with the venv's python."""
   homes = _fake_slice(tmp_path, monkeypatch, workers=2)
-  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root=str(tmp_path / "r"))
-  steps = tpu.plan(runs, _slice_opts(tmp_path, accelerator_type="v6e-16",
-                                     workdir_is_shared=True))
+  runs = _expand("configs/sweeps/model_size.py:widths=(64,)", workdir_root="gs://bucket/r")
+  cache = tpu.default_compilation_cache(runs, "gs://bucket/r")
+  env = (("TFDS_DATA_DIR", "gs://bucket/tfds"), ("HF_HOME", "~/hf"))
+  steps = tpu.plan(runs, _slice_opts(tmp_path, accelerator_type="v6e-16", env=env,
+                                     compilation_cache=cache, log_every=1))
   tpu.execute(steps, log=lambda _: None)
   for home in homes:
     _wait_for(home / tpu.LOG_DIR / "model_size.log", "all runs ended")
@@ -686,12 +726,21 @@ def test_tpu_launch_on_a_fake_slice_installs_python_3_11_with_uv_and_runs_with_i
         [f"{home}/ldm-scaling-venv/bin/python", "-m", "ldm_scaling", *runs[0].args]]
     assert json.loads((home / "ldm-scaling-venv" / "installed").read_text()) == [
         f"{home}/ldm-scaling", "jax[tpu]==0.10.2"]
-    # The run: in the checkout, as process i of 2 with worker 0 as the coordinator.
+    # The run: in the checkout, as process i of 2 with worker 0 as the coordinator, with the
+    # --env variables (~/ is the worker's home) and the compilation cache on the bucket; its log
+    # reached the bucket while it ran (the run saw its first line there before finishing).
     assert _json_lines(home / "env.log") == [
-        [f"{home}/ldm-scaling", f"10.0.0.1:{tpu.COORDINATOR_PORT}", "2", str(i)]]
-  assert sorted(os.listdir(os.path.join(runs[0].logdir, "logs"))) == ["worker-0.log",
-                                                                      "worker-1.log"]
-  assert os.path.exists(os.path.join(runs[0].logdir, "launch.done"))
+        [f"{home}/ldm-scaling", f"10.0.0.1:{tpu.COORDINATOR_PORT}", "2", str(i),
+         "gs://bucket/tfds", f"{home}/hf", "gs://bucket/r/jax_cache", True]]
+    log_copies = [c for c in _json_lines(home / "storage.log") if c[1].endswith(".log")]
+    assert {c[:2] for c in map(tuple, log_copies)} == {
+        (f"{home}/{tpu.LOG_DIR}/w64.log", f"{runs[0].logdir}/logs/worker-{i}.log")}
+    assert "step 1" in log_copies[0][2] and "done at step" not in log_copies[0][2]  # streamed
+    assert log_copies[-1][2].endswith("ldm-scaling train: done at step 5\n")  # the final copy
+  bucket = tmp_path / "gcs" / runs[0].logdir[len("gs://"):]
+  assert sorted(os.listdir(bucket / "logs")) == ["worker-0.log", "worker-1.log"]
+  assert (bucket / "launch.done").exists()
+  assert cache == "gs://bucket/r/jax_cache"
 
 
 def test_tpu_install_rerun_reuses_the_venv_and_replaces_an_old_one(tmp_path, monkeypatch):
@@ -794,6 +843,41 @@ def test_tpu_launcher_refuses_control_characters(args, named, capsys, monkeypatc
   err = capsys.readouterr().err
   assert err.startswith("p: error: ") and len(err.splitlines()) == 1
   assert named in err and "control character" in err and "remove it" in err
+
+
+def test_env_flags_and_the_compilation_cache_default(monkeypatch, capsys):
+  """--env NAME=VALUE / NAME (this shell's value) reach the start script in order; the cache is
+  <gs:// root>/jax_cache by default, given or 'none' with --compilation-cache; bad ones refused."""
+  monkeypatch.setenv("PATH", "/nonexistent")
+  monkeypatch.setenv("HF_HOME", "/mnt/hf")
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+
+  def script(*extra):
+    assert commands.main(_TPU_ARGS + _EXPERIMENT + list(extra), launcher="tpu", prog="p") == 0
+    out = capsys.readouterr().out
+    return [l for l in out.splitlines() if l.startswith(("export ", "log_every="))]
+
+  assert script("--env", "A=x y", "--env", "HF_HOME") == [
+      'export A="x y"', "export HF_HOME=/mnt/hf",
+      "export JAX_COMPILATION_CACHE_DIR=gs://b/ldm-scaling/jax_cache", "log_every=60"]
+  assert script("--compilation-cache", "none", "--log-every", "5") == ["log_every=5"]
+  assert script("--env", "JAX_COMPILATION_CACHE_DIR=/c") == [
+      "export JAX_COMPILATION_CACHE_DIR=/c", "log_every=60"]
+  assert script("--workdir-root", "gs://b/root", "--compilation-cache", "gs://c/j")[0] == (
+      "export JAX_COMPILATION_CACHE_DIR=gs://c/j")
+  for extra, message in [(["--env", "TFDS_DATA_DIR"], "TFDS_DATA_DIR is not set here"),
+                         (["--env", "1X=a"], "is not a variable name"),
+                         (["--env", "A=1", "--env", "A=2"], "given twice"),
+                         (["--env", "JAX_COMPILATION_CACHE_DIR=/c", "--compilation-cache", "/d"],
+                          "both set the compilation cache"),
+                         (["--log-every", "0"], "--log-every must be >= 1")]:
+    assert commands.main(_TPU_ARGS + _EXPERIMENT + extra, launcher="tpu", prog="p") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+  # Without any gs:// workdir there is no bucket to put the cache on.
+  runs = [sweeps.Run(sweep="s", name="r", command="train", config="c.py", overrides=(),
+                     workdir="/tmp/r", logdir="/tmp/r")]
+  assert tpu.default_compilation_cache(runs) == ""
 
 
 def test_plan_refuses_control_characters_in_runs_and_options():
@@ -906,6 +990,21 @@ def test_local_launcher_logs_marks_skips_and_reports(tmp_path):
   assert local.run_all([longer], python=python, log=lambda _: None)[0].status == "skipped"
   assert local.run_all(runs[:1], python=python, log=lambda _: None)[0].status == "done"
   assert "1 done, 1 incomplete, 1 failed" in local.summary(outcomes)
+
+
+def test_local_launcher_passes_env_to_the_runs(tmp_path, monkeypatch):
+  stub = tmp_path / "python"
+  _executable(stub, "#!/bin/sh\necho \"env: $TFDS_DATA_DIR $JAX_COMPILATION_CACHE_DIR\"\n"
+              "echo 'ldm-scaling train: done at step 5'\n")
+  monkeypatch.setenv("TFDS_DATA_DIR", "/data/tfds")
+  args = ["--config", "configs/t2i.py:width=64", "--workdir", str(tmp_path / "w"),
+          "--no-validate", "--env", "TFDS_DATA_DIR", "--compilation-cache", str(tmp_path / "jc")]
+  # The runs' interpreter is run_all's python argument (default: this one): the stub instead.
+  real = local.run_all
+  monkeypatch.setattr(local, "run_all", lambda *a, **kw: real(*a, **dict(kw, python=str(stub))))
+  assert commands.main(args, launcher="local", prog="p") == 0
+  log = (tmp_path / "w" / "launch.log").read_text()
+  assert f"env: /data/tfds {tmp_path / 'jc'}" in log
 
 
 def test_local_launcher_puts_logs_of_remote_workdirs_under_log_root(tmp_path):

@@ -5,6 +5,7 @@ parsing and printing only; the work is in :mod:`ldm_scaling.launch` (``sweeps``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
@@ -40,6 +41,15 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
   p.add_argument("--command", choices=("train", "eval"), default="train",
                  help="experiment config only: the subcommand to run (default: train)")
   p.add_argument("--results", help="experiment config with --command eval: results table dir")
+  p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                 help="a variable for every run (repeat it): NAME=VALUE, or NAME to pass this "
+                 "shell's value, e.g. --env TFDS_DATA_DIR=gs://BUCKET/tfds --env HF_HOME; the "
+                 "package reads TFDS_DATA_DIR, HF_HOME, LDM_SCALING_CACHE, "
+                 "JAX_COMPILATION_CACHE_DIR (TPU: a leading ~/ is the worker's home)")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="JAX_COMPILATION_CACHE_DIR of the runs; 'none' leaves the runs' default "
+                 "(~/.cache/ldm_scaling/jax). TPU default: <gs:// workdir root>/jax_cache, so a "
+                 "relaunch (Spot) reuses the compiled programs; local default: none")
 
   g = p.add_argument_group("local launcher")
   g.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
@@ -86,12 +96,15 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
                  "metadata server (default), or leave detection to the trainer")
   g.add_argument("--no-auto-mesh", action="store_true",
                  help="do not add mesh.fsdp for models that need FSDP on the slice")
+  g.add_argument("--log-every", type=int, default=60, metavar="SECONDS",
+                 help="copy each running run's log to <logdir>/logs/<host>.log this often "
+                 "(default: 60; and once more at its end)")
   g.add_argument("--teardown", action="store_true",
                  help="delete the slice(s) instead of launching")
 
 
 def _tpu_options(args):
-  from ldm_scaling.launch import tpu
+  from ldm_scaling.launch import local, tpu
   return tpu.TpuOptions(
       tpu_name=args.tpu_name or "", zone=args.zone or "",
       accelerator_type=args.accelerator_type or "", project=args.project,
@@ -100,7 +113,27 @@ def _tpu_options(args):
       source_tarball=args.source_tarball, remote_dir=args.remote_dir, python=args.remote_python,
       jax_spec=args.jax_spec, skip_create=args.skip_create,
       workdir_is_shared=args.workdir_is_shared, distributed=args.distributed,
-      auto_mesh=not args.no_auto_mesh)
+      auto_mesh=not args.no_auto_mesh, env=local.parse_env(args.env),
+      compilation_cache=_compilation_cache(args) or "", log_every=args.log_every)
+
+
+def _run_env(args) -> list[tuple[str, str]]:
+  """The runs' extra variables: ``--env``, plus ``--compilation-cache`` when given (the TPU
+  launcher adds its default itself, see :func:`run_command`)."""
+  from ldm_scaling.launch import local, tpu
+  env = list(local.parse_env(args.env))
+  cache = _compilation_cache(args)
+  if cache and any(name == tpu.COMPILATION_CACHE_ENV for name, _ in env):
+    raise ConfigError(f"--compilation-cache and --env {tpu.COMPILATION_CACHE_ENV} both set the "
+                      f"compilation cache: keep one")
+  return env + ([(tpu.COMPILATION_CACHE_ENV, cache)] if cache else [])
+
+
+def _compilation_cache(args) -> str | None:
+  """``--compilation-cache``: None when not given (the launcher's default), "" for none."""
+  if args.compilation_cache is None:
+    return None
+  return "" if args.compilation_cache.lower() == "none" else args.compilation_cache
 
 
 def _workdir_root(args) -> str | None:
@@ -138,6 +171,7 @@ def build_runs(args):
 
 def run_command(args, launcher: str, prog: str) -> int:
   from ldm_scaling.launch import local, sweeps, tpu
+  env = _run_env(args)  # a bad --env is refused before anything else
   if launcher == "tpu":
     # Refuse bad TPU flags (a control character, an absolute --remote-dir) before loading every
     # run's config, which takes seconds for a large sweep.
@@ -164,6 +198,10 @@ def run_command(args, launcher: str, prog: str) -> int:
     return 2
   if launcher == "tpu":
     runs = tpu.prepare_runs(runs, opts)  # as the slice runs them (mesh added)
+    if _compilation_cache(args) is None and not any(
+        name == tpu.COMPILATION_CACHE_ENV for name, _ in opts.env):
+      opts = dataclasses.replace(opts, compilation_cache=tpu.default_compilation_cache(
+          runs, _workdir_root(args)))
   print(sweeps.describe(runs))
 
   if launcher == "tpu":
@@ -180,7 +218,7 @@ def run_command(args, launcher: str, prog: str) -> int:
     return 0
   outcomes = local.run_all(runs, parallel=args.parallel, force=args.force,
                            log_root=args.log_root or local.DEFAULT_LOG_ROOT,
-                           log=lambda msg: print(msg, flush=True))
+                           log=lambda msg: print(msg, flush=True), env=env)
   print(f"{prog}: {local.summary(outcomes)}")
   return 1 if any(o.status in ("failed", "incomplete") for o in outcomes) else 0
 

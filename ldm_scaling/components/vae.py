@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
 from array_record.python import array_record_module
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -146,10 +148,15 @@ def psnr(config: ml_collections.ConfigDict, vae: vae_lib.VAE, n: int = 512) -> d
 
 
 def cache_latents(config: ml_collections.ConfigDict, vae: vae_lib.VAE, directory: str,
-                  splits: tuple[str, ...] | None = None, batch_size: int = 128) -> dict[str, Any]:
+                  splits: tuple[str, ...] | None = None, batch_size: int = 128,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Encodes ``config.data`` once and writes posterior moments (float16) + captions per split to
   ``directory/<split>.array_record``; with ``data.flip`` on, the mirrored image's moments too, so
-  flip augmentation survives caching. Latents are sampled (and scaled) when read."""
+  flip augmentation survives caching. Latents are sampled (and scaled) when read.
+
+  ``directory`` is local or ``gs://``: each split is written to a local file (array_record writes
+  local files only) and then copied there; ``latents.json`` is written last, so a directory that
+  has it is complete (``data.latents``)."""
   splits = splits or (config.data.train_split, config.data.eval_split)
   flip = config.data.flip != "none"
   module, params = vae.module, vae.params
@@ -159,32 +166,48 @@ def cache_latents(config: ml_collections.ConfigDict, vae: vae_lib.VAE, directory
     mean, logvar = module.apply({"params": params}, images, method="encode")
     return mean, logvar
 
-  os.makedirs(directory, exist_ok=True)
-  counts = {}
-  for split in splits:
-    n = len(data.source(config, split).records)
-    it = data.make_pipeline(config, split, batch_size=min(batch_size, n), seed=0,
-                                process_index=0, process_count=1, num_epochs=1, shuffle=False,
-                                tokenizer=None, workers=0, drop_remainder=False)
-    path = os.path.join(directory, f"{split}.array_record")
-    writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
-    count = 0
-    for batch in it:
-      x = batch["images"]
-      mean, logvar = (np.asarray(a, np.float16) for a in moments(x))
-      if flip:
-        fmean, flogvar = (np.asarray(a, np.float16) for a in moments(x[:, :, ::-1]))
-      for j, caption in enumerate(batch["captions"]):
-        rec = dict(mean=mean[j], logvar=logvar[j], caption=str(caption))
+  out = epath.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  counts, latent_shape = {}, None
+  with tempfile.TemporaryDirectory(prefix="ldm-scaling-latents-") as staging:
+    for split in splits:
+      n = len(data.source(config, split).records)
+      it = data.make_pipeline(config, split, batch_size=min(batch_size, n), seed=0,
+                              process_index=0, process_count=1, num_epochs=1, shuffle=False,
+                              tokenizer=None, workers=0, drop_remainder=False)
+      local = os.path.join(staging, f"{split}.array_record")
+      writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
+      count = 0
+      for batch in it:
+        x = batch["images"]
+        mean, logvar = (np.asarray(a, np.float16) for a in moments(x))
         if flip:
-          rec.update(flip_mean=fmean[j], flip_logvar=flogvar[j])
-        writer.write(flax.serialization.msgpack_serialize(rec))
-        count += 1
-    writer.close()
-    os.replace(path + ".tmp", path)
-    counts[split] = count
+          fmean, flogvar = (np.asarray(a, np.float16) for a in moments(x[:, :, ::-1]))
+        for j, caption in enumerate(batch["captions"]):
+          rec = dict(mean=mean[j], logvar=logvar[j], caption=str(caption))
+          if flip:
+            rec.update(flip_mean=fmean[j], flip_logvar=flogvar[j])
+          writer.write(flax.serialization.msgpack_serialize(rec))
+          count += 1
+        latent_shape = list(mean.shape[1:])
+      writer.close()
+      _put(local, latents.split_file(out, split))
+      counts[split] = count
+      if log:
+        log(f"cache-latents: {split}: {count} examples -> {latents.split_file(out, split)}")
   meta = dict(scaling_factor=vae.scaling_factor, vae=vae.source, counts=counts,
               data=dict(name=config.data.name, resolution=config.data.resolution),
-              flip=flip, latent_shape=list(mean.shape[1:]))
-  files.atomic_write_text(os.path.join(directory, latents.LATENT_META), json.dumps(meta, indent=1))
+              flip=flip, latent_shape=latent_shape)
+  files.atomic_write_text(out / latents.LATENT_META, json.dumps(meta, indent=1))
   return meta
+
+
+def _put(local: str, dest: epath.Path) -> None:
+  """Moves a finished local file to ``dest`` whole: a rename beside it locally, an upload to an
+  object store (which shows the object only once it is complete)."""
+  if files.is_local(dest):
+    tmp = f"{os.fspath(dest)}.tmp"
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, dest)
+  else:
+    epath.Path(local).copy(dest, overwrite=True)

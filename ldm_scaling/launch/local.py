@@ -13,7 +13,8 @@ its results table; the marker only saves their start-up (restoring a 5B checkpoi
 ``ldm-scaling train: done at step``, an eval run ``ldm-scaling eval:``, in this attempt.
 
 Processes run as ``python -m ldm_scaling`` with this interpreter, so the sweep uses the same
-environment as the launcher whether or not ``ldm-scaling`` is on PATH.
+environment as the launcher whether or not ``ldm-scaling`` is on PATH; ``--env NAME=VALUE`` adds
+variables to it (:data:`KNOWN_ENV` lists the ones the package reads).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import concurrent.futures
 import dataclasses
 import os
 import posixpath
+import re
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+from ldm_scaling.errors import ConfigError
 from ldm_scaling.launch.sweeps import Run
 
 MARKER = "launch.done"
@@ -35,6 +38,36 @@ LOG = "launch.log"
 DEFAULT_LOG_ROOT = "/tmp/ldm-scaling/logs"
 # What a command prints when it finished its work (see the module docstring).
 SUCCESS = {"train": "ldm-scaling train: done at step", "eval": "ldm-scaling eval:"}
+
+
+# Variables the package and its libraries read that a launch typically sets for its runs
+# (``--env``): where tfds datasets are (a gs:// directory works), the Hugging Face cache (weights
+# of hub ids; a local directory), the package's own cache (trained components, FID statistics,
+# tokenizers; ``files.cache_root``) and JAX's persistent compilation cache (``runtime``).
+KNOWN_ENV = ("TFDS_DATA_DIR", "HF_HOME", "LDM_SCALING_CACHE", "JAX_COMPILATION_CACHE_DIR")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(items: Sequence[str], environ: Mapping[str, str] | None = None
+              ) -> tuple[tuple[str, str], ...]:
+  """``--env NAME=VALUE`` / ``--env NAME`` (the value this process has) -> ((NAME, VALUE), ...),
+  in order; a bad name, a bare name that is not set here, or a name given twice is an error."""
+  environ = os.environ if environ is None else environ
+  out: dict[str, str] = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not _ENV_NAME.fullmatch(name):
+      raise ConfigError(f"--env {item!r}: {name!r} is not a variable name; give NAME=VALUE or "
+                        f"NAME (e.g. --env TFDS_DATA_DIR=gs://BUCKET/tfds)")
+    if not sep:
+      if name not in environ:
+        raise ConfigError(f"--env {name}: {name} is not set here; give its value, "
+                          f"--env {name}=VALUE")
+      value = environ[name]
+    if name in out:
+      raise ConfigError(f"--env {name} is given twice; keep one")
+    out[name] = value
+  return tuple(out.items())
 
 
 @dataclasses.dataclass
@@ -110,14 +143,18 @@ def run_one(run: Run, *, log_root: str = DEFAULT_LOG_ROOT, python: str = sys.exe
 
 def run_all(runs: Sequence[Run], *, parallel: int = 1, force: bool = False,
             log_root: str = DEFAULT_LOG_ROOT, python: str = sys.executable,
-            log: Callable[[str], None] = print) -> list[Outcome]:
-  """Runs every run not finished before (all with ``force``), ``parallel`` at a time.
+            log: Callable[[str], None] = print,
+            env: Sequence[tuple[str, str]] = ()) -> list[Outcome]:
+  """Runs every run not finished before (all with ``force``), ``parallel`` at a time, in this
+  process's environment plus ``env`` (``--env``; see :func:`parse_env`).
 
   With ``parallel > 1`` every process gets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless it is
   set: by default each JAX process reserves 75% of a GPU's memory, so a second one would fail."""
   if parallel < 1:
     raise ValueError(f"--parallel must be >= 1, got {parallel}")
+  extra = dict(env)
   env = dict(os.environ)
+  env.update(extra)
   if parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   outcomes: dict[int, Outcome] = {}

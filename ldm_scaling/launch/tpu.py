@@ -11,8 +11,10 @@
    see :func:`install_command`), or into ``--remote-python`` when the image has a Python >= 3.11;
 3. start the runs, one after another, on all workers at once (``--worker=all``): every worker
    executes the same ``<venv>/bin/python -m ldm_scaling train ... --workdir gs://...`` under
-   ``nohup``, its output in ``~/ldm-scaling-logs/<run>.log``, copied to
-   ``<workdir>/logs/<worker hostname>.log`` when the run ends; a finished run leaves
+   ``nohup``, with the ``--env`` variables and ``JAX_COMPILATION_CACHE_DIR`` (on the bucket, so a
+   relaunch after a Spot preemption does not compile again) exported; its output goes to
+   ``~/ldm-scaling-logs/<run>.log``, copied to ``<workdir>/logs/<worker hostname>.log`` every
+   ``log_every`` seconds while it runs and once more when it ends; a finished run leaves
    ``<workdir>/launch.done`` (its time and a checksum of its command) and is skipped next time
    unless its command changed.
 
@@ -57,6 +59,8 @@ LOG_DIR = "ldm-scaling-logs"            # on each worker, relative to the home d
 REMOTE_TARBALL = "ldm-scaling-src.tar.gz"
 DEFAULT_TARBALL = "/tmp/ldm-scaling-src.tar.gz"
 COORDINATOR_PORT = 8482                 # the port jax.distributed uses on Cloud TPU VMs
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # read by JAX itself (see runtime.py)
+JAX_CACHE = "jax_cache"                 # under the gs:// workdir root (default_compilation_cache)
 # The Python of the workers' environment: setup.py's python_requires (jax 0.10.2, flax, orbax,
 # grain and numpy need >= 3.11), which the TPU images' python3 (3.10 on tpu-ubuntu2204-base and
 # the v2-alpha-tpuv5/v6e images) is not. 3.11 is also the version the pinned set is tested with.
@@ -88,6 +92,9 @@ class TpuOptions:
   remote_dir: str = "ldm-scaling"  # on each worker, relative to the home directory
   python: str = ""               # "" = a uv-made Python 3.11 venv, <remote_dir>-venv; else an
                                  # interpreter >= 3.11 on the workers to install into and run with
+  env: tuple[tuple[str, str], ...] = ()  # (NAME, VALUE): exported on every worker for the runs
+  compilation_cache: str = ""    # JAX_COMPILATION_CACHE_DIR of the runs ("" = the runs' default)
+  log_every: int = 60            # seconds between copies of a running run's log to <logdir>/logs
   jax_spec: str = ""             # "" = jax[tpu] at the version setup.py pins
   skip_create: bool = False      # the slice exists already
   workdir_is_shared: bool = False  # a non-gs:// workdir that all workers share (NFS, gcsfuse)
@@ -189,7 +196,49 @@ def check_options(opts: TpuOptions) -> topo_lib.Topology:
     raise ConfigError("--source-ref needs --source-git")
   if opts.distributed not in ("metadata", "auto"):
     raise ConfigError(f"--distributed must be metadata or auto, got {opts.distributed!r}")
+  check_text("--compilation-cache", opts.compilation_cache)
+  names = [name for name, _ in opts.env]
+  for name, value in opts.env:
+    check_text(f"--env {name}", f"{name}={value}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or names.count(name) > 1:
+      raise ConfigError(f"--env {name!r}: give each variable once, as NAME=VALUE")
+  if opts.compilation_cache and COMPILATION_CACHE_ENV in names:
+    raise ConfigError(f"--compilation-cache and --env {COMPILATION_CACHE_ENV} both set the "
+                      f"compilation cache: keep one")
+  if opts.log_every < 1:
+    raise ConfigError(f"--log-every must be >= 1 second, got {opts.log_every}")
   return topo_lib.topology(opts.accelerator_type)
+
+
+def default_compilation_cache(runs: Sequence[Run], workdir_root: str | None = None) -> str:
+  """Where the runs keep JAX's persistent compilation cache: ``<root>/jax_cache`` for a gs://
+  workdir root, else ``gs://<bucket>/ldm-scaling/jax_cache`` of the first run with a gs://
+  workdir, else "" (the runs' default, ``~/.cache/ldm_scaling/jax``, is on the worker's disk and
+  is lost with a Spot VM). On the bucket, a relaunch after a preemption reads the programs
+  compiled before instead of compiling them again (minutes for a large UNet)."""
+  if workdir_root and workdir_root.startswith("gs://"):
+    return workdir_root.rstrip("/") + "/" + JAX_CACHE
+  for run in runs:
+    if run.workdir.startswith("gs://"):
+      bucket = run.workdir[len("gs://"):].split("/", 1)[0]
+      return f"gs://{bucket}/ldm-scaling/{JAX_CACHE}"
+  return ""
+
+
+def worker_env(opts: TpuOptions) -> list[tuple[str, str]]:
+  """The variables the start script exports on every worker: ``--env`` and the compilation
+  cache."""
+  env = list(opts.env)
+  if opts.compilation_cache:
+    env.append((COMPILATION_CACHE_ENV, opts.compilation_cache))
+  return env
+
+
+def _shell_value(value: str) -> str:
+  """A variable's value as a word of the start script; a leading ``~/`` is the worker's home."""
+  if value.startswith("~/"):
+    return '"$HOME"/' + dquote(value[2:])
+  return dquote(value)
 
 
 def check_run_text(runs: Sequence[Run]) -> None:
@@ -367,6 +416,10 @@ def install_steps(opts: TpuOptions, name: str) -> list[Step]:
 
 # Shell helpers of the remote script: constant text (no user data, no single quotes, so that the
 # script nests in the ssh --command with one level of quoting), quoted once as a whole.
+# run_one runs a command in the background, its output in ~/LOG_DIR/<run>.log, while `stream`
+# copies that file to <logdir>/logs/<host>.log every $log_every seconds; at the run's end the
+# streamer is stopped (its TERM trap runs after a copy in flight, so no stale copy lands after the
+# final one; `sleep & wait` lets the trap end a pause at once) and the log is copied a last time.
 _HELPERS = r"""exists() {
   case "$1" in gs://*) gcloud storage ls "$1" >/dev/null 2>&1 ;; *) test -e "$1" ;; esac
 }
@@ -378,6 +431,13 @@ put() {
     gs://*) gcloud storage cp "$1" "$2" >/dev/null 2>&1 ;;
     *) mkdir -p "$(dirname "$2")" && cp "$1" "$2" ;;
   esac
+}
+stream() {
+  trap "exit 0" TERM
+  while :; do
+    sleep "$3" & wait $!
+    put "$1" "$2"
+  done
 }
 run_one() {
   name=$1; logdir=$2; kind=$3; shift 3
@@ -391,9 +451,15 @@ run_one() {
     echo "$name: launch.done records another command, running this one"
   fi
   echo "$name: start $(date -u +%FT%TZ) on $(hostname)"
-  "$@" > "$log" 2>&1; rc=$?
+  copy="$logdir/logs/$(hostname).log"
+  "$@" > "$log" 2>&1 &
+  pid=$!
+  stream "$log" "$copy" "${log_every:-60}" > /dev/null 2>&1 &
+  streamer=$!
+  wait "$pid"; rc=$?
+  kill "$streamer" 2>/dev/null; wait "$streamer" 2>/dev/null
   echo "$name: exit $rc $(date -u +%FT%TZ)"
-  put "$log" "$logdir/logs/$(hostname).log" || echo "$name: could not copy $log to $logdir/logs/"
+  put "$log" "$copy" || echo "$name: could not copy $log to $logdir/logs/"
   if [ "$rc" -eq 0 ] && grep -q "$success" "$log"; then
     { date -u +%FT%TZ; echo "$sum"; } > "$log.done" && put "$log.done" "$logdir/launch.done"
   fi
@@ -452,8 +518,9 @@ export LDM_SCALING_COORDINATOR LDM_SCALING_NUM_PROCESSES LDM_SCALING_PROCESS_ID"
 
 def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
   """The bash script every worker runs (under nohup): the runs one after another."""
-  lines = [f"cd {dquote(opts.remote_dir)} || exit 1", f'mkdir -p "$HOME/{LOG_DIR}"',
-           _HELPERS]
+  lines = [f"cd {dquote(opts.remote_dir)} || exit 1", f'mkdir -p "$HOME/{LOG_DIR}"']
+  lines += [f"export {name}={_shell_value(value)}" for name, value in worker_env(opts)]
+  lines += [f"log_every={int(opts.log_every)}", _HELPERS]
   if topo.multi_host and opts.distributed == "metadata":
     lines.append(_METADATA_ENV)
   for run in runs:
@@ -477,11 +544,6 @@ def _check_runs(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) 
   for run in runs:
     paths = {"workdir": run.workdir, "logdir": run.logdir, "results": run.results}
     local = {k: v for k, v in paths.items() if v and not v.startswith("gs://")}
-    if topo.multi_host and run.command == "eval":
-      raise LaunchError(
-          f"run {run.name}: eval on a multi-host slice ({opts.accelerator_type}, {topo.hosts} "
-          f"hosts) is not supported by this launcher; evaluate on a single-host slice "
-          f"({', '.join(t.accelerator_type for t in topo_lib.presets() if not t.multi_host)})")
     if local and topo.multi_host and not opts.workdir_is_shared:
       key, value = next(iter(local.items()))
       raise LaunchError(
@@ -568,9 +630,18 @@ def teardown(opts: TpuOptions, runs: Sequence[Run] = ()) -> list[Step]:
 
 
 def monitor_commands(opts: TpuOptions, runs: Sequence[Run]) -> list[str]:
+  """How to follow the runs: the sweep's progress on worker 0 (ssh), and the log of the first run
+  with a gs:// logdir as streamed to the bucket (worker 0's copy: TPU VM host names end in
+  ``-w-<worker>``, so it sorts first), without ssh."""
   name = slice_name(opts, runs[0]) if runs else slice_name(opts)
   tail = f"tail -n 20 {LOG_DIR}/{runs[0].sweep if runs else '*'}.log"
-  return [shlex.join(_ssh(opts, name, tail, worker="0"))]
+  out = [shlex.join(_ssh(opts, name, tail, worker="0"))]
+  remote = [r for r in runs if r.logdir.startswith("gs://")]
+  if remote:
+    logs = remote[0].logdir.rstrip("/") + "/logs/*.log"
+    out.append(f"gcloud storage ls {shlex.quote(logs)} | head -n 1 | xargs gcloud storage cat "
+               f"| tail -n 20")
+  return out
 
 
 def format_plan(steps: Sequence[Step], teardown_steps: Sequence[Step] = (),
@@ -587,7 +658,8 @@ def format_plan(steps: Sequence[Step], teardown_steps: Sequence[Step] = (),
       lines.append(f"# {step.comment}")
       lines.append(step.shell)
   if monitor:
-    lines.append("# follow the runs (worker 0):")
+    lines.append("# follow the runs (worker 0's progress over ssh; a run's log as streamed to "
+                 "its logdir):")
     lines += [f"#   {m}" for m in monitor]
   if teardown_steps:
     lines.append("# when the runs have ended, delete the slice:")

@@ -3,8 +3,9 @@
 Where the weights come from is ``config.text.encoder``:
 
 - a hub id (``stabilityai/stable-diffusion-2-1-base`` with ``text.subfolder="text_encoder"``: the
-  SD-2.x OpenCLIP-ViT-H text tower, hidden size 1024) or a local directory holding a transformers
-  checkpoint (``config.json`` + ``flax_model.msgpack`` or ``model.safetensors``);
+  SD-2.x OpenCLIP-ViT-H text tower, hidden size 1024) or a local or gs:// directory holding a
+  transformers checkpoint (``config.json`` + ``flax_model.msgpack`` or ``model.safetensors``; a
+  gs:// one is copied once to the local cache, ``files.local_dir``);
 - ``"clip-small"``: the small CLIP this project trains on the embedded dataset
   (``ldm-scaling train-clip``, :mod:`ldm_scaling.models.clip`), stored with ``save_pretrained`` in
   ``config.clip.dir``.

@@ -2,9 +2,10 @@
 
 Offline it is built from ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP's vocabulary, shipped in
 ``ldm_scaling/data/assets`` from the open-clip-torch wheel, MIT): the first 48,894 merges after the
-header give the 49,408-token vocabulary. By hub id or directory it is
-``CLIPTokenizerFast.from_pretrained``. :class:`Tokenize` is the data pipeline's thread-safe form.
-transformers is imported where it is used (see ``models/text.py``).
+header give the 49,408-token vocabulary. By hub id or directory (local, or gs:// copied once to the
+local cache by ``files.local_dir``) it is ``CLIPTokenizerFast.from_pretrained``. :class:`Tokenize`
+is the data pipeline's thread-safe form. transformers is imported where it is used (see
+``models/text.py``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ def bpe_tokenizer(max_length: int = 77, path: str = BPE_FILE):
 
 
 def hub_or_dir(location: str, subfolder: str, what: str) -> dict[str, Any]:
-  """``from_pretrained`` arguments for a hub id or a directory; a missing directory is an error."""
+  """``from_pretrained`` arguments for a hub id or a directory; a missing directory is an error.
+  A remote (gs://) directory's ``subfolder`` is copied once to the local cache
+  (``files.local_dir``) and read from there."""
+  if not files.is_local(location):
+    location = files.local_dir(f"{location.rstrip('/')}/{subfolder}" if subfolder else location)
+    subfolder = ""
   looks_local = location.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(location))
   if looks_local:
     path = os.path.join(os.path.expanduser(location), subfolder)
@@ -142,10 +148,13 @@ def load_tokenizer(text: ml_collections.ConfigDict | str = BPE, max_length: int 
   kw = hub_or_dir(location, subfolder, "tokenizer")
   try:
     tok = CLIPTokenizerFast.from_pretrained(**kw)
-  except OSError as e:
+  except (OSError, TypeError) as e:
+    # Offline with HF_HUB_OFFLINE=1 and nothing cached, transformers finds no vocabulary file and
+    # fails inside the tokenizer's constructor (TypeError: vocab_file is None).
+    why = str(e) if isinstance(e, OSError) else "no vocabulary files found"
     raise WeightsError(
         f"cannot load a CLIP tokenizer from {location!r}{'/' + subfolder if subfolder else ''}: "
-        f"{e}. Offline, use a local directory (saved with save_pretrained) or text.tokenizer=bpe "
+        f"{why}. Offline, use a local directory (saved with save_pretrained) or text.tokenizer=bpe "
         f"for the vocabulary shipped with the package") from None
   tok.model_max_length = max_length
   return tok

@@ -337,8 +337,16 @@ class VAE:
 
 
 def _diffusers_files(location: str, subfolder: str) -> tuple[str, str | None]:
-  """(safetensors path, config.json path or None) for a file, directory or hub id."""
+  """(safetensors path, config.json path or None) for a file, directory (local or gs://, copied
+  once to the local cache by ``files.local_dir``) or hub id."""
   name = "diffusion_pytorch_model.safetensors"
+  if not files.is_local(location):
+    if location.endswith(".safetensors"):
+      raise WeightsError(f"VAE weights {location!r}: from a bucket give the directory holding "
+                         f"it (config.json + {name}), or copy the file to a local path")
+    # A pipeline directory: only its VAE subfolder is copied; else the VAE's own directory.
+    sub = subfolder and files.local_dir(f"{location.rstrip('/')}/{subfolder}", missing_ok=True)
+    location, subfolder = sub or files.local_dir(location), ""
   loc = os.path.expanduser(location)
   if loc.endswith(".safetensors"):
     if not os.path.isfile(loc):
