@@ -17,6 +17,7 @@ from ldm_scaling.cli import common
 from ldm_scaling.cli import components
 from ldm_scaling.cli import core
 from ldm_scaling.cli import data
+from ldm_scaling.cli import diffusers
 from ldm_scaling.cli import fid
 from ldm_scaling.cli import launch
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
   components.add_parsers(sub)  # train-clip, train-vae
   launch.add_parsers(sub)      # sweep
   analysis.add_parsers(sub)    # analyze, advise
+  diffusers.add_parsers(sub)   # import-diffusers, export-diffusers
   return parser
 
 

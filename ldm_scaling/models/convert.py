@@ -89,3 +89,56 @@ def load_safetensors(path: str, template: Any) -> dict:
         f"stabilityai/stable-diffusion-2-1-base unet/diffusion_pytorch_model.safetensors`) or "
         f"point to a local copy")
   return convert_state_dict(load_file(path), template)
+
+
+# -------------------------------------------------------------------------------------------------
+# The inverse: our Flax parameters -> a diffusers PyTorch state dict (``ldm-scaling
+# export-diffusers``). Every ``name_N`` component is an index (``.N``) except diffusers' own names
+# that end in a number (``time_embedding.linear_1``); ``torch_key_to_path`` of the result gives the
+# path back, which :func:`to_state_dict` checks for every parameter.
+
+NAMES_WITH_NUMBERS = ("linear_1", "linear_2")
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+  """``("a", "b_0", "c", "kernel")`` -> ``"a.b.0.c.weight"`` (the inverse of
+  :func:`torch_key_to_path`)."""
+  parts = []
+  for name in path[:-1]:
+    head, sep, tail = name.rpartition("_")
+    if sep and tail.isdigit() and head and name not in NAMES_WITH_NUMBERS:
+      parts += [head, tail]
+    else:
+      parts.append(name)
+  leaf = path[-1]
+  if leaf not in ("kernel", "scale", "bias"):
+    raise ConversionError(f"unexpected parameter {'/'.join(path)!r}: only kernels, scales and "
+                          f"biases have diffusers names")
+  parts.append("bias" if leaf == "bias" else "weight")
+  return ".".join(parts)
+
+
+def flax_to_torch_array(value: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`torch_to_flax_array`: ``(in, out)`` -> ``(out, in)``, ``HWIO`` -> ``OIHW``
+  (C-contiguous, as safetensors stores it)."""
+  value = np.asarray(value)
+  if value.ndim == 2:
+    value = value.T
+  elif value.ndim == 4:
+    value = value.transpose(3, 2, 0, 1)
+  return np.ascontiguousarray(value)
+
+
+def to_state_dict(params: Any) -> dict[str, np.ndarray]:
+  """Our parameter tree (boxed or not) -> diffusers' ``{key: array}``; values are copied
+  bit-exactly (transposes only)."""
+  flat = flax.traverse_util.flatten_dict(sharding.unbox(params))
+  out = {}
+  for path, value in flat.items():
+    key = path_to_torch_key(path)
+    array = flax_to_torch_array(value)
+    if torch_key_to_path(key, array.ndim) != path:
+      raise ConversionError(f"parameter {'/'.join(path)!r} has no unambiguous diffusers name "
+                            f"(got {key!r})")
+    out[key] = array
+  return out
