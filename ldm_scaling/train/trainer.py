@@ -8,7 +8,9 @@ the study call it):
    pipeline (this host's share of each batch);
 3. derive every sharding from the logical axis names (``ldm_scaling.sharding``), frozen networks
    included, and create the state already sharded (``jax.jit(init, out_shardings=...)``), or
-   restore it from the latest complete checkpoint together with the data-iterator position;
+   restore it from the latest readable checkpoint onto this run's shardings (any mesh, device or
+   host count may have written it) and set the data iterator to that step's batch (the global
+   batch of a step is a function of the step alone, ``data/pipeline.py``);
 4. run, at each step, the jitted, state-donating program of the phase the objective schedules for
    that step (:func:`objectives.phase_at`); it updates that phase's networks only (their
    optimiser states and EMAs) and leaves every other network bit-identical;
@@ -484,7 +486,6 @@ class _Loop:
     self.phases, self.frozen, self.frozen_params = phases, frozen, frozen_params
     self.flops, self.lrs, self.mesh, self.batch_spec = flops, lrs, mesh, batch_spec
     self.prefix = len(phases) > 1  # metrics named "<phase>/<metric>" when there are several
-    self.multi_host = jax.process_count() > 1
 
   def _named(self, phase, metrics, step: int) -> dict[str, Any]:
     """A step's metrics under their logged names, with the learning rates of its networks."""
