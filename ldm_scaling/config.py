@@ -442,6 +442,11 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"eval.steps must all be >= 1, got {tuple(config.eval.steps)}")
 
 
+def run_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a workdir's ``config.json`` holds: the config and its :func:`config_hash`."""
+  return dict(config=config.to_dict(), hash=config_hash(config))
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """A short stable hash of the whole config (stamped on workdirs and results rows)."""
   text = json.dumps(config.to_dict(), sort_keys=True, default=list)

@@ -439,8 +439,8 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """``config.json`` exactly as the trainer writes it, and ``config.py`` that loads it (the
   ``--config`` of a fine-tuning run in this workdir)."""
   root = epath.Path(workdir)
-  files.atomic_write_text(root / "config.json", json.dumps(
-      dict(config=config.to_dict(), hash=cfglib.config_hash(config)), indent=1, default=list))
+  files.atomic_write_text(root / "config.json",
+                          json.dumps(cfglib.run_record(config), indent=1, default=list))
   files.atomic_write_text(root / "config.py", _CONFIG_PY.format(
       config=json.dumps(config.to_dict(), indent=1, default=list)))
 

@@ -178,8 +178,7 @@ def _write_partitioning(workdir: str, trees: dict[str, tuple[Any, Any]]) -> None
 def _write_config(workdir: str, config) -> None:
   if jax.process_index() != 0:
     return
-  _dump_json(epath.Path(workdir) / "config.json",
-             dict(config=config.to_dict(), hash=cfglib.config_hash(config)))
+  _dump_json(epath.Path(workdir) / "config.json", cfglib.run_record(config))
 
 
 def _dump_json(path: epath.Path, obj) -> None:
