@@ -35,6 +35,9 @@ INSTALL_REQUIRES = [
 # an unpinned `torch` would pull a multi-GB CUDA build.
 TEST_REQUIRES = [
     "pytest",
+    # Two workers on 2 cores (`pytest -n 2 --dist loadgroup`): compiling and tracing are mostly
+    # single-threaded; tests/conftest.py keeps the users of an expensive fixture on one worker.
+    "pytest-xdist==3.8.0",
     "torch==2.13.0",
     "diffusers==0.35.2",
     # Ships the FID InceptionV3 (TF 2015-12-05 weights) as TorchScript: the tests' reference

@@ -128,6 +128,19 @@ def _spawning_functions(module) -> set[str]:
     spawning |= more
 
 
+def _xdist_group(item) -> str | None:
+  """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command) tests are spread over
+  worker processes one by one, except those sharing an expensive fixture: every user of the
+  session's offline components runs on one worker (trained once, not once per worker), and the
+  tests of a module with a module-scoped fixture stay together (it is built once)."""
+  if SLOW_FIXTURES & set(item.fixturenames):
+    return "offline_components"
+  defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+  if any(d.scope == "module" for ds in defs.values() for d in ds):
+    return item.module.__name__
+  return None
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   spawning = {}
@@ -136,5 +149,8 @@ def pytest_collection_modifyitems(config, items):
     if module not in spawning:
       spawning[module] = _spawning_functions(module)
     name = getattr(item, "originalname", item.name)
+    group = _xdist_group(item)
+    if group:
+      item.add_marker(pytest.mark.xdist_group(group))
     if SLOW_FIXTURES & set(item.fixturenames) or name in spawning[module]:
       item.add_marker(pytest.mark.slow)

@@ -198,7 +198,7 @@ def add_parsers(sub) -> None:
 
   p = sub.add_parser("study", help="the end-to-end scaling study (train sizes, eval grid, report)",
                      description="Trains the offline CLIP/VAE if absent, one UNet per study.widths "
-                     "(compute-matched), evaluates the grid and writes figures and report.md. "
+                     "(equal steps, or study.schedule=equal_compute), evaluates the grid and writes figures and report.md. "
                      "Resumable: rerun the same command after an interruption.")
   common.add_config_arg(p, required=True)
   p.add_argument("--workdir", default=None,
