@@ -1,6 +1,5 @@
 """The eval grid: exact fast FID, resumable idempotent cells, one row per cell, clear errors."""
 
-import json
 import os
 import shutil
 import signal

@@ -5,8 +5,11 @@ Convention (Hessel et al. 2021, as torchmetrics and most T2I papers report it)::
     clip_score = mean_i 100 * max(cos(E_image(x_i), E_text(c_i)), 0)
 
 ``clip_score_01`` is the same mean on the 0-1 scale (``max(cos, 0)``), the scale of Mei et al.'s
-Table 1 (0.305-0.314 with ViT-L/14-class CLIPs). Every column carries the CLIP it was computed with:
-``clip_score[openai/clip-vit-large-patch14]`` for a hub model,
+Table 1 (0.305-0.314 with ViT-L/14-class CLIPs). ``clip_score_ci95`` is the half-width of the normal
+95 % interval of that mean over the cell's samples, ``1.96 s / sqrt(n)`` with ``s`` the sample
+standard deviation of the per-sample scores ``100 max(cos, 0)`` (a mean of n >= 64 bounded scores is
+close to normal, so no resampling is needed; the prompts are fixed). Every column carries the CLIP
+it was computed with: ``clip_score[openai/clip-vit-large-patch14]`` for a hub model,
 ``clip_score[local-<dir name>]`` for a local directory such as the small CLIP this project trains
 offline. Scores from different CLIPs are not comparable, and a small locally trained CLIP is a
 stand-in, not OpenAI-CLIP.
@@ -41,11 +44,23 @@ class CLIPScore:
   n: int
   cosine: np.ndarray         # per-pair raw cosine similarities (N,)
 
+  @property
+  def ci95(self) -> float:
+    """Half-width of the normal 95 % interval of :attr:`score` (NaN for fewer than 2 pairs)."""
+    per_sample = 100.0 * np.maximum(np.asarray(self.cosine, np.float64), 0.0)
+    if per_sample.size < 2:
+      return float("nan")
+    return float(1.96 * per_sample.std(ddof=1) / np.sqrt(per_sample.size))
+
   def columns(self) -> dict[str, float | int]:
     """Results-table columns, named after the CLIP that produced them."""
     return {f"clip_score[{self.label}]": self.score,
             f"clip_score_01[{self.label}]": self.score_01,
             f"clip_n[{self.label}]": self.n}
+
+  def uncertainty_columns(self) -> dict[str, float]:
+    """``clip_score_ci95[<label>]``: the eval grid's rows carry it next to :meth:`columns`."""
+    return {f"clip_score_ci95[{self.label}]": self.ci95}
 
 
 def score_from_cosine(cosine: np.ndarray, label: str) -> CLIPScore:

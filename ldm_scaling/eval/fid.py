@@ -135,13 +135,19 @@ class FIDStats:
   sigma: np.ndarray               # (D, D) float64
   n: int                          # samples the statistics were computed from
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # (N, D) float32 features themselves, kept by reference statistics for KID (None: not kept, or
+  # a file written before they were, or pytorch-fid's).
+  features: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def compute_stats(features: np.ndarray, metadata: Mapping[str, Any] | None = None) -> FIDStats:
-  """Mean and covariance of (N, D) features in float64 (pytorch-fid's ``np.cov(rowvar=False)``).
+def compute_stats(features: np.ndarray, metadata: Mapping[str, Any] | None = None, *,
+                  keep_features: bool = False) -> FIDStats:
+  """Mean and covariance of (N, D) features in float64 (pytorch-fid's ``np.cov(rowvar=False)``);
+  ``keep_features``: the features too (as float32), for KID.
 
   Warns (:class:`RankDeficientWarning`) when N <= D: the covariance then has rank < D, and the
   FID is biased upward and not comparable to FIDs from more samples."""
+  kept = np.asarray(features, np.float32) if keep_features else None
   features = np.asarray(features, np.float64)
   if features.ndim != 2:
     raise ValueError(f"features must be (N, D), got shape {features.shape}")
@@ -156,16 +162,18 @@ def compute_stats(features: np.ndarray, metadata: Mapping[str, Any] | None = Non
         RankDeficientWarning, stacklevel=2)
   meta = dict(metadata or {})
   meta["n"] = n
-  return FIDStats(np.mean(features, axis=0), np.cov(features, rowvar=False), n, meta)
+  return FIDStats(np.mean(features, axis=0), np.cov(features, rowvar=False), n, meta, kept)
 
 
 def save_stats(path: str, stats: FIDStats) -> str:
-  """``.npz`` with ``mu``, ``sigma`` (as pytorch-fid's), ``n`` and JSON ``metadata``, written whole
+  """``.npz`` with ``mu``, ``sigma`` (as pytorch-fid's), ``n``, JSON ``metadata`` and, when the
+  statistics keep them, the float32 ``features`` (n x 2048 x 4 bytes: 245 MB at 30k), written whole
   (``files.atomic_write_bytes``: a unique temporary, so concurrent saves of one path both succeed
   and the last one wins) to a local path or a ``gs://`` URL."""
   buf = io.BytesIO()
+  extra = {} if stats.features is None else dict(features=np.asarray(stats.features, np.float32))
   np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-           metadata=np.array(json.dumps(dict(stats.metadata), sort_keys=True)))
+           metadata=np.array(json.dumps(dict(stats.metadata), sort_keys=True)), **extra)
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   files.atomic_write_bytes(target, buf.getvalue())
@@ -186,11 +194,14 @@ def load_stats(path: str, expect: Mapping[str, Any] | None = None) -> FIDStats:
       mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
       meta = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
       n = int(f["n"]) if "n" in f.files else int(meta.get("n", 0))
+      features = f["features"].astype(np.float32) if "features" in f.files else None
   except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise UnreadableStatsError(f"{path}: not an FID statistics file with 'mu' and 'sigma' "
                                f"({e})") from None
   if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
     raise StatsMismatchError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit")
+  if features is not None and (features.ndim != 2 or features.shape[1] != mu.size):
+    raise UnreadableStatsError(f"{path}: features {features.shape} do not fit mu {mu.shape}")
   if expect:
     if not meta:
       raise StatsMismatchError(
@@ -203,7 +214,7 @@ def load_stats(path: str, expect: Mapping[str, Any] | None = None) -> FIDStats:
           f"statistics {path} do not match this evaluation — " + "; ".join(diffs)
           + ". Recompute them: delete the file (reference_stats(..., recompute=True)), or "
           f"`ldm-scaling fid --save-stats FOLDER {path}` for a folder of images.")
-  return FIDStats(mu, sigma, n, meta)
+  return FIDStats(mu, sigma, n, meta, features)
 
 
 def _normal(value):
@@ -319,7 +330,8 @@ def _file_safe(text: str, limit: int = 80) -> str:
 def reference_stats(images: Callable[[], Iterable[np.ndarray]], *, dataset: str, split: str,
                     resolution: int, n: int, extractor: FeatureExtractor,
                     directory: str | None = None, recompute: bool = False,
-                    identity: Mapping[str, Any] | None = None) -> FIDStats:
+                    identity: Mapping[str, Any] | None = None,
+                    with_features: bool = False) -> FIDStats:
   """Statistics of ``n`` real images, computed once per (dataset, split, resolution, n, network,
   and the dataset's ``identity`` when given) and cached as ``.npz`` with that metadata in
   ``directory`` (local or ``gs://``; default ``<cache>/fid_stats``).
@@ -327,7 +339,11 @@ def reference_stats(images: Callable[[], Iterable[np.ndarray]], *, dataset: str,
   ``images()`` is called only on a cache miss and yields (B, H, W, 3) uint8 batches (at least
   ``n`` images; the first ``n`` are used). A cache file whose metadata differs raises
   :class:`StatsMismatchError`; ``recompute=True`` overwrites it. An unreadable cache file (e.g.
-  truncated) is recomputed, with a warning naming it."""
+  truncated) is recomputed, with a warning naming it.
+
+  The file keeps the reference features too (for KID). ``with_features``: they are needed, so a
+  cache file written before files kept them is recomputed (with a warning naming it; the same
+  images and network give the same mean and covariance), not used without them."""
   directory = directory or os.path.join(os.path.dirname(fid_weights.cache_dir()), "fid_stats")
   path = reference_stats_path(directory, dataset, split, resolution, n, identity)
   expect = dict(dataset=dataset, split=split, resolution=int(resolution), n=int(n),
@@ -336,7 +352,12 @@ def reference_stats(images: Callable[[], Iterable[np.ndarray]], *, dataset: str,
     expect["dataset_identity"] = dict(identity)
   if epath.Path(path).exists() and not recompute:
     try:
-      return load_stats(path, expect=expect)
+      cached = load_stats(path, expect=expect)
+      if cached.features is not None or not with_features:
+        return cached
+      warnings.warn(f"{path} has no reference features (written before the cache kept them; "
+                    f"KID needs them): recomputing the reference statistics", UserWarning,
+                    stacklevel=2)
     except UnreadableStatsError as e:
       warnings.warn(f"{e}; recomputing the reference statistics", UserWarning, stacklevel=2)
 
@@ -358,6 +379,6 @@ def reference_stats(images: Callable[[], Iterable[np.ndarray]], *, dataset: str,
     raise ValueError(f"{dataset}/{split} yielded {len(feats)} images, fewer than n={n}; lower n "
                      f"or use a larger split")
   meta = dict(extractor.provenance, **{k: v for k, v in expect.items() if k != "n"})
-  stats = compute_stats(feats, meta)
+  stats = compute_stats(feats, meta, keep_features=True)
   save_stats(path, stats)
   return stats

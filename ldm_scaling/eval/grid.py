@@ -4,17 +4,21 @@ For each cell: ``eval.num_samples`` images for the first ``num_samples`` caption
 ``data.eval_split`` (the same prompts and the same initial noise in every cell:
 ``fold_in(key(eval.seed), prompt index)``), sampled from the checkpoint's EMA UNet and decoded by
 the run's VAE; FID against the reference statistics of ``eval.fid_reference_n`` real images of the
-eval split (cached per prepared dataset identity/split/resolution/n); CLIP score with the named
-CLIP; the sampling cost from the cost model. Cells are independent and idempotent
+eval split (cached per prepared dataset identity/split/resolution/n), and KID against those images'
+features; CLIP score with the named CLIP; the sampling cost from the cost model. Each of them with
+the half-width of its 95 % interval over the cell's samples (``fid_ci95``, ``kid_ci95``:
+``eval.bootstrap`` half-samples of the generated features, :mod:`frechet`; ``clip_score_ci95[...]``:
+normal, :mod:`clip_score`). :func:`real_data_floor` measures the same numbers for held-out *real*
+images: what a perfect generator scores at that n. Cells are independent and idempotent
 (``results.Table``): a rerun skips every cell whose row was made with the same settings
-(:func:`cell_settings`: samples, seed, sampler settings, FID reference, CLIP, the checkpoint and
-the run's config, digested into the row's ``eval_key``) and evaluates again, with a warning, a
-cell whose row was made otherwise (or before rows recorded their settings). ``shard=(i, n)`` lets
-n processes split the cells: process i takes cells i, i + n, i + 2n, ... of the plan (interleaved,
-so every process gets about as many cells of each step count, the cost of a cell); the default is
-this process of a multi-process JAX job (``jax.process_index()``, ``jax.process_count()``: the
-workers of a TPU slice), and (0, 1) for a single process. Rows are files of their own, written
-atomically (``results.Table``), so processes never write the same file.
+(:func:`cell_settings`: samples, seed, sampler settings, FID reference, CLIP, the checkpoint and the
+run's config, digested into the row's ``eval_key``) and evaluates again, with a warning, a cell
+whose row was made otherwise (or before rows recorded their settings). ``shard=(i, n)`` lets n
+processes split the cells: process i takes cells i, i + n, i + 2n, ... of the plan (interleaved, so
+every process gets about as many cells of each step count, the cost of a cell); the default is this
+process of a multi-process JAX job (``jax.process_index()``, ``jax.process_count()``: the workers of
+a TPU slice), and (0, 1) for a single process. Rows are files of their own, written atomically
+(``results.Table``), so processes never write the same file.
 
 The UNet is sharded over the process's local devices (``parallel.model_mesh``,
 ``generate.place_unet``): an EMA larger than one device is evaluated as it was trained, each
@@ -42,10 +46,11 @@ from PIL import Image
 
 from ldm_scaling import config as cfglib
 from ldm_scaling import data
+from ldm_scaling import files
 from ldm_scaling import models
 from ldm_scaling.diffusion import generate
 from ldm_scaling.diffusion import samplers
-from ldm_scaling.errors import ConfigError
+from ldm_scaling.errors import ConfigError, UserError
 from ldm_scaling.eval import clip_score, fid, fid_weights, frechet, parallel, results
 from ldm_scaling.models import clip as clip_model
 from ldm_scaling.models import cost as costlib
@@ -106,6 +111,8 @@ def validate(config) -> None:
     if not len(e[name]):
       raise ConfigError(f"eval.{name} is empty; the grid needs at least one value")
   parallel.param_dtype(e.param_dtype)
+  if e.bootstrap < 0:
+    raise ConfigError(f"eval.bootstrap must be >= 0 (0 = no intervals), got {e.bootstrap}")
 
 
 def default_shard() -> tuple[int, int]:
@@ -282,15 +289,19 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
       key, settings = keys[_item_id(item)]
       ids = run_ids(workdir, table_dir)
       row = _key(ids[0], config, step, cell)
+      feats = extractor(images)
       row.update(
           width=config.model.width, params=loaded["params_count"], norm_cost=loaded["norm_cost"],
-          sampling_cost=float(out.cost[j]), train_compute=loaded["norm_cost"] * step,
-          fid=loaded["reference"].distance(extractor(images)), n=len(images), seed=e.seed,
+          sampling_cost=float(out.cost[j]), train_compute=loaded["train_compute"],
+          teacher_train_compute=loaded["teacher_train_compute"],
+          fid=loaded["reference"].distance(feats), n=len(images), seed=e.seed,
           prompts=f"{config.data.name}/{config.data.eval_split}[:{len(images)}]",
           fid_reference=loaded["reference_id"], config_hash=cfglib.config_hash(config),
           wall_s=round((time.perf_counter() - t0) / (j + 1), 3), time=time.time())
       row[results.KEY_COLUMN], row[results.SETTINGS_COLUMN] = key, _settings_json(settings)
-      row.update(loaded["scorer"].score(images, loaded["prompts"]).columns())
+      row.update(loaded["reference"].uncertainty(feats, e.bootstrap))
+      clip = loaded["scorer"].score(images, loaded["prompts"])
+      row.update(clip.columns(), **clip.uncertainty_columns())
       _save_png(table.root / "grids" / f"{results.cell_id(row)}.png",
                 tile(images[:e.grid_images]))
       table.add(row)
@@ -302,8 +313,9 @@ def evaluate(workdirs: Sequence[str], table_dir: str, *, eval_config=None,
       eta = (done_s + time.perf_counter() - t0) / done * (len(todo) - done)
       clip_col = next(c for c in row if c.startswith("clip_score["))
       log(f"[{done}/{len(todo)}] {os.path.basename(workdir.rstrip('/'))} step {step} "
-          f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f}, "
-          f"{clip_col} {row[clip_col]:.2f}, cost {row['sampling_cost']:.3f} "
+          f"{cell.sampler} {cell.steps} steps cfg {cell.cfg_scale:g}: FID {row['fid']:.2f} "
+          f"± {row['fid_ci95']:.2f}, KID {row['kid']:.4f}, {clip_col} {row[clip_col]:.2f}, "
+          f"cost {row['sampling_cost']:.3f} "
           f"({time.perf_counter() - t0:.1f} s, ETA {format_duration(eta)})")
     done_s += time.perf_counter() - t0
   table.write_tables()
@@ -388,8 +400,10 @@ KEY_VERSION = 1  # bump when the evaluation itself changes what a cell measures
 _NOT_SAMPLING_SECTIONS = ("eval", "train", "study", "mesh")
 # eval fields that choose the cells or how fast they run, not what a cell measures (so the
 # study's training-curve pass finds the cells its grid pass evaluated).
+# bootstrap: how many resamples estimate a row's intervals, not what fid/clip/kid measure (rows
+# made before intervals existed keep their key; they read back with NaN intervals).
 _NOT_MEASURING_FIELDS = ("samplers", "steps", "cfg_scales", "checkpoints", "batch_size",
-                         "stats_dir", "grid_images")
+                         "stats_dir", "grid_images", "bootstrap")
 
 
 def cell_settings(config, e, *, checkpoint_id: Mapping[str, Any],
@@ -625,7 +639,24 @@ def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
       f"), normalised cost {cost.norm_cost:.4f}; {len(run['prompts'])} prompts; FID "
       f"reference {run['reference_id']}")
   return dict(run, key=(workdir, step, e.param_dtype), params=params, params_count=cost.params,
-              norm_cost=cost.norm_cost, apply_fn=apply_fn)
+              norm_cost=cost.norm_cost, apply_fn=apply_fn,
+              **_train_compute(config, step, cost.norm_cost, log))
+
+
+def _train_compute(config, step: int, norm_cost: float, log) -> dict:
+  """The checkpoint's training compute (normalised cost x steps). A consistency student's counts
+  the teacher's and the target's forward passes of every step; its teacher's own training is
+  the separate ``teacher_train_compute`` (``consistency.distillation_compute``). When the
+  teacher's workdir is gone, only the student's own passes are known: said, and NaN beside."""
+  if config.objective.name != "consistency":
+    return dict(train_compute=norm_cost * step, teacher_train_compute=float("nan"))
+  from ldm_scaling.train.objectives import consistency  # pylint: disable=g-import-not-at-top
+  try:
+    c = consistency.distillation_compute(config, step)
+  except (UserError, OSError) as err:
+    log(f"training compute of the student without its teacher's passes ({err})")
+    return dict(train_compute=norm_cost * step, teacher_train_compute=float("nan"))
+  return dict(train_compute=c["student"], teacher_train_compute=c["teacher_training"])
 
 
 def _memo(cache: dict, key, make):
@@ -641,17 +672,101 @@ def _load_run(config, e, extractor, log) -> dict:
   if available < e.fid_reference_n:
     raise ConfigError(f"eval.fid_reference_n={e.fid_reference_n} but {config.data.eval_split!r} "
                       f"has only {available} images; lower eval.fid_reference_n")
-  ref = fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
-                            split=config.data.eval_split, resolution=config.data.resolution,
-                            n=e.fid_reference_n, extractor=extractor,
-                            directory=e.stats_dir or None,
-                            identity=dataset_identity(config, config.data.eval_split))
   return dict(
       prompts=prompts,
       conditioning=generate.Conditioning(_Memo(conditioning.encode), conditioning.label),
       decoding=decoding, latent_size=data.latent_size(config),
-      reference=frechet.Reference(ref),
-      reference_id=f"{config.data.name}/{config.data.eval_split}@{config.data.resolution}px "
-                   f"n={e.fid_reference_n}",
-      scorer=clip_scorer(config, e))
+      reference=frechet.Reference(_reference_stats(config, e, extractor, images)),
+      reference_id=_reference_label(config, e), scorer=clip_scorer(config, e))
 
+
+def _reference_stats(config, e, extractor, images) -> fid.FIDStats:
+  """The cell's FID/KID reference: the first ``eval.fid_reference_n`` eval-split images (cached,
+  with their features)."""
+  return fid.reference_stats(images(e.fid_reference_n), dataset=config.data.name,
+                             split=config.data.eval_split, resolution=config.data.resolution,
+                             n=e.fid_reference_n, extractor=extractor,
+                             directory=e.stats_dir or None,
+                             identity=dataset_identity(config, config.data.eval_split),
+                             with_features=True)
+
+
+def _reference_label(config, e) -> str:
+  return (f"{config.data.name}/{config.data.eval_split}@{config.data.resolution}px "
+          f"n={e.fid_reference_n}")
+
+
+# -------------------------------------------------------------------------------------------------
+# The real-data floor: what a perfect model would score at the cells' n.
+
+FLOOR_FILE = "real_floor.json"
+
+
+def real_data_floor(config, table_dir: str, *, n: int, extractor=None,
+                    log: Callable[[str], None] = print) -> dict:
+  """FID and KID (with their 95 % half-widths, ``eval.bootstrap`` resamples) of ``n`` held-out
+  *real* images against the cells' reference statistics: the noise floor of a cell of ``n``
+  samples (a perfect generator scores this, not 0).
+
+  The reference is the first ``eval.fid_reference_n`` images of ``data.eval_split``, as for every
+  cell; the held-out images are the next ``n`` of that split (``[fid_reference_n,
+  fid_reference_n + n)``: the same distribution and preprocessing, none of them in the
+  reference). Cached in ``<table_dir>/real_floor.json`` under a digest of the reference identity
+  (:func:`reference_identity`), ``n``, that slice and the resampling (``eval.bootstrap``,
+  ``frechet.METHOD``), so it is computed once.
+  Returns ``fid, fid_ci95, kid, kid_ci95, n, source, reference``."""
+  e = config.eval
+  validate(config)
+  if n < 2:
+    raise ConfigError(f"the real-data floor needs n >= 2 images, got {n}")
+  start, split = int(e.fid_reference_n), config.data.eval_split
+  source = f"{config.data.name}/{split}[{start}:{start + n}]"
+  identity = _normal(dict(reference=reference_identity(config, e), n=int(n), source=source,
+                          bootstrap=int(e.bootstrap), method=frechet.METHOD))
+  key = hashlib.sha256(_settings_json(identity).encode()).hexdigest()[:16]
+  path = epath.Path(table_dir) / FLOOR_FILE
+  cache = _read_json(path)
+  floors = cache.get("floors") if isinstance(cache.get("floors"), dict) else {}
+  if isinstance(floors.get(key), dict):
+    return dict(floors[key]["floor"])
+  available = len(data.source(config, split).records)
+  if available < start + n:
+    raise ConfigError(f"the real-data floor needs {start + n} images of {split!r} "
+                      f"(eval.fid_reference_n={start} for the reference + {n} held out), it has "
+                      f"{available}; lower eval.fid_reference_n or n")
+  t0 = time.perf_counter()
+  extractor = extractor or fid.FeatureExtractor(batch_size=feature_batch(n), log=log)
+  reference = frechet.Reference(_reference_stats(
+      config, e, extractor, lambda count: _split_images(config, split, 0, count)))
+  feats = extractor(_split_images(config, split, start, n)())
+  if len(feats) != n:
+    raise ConfigError(f"{split!r} yielded {len(feats)} held-out images, expected {n}")
+  floor = dict(fid=reference.distance(feats), **reference.uncertainty(feats, e.bootstrap),
+               n=int(n), source=source, reference=_reference_label(config, e))
+  floors[key] = dict(identity=identity, floor=floor)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.atomic_write_text(path, json.dumps(dict(floors=floors), indent=1, sort_keys=True) + "\n")
+  log(f"real-data floor at n={n} ({source} vs {floor['reference']}): FID {floor['fid']:.2f} ± "
+      f"{floor['fid_ci95']:.2f}, KID {floor['kid']:.4f} ± {floor['kid_ci95']:.4f} "
+      f"({time.perf_counter() - t0:.1f} s)")
+  return dict(floor)
+
+
+def _split_images(config, split: str, start: int, count: int) -> Callable[[], Iterable]:
+  """A generator factory of images ``[start, start + count)`` of ``split`` (uint8 batches, in
+  the split's order, eval preprocessing: centre crop, no flip)."""
+
+  def gen():
+    it = data.make_pipeline(config, split, batch_size=min(256, start + count), num_epochs=1,
+                            shuffle=False, drop_remainder=False, tokenizer=None,
+                            process_index=0, process_count=1)
+    seen = 0
+    for b in it:
+      images = np.asarray(b["images"])
+      lo, hi = max(start - seen, 0), min(start + count - seen, len(images))
+      seen += len(images)
+      if hi > lo:
+        yield np.round((images[lo:hi] + 1) * 127.5).clip(0, 255).astype(np.uint8)
+      if seen >= start + count:
+        return
+  return gen

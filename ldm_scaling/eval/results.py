@@ -16,6 +16,11 @@ seed, sampler settings, FID reference, CLIP, the checkpoint and run config: see
 ``ldm_scaling.eval.grid.cell_settings``), so an eval with other settings re-evaluates the cell
 instead of keeping a stale row. Rows written before the column existed load as usual.
 
+Uncertainty columns (:data:`UNCERTAINTY_COLUMNS`: ``fid_ci95``, ``kid``, ``kid_ci95``, and
+``clip_score_ci95[<model>]`` next to each ``clip_score[<model>]``) are written by the eval grid
+but not required of a row: rows made before them stay valid (and, keyed by the same settings,
+done), and :func:`load` gives them NaN there.
+
 ``results.jsonl`` and ``results.csv`` next to ``rows/`` are regenerated from the rows
 (``write_tables``; safe with concurrent writers such as the shards of one grid); ``load`` reads
 any of them into a pandas DataFrame.
@@ -42,6 +47,11 @@ CELL_KEYS = ("run", "checkpoint_step", "objective", "sampler", "steps", "cfg_sca
 COLUMNS = CELL_KEYS + (
     "width", "params", "norm_cost", "sampling_cost", "fid", "n", "seed", "prompts",
     "fid_reference", "config_hash", "wall_s", "time")
+
+# Written by the eval grid beside fid / clip_score[...], not required (rows from before lack them;
+# load() fills NaN): 95 % half-widths over the cell's samples, and KID (ldm_scaling.eval.frechet).
+UNCERTAINTY_COLUMNS = ("fid_ci95", "kid", "kid_ci95")
+CLIP_CI_PREFIX = "clip_score_ci95["
 
 # Extra columns of rows written by the eval grid: the digest of what determined the row's values,
 # and those settings as JSON (to say what changed when they differ). Not in COLUMNS: tables from
@@ -168,8 +178,20 @@ def _json_default(value):
 
 
 def _ordered_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-  extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-  return list(COLUMNS) + extra
+  present = {k for r in rows for k in r}
+  uncertainty = [c for c in UNCERTAINTY_COLUMNS if c in present]
+  return list(COLUMNS) + uncertainty + sorted(present - set(COLUMNS) - set(uncertainty))
+
+
+def with_uncertainty_columns(frame: pd.DataFrame) -> pd.DataFrame:
+  """``frame`` with every uncertainty column (:data:`UNCERTAINTY_COLUMNS`, and
+  ``clip_score_ci95[m]`` for each ``clip_score[m]``) present: NaN where rows lack it."""
+  clips = [c for c in frame.columns if c.startswith("clip_score[")]
+  wanted = list(UNCERTAINTY_COLUMNS) + [CLIP_CI_PREFIX + c[len("clip_score["):] for c in clips]
+  missing = [c for c in wanted if c not in frame.columns]
+  if not missing:
+    return frame
+  return frame.assign(**{c: float("nan") for c in missing})
 
 
 class EmptyTableError(UserError, ValueError):
@@ -180,7 +202,8 @@ def load(path: str):
   """A DataFrame from a table directory, its ``results.csv`` / ``results.jsonl``, or a CSV/JSONL
   file anywhere (e.g. the example table shipped with the repository). Raises
   :class:`EmptyTableError` with a hint when there is nothing to analyse. An unreadable row file
-  of a table directory is left out with a :class:`CorruptRowWarning` naming it."""
+  of a table directory is left out with a :class:`CorruptRowWarning` naming it. Uncertainty
+  columns a table's rows lack are NaN (:func:`with_uncertainty_columns`)."""
   p = epath.Path(path)
   if p.is_dir() and not (p / "rows").exists() and (p / "results.csv").exists():
     return load(str(p / "results.csv"))  # a copied table (e.g. docs/study/results): CSV only
@@ -199,4 +222,4 @@ def load(path: str):
   if frame.empty:
     raise EmptyTableError(f"results table {path!r} has no rows; evaluate some checkpoints with "
                           f"`ldm-scaling eval` (or `ldm-scaling study`) first")
-  return frame
+  return with_uncertainty_columns(frame)
