@@ -179,13 +179,20 @@ def _student_config(teacher_dir):
   return config
 
 
-def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path):
+@pytest.mark.parametrize("guidance_embed", [False, True], ids=["fixed_cfg", "w_conditioned"])
+def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path, guidance_embed):
   """Two steps at lr 1e-6 from the session's tiny teacher: the student's parameters are the
   teacher's EMA plus at most two AdamW updates (|update| <= lr (1 + wd |w|) each), the loss is
-  finite, and the preview grid is sampled with the 4-step lcm sampler."""
+  finite, and the preview grid is sampled with the 4-step lcm sampler. A w-conditioned student
+  (scales drawn in cfg_range) starts from a zero cond_proj, which trains too, and its preview runs
+  the real guidance-embedded UNet through generate."""
+  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
   teacher_dir, _ = tiny_run
   config = _student_config(teacher_dir)
+  if guidance_embed:
+    config.model.guidance_embed = True
+    config.objective.cfg_range = (1.0, 6.0)
   lr = 1e-6
   # seed 1: the student's own random init is far from the teacher's weights, so a start_from
   # that did nothing would fail the bound below by orders of magnitude.
@@ -195,12 +202,17 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path):
   assert result.step == 2 and np.isfinite(result.metrics["loss"]) and result.metrics["loss"] > 0
   _, teacher = checkpoint.load_weights(str(teacher_dir), which="ema")
   _, student = checkpoint.load_weights(str(tmp_path), which="params")
+  trained = unet.without_guidance(student["unet"])
+  assert ("cond_proj" in student["unet"]["time_embedding"]) == guidance_embed
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
-                                       teacher["unet"], student["unet"]))
+                                       teacher["unet"], trained))
   bound = 2 * lr * (1 + config.train.weight_decay * max(
       float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(teacher["unet"]))) * 1.01
   assert max(diffs) <= bound, (max(diffs), bound)
   assert max(diffs) > 0  # it did train
+  if guidance_embed:  # from zeros, two updates
+    proj = np.abs(np.asarray(student["unet"]["time_embedding"]["cond_proj"]["kernel"]))
+    assert 0 < proj.max() <= bound, (proj.max(), bound)
   assert os.path.isfile(tmp_path / "samples" / "step_0000002.png")
 
 
@@ -209,6 +221,7 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path):
     (dict(loss="l1"), "unknown objective.loss"),
     (dict(solver_steps=0), "objective.solver_steps must be in"),
     (dict(teacher_weights="best"), "teacher_weights must be"),
+    (dict(cfg_range=(1.0, 6.0)), "set model.guidance_embed=True"),
 ])
 def test_bad_objective_settings_are_clear_errors(tiny_run, change, match):
   config = _student_config(tiny_run[0])
@@ -274,3 +287,268 @@ def test_workdirs_written_before_the_consistency_keys_still_resume(tmp_path):
   config.model.width = 64
   with pytest.raises(ConfigError, match="different model settings"):
     trainer._check_workdir(str(tmp_path), config, objective)  # pylint: disable=protected-access
+
+
+# -------------------------------------------------------------------------------------------------
+# The guidance-conditioned student (LCM's w embedding): model, objective, sampling, compute.
+
+
+def _two_level(guidance_embed):
+  """The two-level UNet of the session's tiny teacher (every layer kind; compiles in seconds)."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.model.update(channel_mult=(1, 2), attn_levels=(True, False), layers_per_block=1,
+                      guidance_embed=guidance_embed)
+  return config
+
+
+def _unet_inputs(batch=2, side=8, seed=0):
+  rng = np.random.RandomState(seed)
+  return (rng.randn(batch, side, side, 4).astype(np.float32),
+          np.array([10.0, 500.0, 900.0, 250.0][:batch], np.float32),
+          rng.randn(batch, 7, 24).astype(np.float32))
+
+
+def test_guidance_embedding_is_lcm_diffusers():
+  """The w embedding is diffusers' LCM pipeline's ``get_guidance_scale_embedding(w - 1, 256)``
+  (LCM writes the scale as w - 1): 0 at cfg 1 is [sin 0, cos 0] = [0..., 1...]."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
+  scales = np.array([1.0, 1.5, 3.0, 4.25, 6.0, 8.0], np.float32)
+  ref = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding
+  want = ref(None, torch.from_numpy(scales - 1), embedding_dim=unet.GUIDANCE_EMBED_DIM).numpy()
+  got = np.asarray(unet.guidance_embedding(jnp.asarray(scales)))
+  assert got.shape == (6, 256)
+  # Arguments up to 7000 rad in float32: the two exp() roundings differ by an ulp of the phase.
+  np.testing.assert_allclose(got, want, atol=2e-3)
+  np.testing.assert_array_equal(got[0], np.r_[np.zeros(128), np.ones(128)])
+
+
+def test_guidance_embedded_unet_is_diffusers_time_cond_proj_unet():
+  """With ``model.guidance_embed`` the UNet equals diffusers' UNet2DConditionModel with
+  ``time_cond_proj_dim=256`` fed ``timestep_cond`` = LCM's embedding of w - 1, weights moved over
+  by the rename table alone (``time_embedding.cond_proj.weight``); different w give different
+  outputs. With a zero ``cond_proj`` (a student starting as its teacher) it is bit for bit the
+  UNet without the w input, at every w. w is required with the embedding and refused without."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import convert, cost, unet  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = _two_level(True)
+  model = models.build(config.model)
+  heads = tuple(model.heads(32 * m)[0] for m in (1, 2))
+  ref = diffusers.UNet2DConditionModel(
+      block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+      attention_head_dim=heads, use_linear_projection=True, norm_num_groups=32, sample_size=8,
+      time_cond_proj_dim=unet.GUIDANCE_EMBED_DIM).eval()
+  x, t, ctx = _unet_inputs()
+  w = np.array([1.5, 6.0], np.float32)
+  template = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, w=w)["params"]
+  params = convert.convert_state_dict(ref.state_dict(), template)
+  assert cost.count_params(params) == sum(p.numel() for p in ref.parameters())
+  apply = jax.jit(lambda p, w: model.apply({"params": p}, x, t, ctx, w=w))
+  y = np.asarray(apply(params, w))
+  cond = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+      None, torch.from_numpy(w - 1), embedding_dim=unet.GUIDANCE_EMBED_DIM)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+               torch.from_numpy(ctx), timestep_cond=cond).sample.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(y, want, atol=2e-5, rtol=1e-4)
+  swapped = np.asarray(apply(params, w[::-1]))
+  assert np.abs(swapped - y).max() > 1e-3  # each row reads its own w
+
+  # A zero cond_proj: the UNet without guidance_embed, exactly.
+  plain = models.build(_two_level(False).model)
+  teacher = unet.without_guidance(params)
+  assert "cond_proj" not in teacher["time_embedding"]
+  assert cost.count_params(params) - cost.count_params(teacher) == 256 * 32
+  y_teacher = np.asarray(jax.jit(lambda p: plain.apply({"params": p}, x, t, ctx))(teacher))
+  student = unet.with_zero_guidance(jax.device_get(teacher), template)
+  np.testing.assert_array_equal(np.asarray(apply(student, w)), y_teacher)
+  np.testing.assert_array_equal(np.asarray(apply(student, w[::-1])), y_teacher)
+  with pytest.raises(ConfigError, match="needs the guidance scale w"):
+    model.apply({"params": params}, x, t, ctx)
+  with pytest.raises(ConfigError, match="without model.guidance_embed"):
+    plain.apply({"params": teacher}, x, t, ctx, w=w)
+
+
+def test_per_example_scales_reach_the_teacher_target():
+  """With one scale per example the loss equals the loss of a teacher that returns
+  ``u + w_b (c - u)`` with each row's own scale, written out by hand, at cfg 1; giving the rows
+  each other's scales, or all the mean scale, changes it."""
+  schedule = diffusion.Schedule()
+  exact = refs.analytic_apply(schedule, "eps")
+  rng = np.random.RandomState(3)
+  b = 8
+  ctx = jnp.asarray(rng.randn(b, 3, 4).astype(np.float32))
+  uncond = jnp.asarray(rng.randn(1, 3, 4).astype(np.float32))
+  x0 = refs.data_mean(ctx) + refs.S * jnp.asarray(rng.randn(b, 4, 4, 4).astype(np.float32))
+  w = jnp.asarray(np.linspace(1.0, 6.0, b, dtype=np.float32))
+  kw = dict(schedule=schedule, prediction="eps", solver_steps=50, timestep_scaling=10.0,
+            loss="l2")
+  net = lambda p: (lambda x, t, c: p * exact(None, x, t, c))
+
+  def loss(cfg, teacher=None):
+    return cd.distillation_loss(net(1.1), net(1.0), teacher or net(1.0), x0, ctx, uncond,
+                                jax.random.key(4), cfg_scale=cfg, **kw)[0]
+
+  def by_hand(x, t, c):
+    cond = exact(None, x, t, c)
+    unc = exact(None, x, t, jnp.broadcast_to(uncond, c.shape))
+    return unc + w[:, None, None, None] * (cond - unc)
+
+  guided = jax.jit(loss)
+  per_example = float(guided(w))
+  np.testing.assert_allclose(per_example, float(jax.jit(lambda: loss(1.0, by_hand))()),
+                             rtol=1e-5)
+  assert abs(per_example - float(guided(w[::-1]))) > 1e-3 * per_example
+  assert abs(per_example - float(guided(jnp.full_like(w, jnp.mean(w))))) > 1e-3 * per_example
+
+
+class _TagNet:
+  """A stand-in UNet for wiring checks: its output is the parameter ``tag`` plus 100 w (when it
+  takes w), so an output says which parameters and which scales it got."""
+
+  def __init__(self, embedded):
+    self.embedded = embedded
+
+  def apply(self, variables, x, t, c, train=False, w=None, rngs=None):
+    del t, c, train, rngs
+    assert (w is not None) == self.embedded
+    p = variables["params"]
+    assert ("cond_proj" in p["time_embedding"]) == self.embedded  # the teacher's has none
+    out = jnp.zeros_like(x) + p["tag"]
+    return out if w is None else out + 100 * w[:, None, None, None]
+
+
+def test_objective_draws_a_scale_per_example_for_teacher_student_and_target(monkeypatch):
+  """The objective's loss hands the teacher a (B,) scale drawn in objective.cfg_range; its
+  student and target are the student UNet at those same scales with their own parameters; its
+  teacher is the UNet without the w input, on the teacher's parameters less cond_proj. (UNets
+  replaced by :class:`_TagNet`: the real one's w input is tested against diffusers above.)"""
+  config = _two_level(True)
+  config.data.resolution = 64  # 8x8 latents
+  config.objective.update(name="consistency", inputs="embeddings", teacher="unused",
+                          cfg_scale=4.0, cfg_range=(1.5, 6.0), solver_steps=10)
+  obj = objectives.build(config)
+  obj.unet, obj.teacher_unet = _TagNet(True), _TagNet(False)
+  tree = lambda tag: {"tag": jnp.float32(tag), "time_embedding": {"cond_proj": jnp.zeros(2)}}
+  params, ema = {"unet": tree(1.0)}, {"unet": tree(2.0)}
+  from ldm_scaling.train.objectives import base  # pylint: disable=g-import-not-at-top
+  frozen = {"teacher": base.Frozen(None, tree(3.0)), "uncond": base.Frozen(None, jnp.zeros(1))}
+  x, _, ctx = _unet_inputs(batch=4)
+  seen = {}
+
+  def capture(student, target, teacher, x0, context, uncond, rng, **kw):
+    seen.update(student=student, target=target, teacher=teacher, **kw)
+    return jnp.float32(0), {}
+  monkeypatch.setattr(cd, "distillation_loss", capture)
+  obj.loss(params, frozen, ema, {"latents": x, "context": ctx}, jax.random.key(7))
+  w = np.asarray(seen["cfg_scale"])
+  assert w.shape == (4,) and np.all((1.5 <= w) & (w < 6.0)) and np.ptp(w) > 0
+  first = lambda net: np.asarray(net(x, np.zeros(4), ctx))[:, 0, 0, 0]
+  np.testing.assert_allclose(first(seen["student"]), 1.0 + 100 * w, rtol=1e-6)
+  np.testing.assert_allclose(first(seen["target"]), 2.0 + 100 * w, rtol=1e-6)
+  np.testing.assert_array_equal(first(seen["teacher"]), np.full(4, 3.0))
+  assert obj.preview_scale() == 3.75
+
+
+@pytest.mark.parametrize("model_embed, cfg_range, match", [
+    (False, (1.0, 6.0), "set model.guidance_embed=True"),
+    (True, (), "needs objective.cfg_range"),
+    (True, (0.5, 6.0), r"1 <= lo <= hi"),
+    (True, (6.0, 2.0), r"1 <= lo <= hi"),
+    (True, (1.0, 2.0, 3.0), "two finite numbers"),
+])
+def test_bad_cfg_range_settings_are_clear_errors(model_embed, cfg_range, match):
+  with pytest.raises(ConfigError, match=match) as e:
+    cd.check_cfg_range(cfg_range, model_embed)
+  assert "\n" not in str(e.value)
+  assert cd.check_cfg_range((1.0, 6.0), True) == (1.0, 6.0)
+  assert cd.check_cfg_range((), False) is None
+
+
+def test_one_student_sampled_over_a_cfg_grid_with_one_forward_per_step():
+  """generate.generate gives each cell's scale to a guidance-embedded model as its input: the
+  cell at scale w equals the model sampled unguided with its input fixed at w (same noise and
+  keys, by hand), so equal scales give the same images and different ones different images;
+  every model call sees the B rows (no unconditional half), and every cell costs 1 forward per
+  step even when the convention counts guided steps twice (a plain model at cfg 3 is called on
+  2B rows and costs 2 per step). The model is a stand-in whose eps depends on w (the real UNet's
+  w input is tested against diffusers above)."""
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  config = _two_level(True)
+  config.objective.solver_steps = 10
+  config.cost.count_uncond_pass = True
+  rows = []
+
+  def model(p, x, t, ctx, w):  # an eps-predictor that depends on the context and on w
+    rows.append((x.shape[0], w.shape))
+    return p * x + 0.1 * w[:, None, None, None] * jnp.mean(ctx, axis=(1, 2))[:, None, None, None]
+  scales = [1.5, 3.0, 3.0, 6.0]
+  conditioning = generate.random_conditioning(config.text.max_length, 24)
+  kw = dict(sampler="lcm", steps=2, seed=0, batch_size=8, latent_size=8, norm_cost=0.5,
+            conditioning=conditioning, decoding=generate.latent_preview(), log=lambda _: None)
+  out = generate.generate(config, ["a", "b"], apply_fn=model, params=jnp.float32(0.3),
+                          cfg_scales=scales, **kw)
+  assert rows and all(r == (8, (8,)) for r in rows), rows
+  np.testing.assert_array_equal(out.cost, np.full(8, 0.5 * 2))
+  lat = out.latents.reshape(2, 4, *out.latents.shape[1:])
+  np.testing.assert_array_equal(lat[:, 1], lat[:, 2])
+  for i, j in ((0, 1), (1, 3), (0, 3)):
+    assert np.abs(lat[:, i] - lat[:, j]).max() > 1e-3, (i, j)
+  # By hand: prompt p's noise and keys (generate's convention), the model's w fixed at 6.
+  keys = [jax.random.fold_in(jax.random.key(0), p) for p in (0, 1)]
+  noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, 0), (8, 8, 4)) for k in keys])
+  fixed = lambda p, x, t, ctx: model(p, x, t, ctx, jnp.full((x.shape[0],), 6.0))
+  want = diffusion.run(fixed, jnp.float32(0.3), noise, conditioning.encode(["a", "b"]),
+                       key=jnp.stack([jax.random.fold_in(k, 1) for k in keys]),
+                       schedule=diffusion.Schedule(), sampler="lcm", steps=2,
+                       options=diffusion.options_from_config(config))
+  np.testing.assert_allclose(lat[:, 3], np.asarray(want), rtol=1e-5, atol=1e-6)
+
+  plain_config = _two_level(False)
+  plain_config.objective.solver_steps = 10
+  plain_config.cost.count_uncond_pass = True
+  plain_rows = []
+
+  def plain(p, x, t, ctx):
+    plain_rows.append(x.shape[0])
+    return p * x
+  out = generate.generate(plain_config, ["a"], apply_fn=plain, params=jnp.float32(0.3),
+                          cfg_scales=[1.0, 3.0], **dict(kw, batch_size=2))
+  assert plain_rows and all(r == 4 for r in plain_rows), plain_rows
+  np.testing.assert_array_equal(out.cost, [0.5 * 2, 0.5 * 2 * 2])
+
+
+def test_distillation_compute_counts_the_teachers_passes(monkeypatch):
+  """In the table's units (norm_cost x step per forward + backward): a guided step costs the
+  student's 3 forwards + the teacher's 2 (at the teacher's cost) + the target's 1, over 3; at a
+  fixed cfg 1 the teacher runs once; the teacher's own training is priced apart, rescaled by the
+  batch sizes."""
+  from ldm_scaling.models import cost as costlib  # pylint: disable=g-import-not-at-top
+  costs = {True: 0.30, False: 0.25}  # student (w embedding), teacher: told apart by the model
+  monkeypatch.setattr(costlib, "model_cost", lambda m, c: costlib.ModelCost(
+      m.width, 0, 0.0, costs[bool(m.guidance_embed)]))
+  teacher = _two_level(False)
+  teacher.train.batch_size = 64
+  student = _two_level(True)
+  student.train.batch_size = 32
+  student.objective.update(name="consistency", cfg_range=(1.0, 6.0))
+  got = consistency.distillation_compute(student, 100, teacher_config=teacher, teacher_steps=1500)
+  want = dict(student_passes=0.30 * 100, teacher_forwards=0.25 * 100 * 2 / 3,
+              target_forwards=0.30 * 100 / 3, teacher_training=0.25 * 1500 * 64 / 32)
+  want["student"] = want["student_passes"] + want["teacher_forwards"] + want["target_forwards"]
+  want["total"] = want["student"] + want["teacher_training"]
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+  plain = _two_level(False)
+  plain.objective.update(name="consistency", cfg_scale=1.0)
+  got = consistency.distillation_compute(plain, 100, teacher_config=teacher, teacher_steps=1500)
+  np.testing.assert_allclose(got["teacher_forwards"], 0.25 * 100 / 3)
+  np.testing.assert_allclose(got["student"], 0.25 * 100 * (3 + 1 + 1) / 3)

@@ -19,6 +19,12 @@ the teacher's ``N = solver_steps`` point grid ``tau_n = (n + 1) k - 1`` with ``k
    trainer's EMA of the student, and ``d`` pseudo-Huber ``sqrt(e^2 + c^2) - c`` (per element,
    averaged) or squared error.
 
+A guidance-conditioned student (LCM) draws ``w`` per example (:func:`sample_scales`, uniform in
+``objective.cfg_range``); the teacher's step uses each example's ``w`` and the student and target
+get it as their input (``model.guidance_embed``), so one student samples any scale in its range
+with one forward per step. :func:`unet_forwards` counts a step's UNet passes (the objective's MFU
+and ``ldm_scaling.train.objectives.consistency.distillation_compute``).
+
 Sampling a student is :func:`lcm_timesteps` + the ``lcm`` sampler
 (``ldm_scaling.diffusion.samplers``): denoise with ``f``, re-noise to the next timestep, repeat;
 1 to ``N`` network evaluations.
@@ -107,13 +113,55 @@ def distance(a: jax.Array, b: jax.Array, loss: str, huber_c: float) -> jax.Array
 Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x, t (B,), context) -> output
 
 
+def check_cfg_range(cfg_range, guidance_embed: bool) -> tuple[float, float] | None:
+  """``objective.cfg_range`` as (lo, hi), or None (the fixed ``objective.cfg_scale``); ConfigError
+  when it is malformed or does not fit ``model.guidance_embed``."""
+  cfg_range = tuple(float(v) for v in cfg_range)
+  if not cfg_range:
+    if guidance_embed:
+      raise ConfigError("model.guidance_embed=True needs objective.cfg_range=(lo, hi): the range "
+                        "of guidance scales drawn per example, e.g. (1.0, 6.0)")
+    return None
+  if len(cfg_range) != 2 or not all(np.isfinite(cfg_range)):
+    raise ConfigError(f"objective.cfg_range must be two finite numbers (lo, hi), got {cfg_range}")
+  lo, hi = cfg_range
+  if not 1.0 <= lo <= hi:
+    raise ConfigError(f"objective.cfg_range must satisfy 1 <= lo <= hi (1 = no guidance), got "
+                      f"{cfg_range}")
+  if not guidance_embed:
+    raise ConfigError("objective.cfg_range draws a guidance scale per example, which the student "
+                      "must take as input: set model.guidance_embed=True (or use cfg_scale)")
+  return lo, hi
+
+
+def sample_scales(rng: jax.Array, batch: int, cfg_range: tuple[float, float]) -> jax.Array:
+  """Per-example guidance scales, uniform in ``[lo, hi)`` (LCM's ``w ~ U[w_min, w_max]``)."""
+  lo, hi = cfg_range
+  return jax.random.uniform(rng, (batch,), jnp.float32, minval=lo, maxval=hi)
+
+
+def teacher_forwards(cfg_scale: float, cfg_range=None) -> int:
+  """UNet passes per example of the guided teacher (:func:`distillation_loss`): 2 (conditional +
+  unconditional, one batched call) unless one fixed scale of 1 lets it skip the unconditional."""
+  return 2 if cfg_range or float(cfg_scale) != 1.0 else 1
+
+
+def unet_forwards(cfg_scale: float, cfg_range=None) -> dict[str, int]:
+  """UNet passes (in forward-pass units) per example of one distillation step: the student's
+  forward + backward (3), the guided teacher (:func:`teacher_forwards`) and the target (1)."""
+  return dict(student=3, teacher=teacher_forwards(cfg_scale, cfg_range), target=1)
+
+
 def distillation_loss(student: Net, target: Net, teacher: Net, x0: jax.Array,
                       context: jax.Array, uncond_context: jax.Array, rng: jax.Array, *,
-                      schedule: Schedule, prediction: str, solver_steps: int, cfg_scale: float,
-                      timestep_scaling: float, loss: str = "huber", huber_c: float = 0.001):
+                      schedule: Schedule, prediction: str, solver_steps: int,
+                      cfg_scale: float | jax.Array, timestep_scaling: float, loss: str = "huber",
+                      huber_c: float = 0.001):
   """``(loss, metrics)`` of one batch. ``student`` closes over the trained parameters, ``target``
   over the EMA, ``teacher`` over the frozen teacher; all three return the raw network output in
-  ``prediction``'s parametrisation. ``uncond_context`` has shape (1 or B, L, D)."""
+  ``prediction``'s parametrisation. ``uncond_context`` has shape (1 or B, L, D). ``cfg_scale``: one
+  number, or one per example (B,) -- a guidance-conditioned student's, whose ``student`` and
+  ``target`` close over the same scales as their input."""
   b = x0.shape[0]
   n_rng, eps_rng = jax.random.split(rng)
   grid = jnp.asarray(solver_timesteps(schedule.num_train_timesteps, solver_steps))
@@ -130,13 +178,13 @@ def distillation_loss(student: Net, target: Net, teacher: Net, x0: jax.Array,
   pred = consistency_fn(prediction, student(x_t, t_f, context).astype(jnp.float32), x_t, t_f,
                         alpha_t, sigma_t, timestep_scaling)
 
-  if cfg_scale == 1.0:  # unguided: no unconditional pass
+  if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:  # unguided: no unconditional pass
     guided = teacher(x_t, t_f, context).astype(jnp.float32)
   else:
     uncond = jnp.broadcast_to(uncond_context.astype(context.dtype), context.shape)
     both = teacher(jnp.concatenate([x_t, x_t]), jnp.concatenate([t_f, t_f]),
                    jnp.concatenate([context, uncond])).astype(jnp.float32)
-    guided = guidance.combine(both[:b], both[b:], jnp.float32(cfg_scale))
+    guided = guidance.combine(both[:b], both[b:], jnp.asarray(cfg_scale, jnp.float32))
   x_s = jax.lax.stop_gradient(
       teacher_step(prediction, guided, x_t, alpha_t, sigma_t, alpha_s, sigma_s))
   tgt = consistency_fn(prediction, target(x_s, s_f, context).astype(jnp.float32), x_s, s_f,

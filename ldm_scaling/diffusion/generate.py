@@ -154,18 +154,27 @@ def from_checkpoint(workdir: str, which: str = "ema"):
   return config, unet_apply(models.build(config.model)), params, step
 
 
-def _init_inputs(config):
-  """The smallest valid UNet input (parameter shapes do not depend on the input size)."""
-  side = unet.down_factor(config.model)
-  return (jnp.zeros((1, side, side, config.model.in_channels), jnp.float32), jnp.zeros((1,)),
-          jnp.zeros((1, 1, config.model.cross_attn_dim), jnp.float32))
+def _init_inputs(model):
+  """The smallest valid UNet input (parameter shapes do not depend on the input size), with a
+  guidance scale when the UNet takes one."""
+  side = 2 ** (len(model.channel_mult) - 1)
+  inputs = (jnp.zeros((1, side, side, model.in_channels), jnp.float32), jnp.zeros((1,)),
+            jnp.zeros((1, 1, model.cross_attn_dim), jnp.float32))
+  return inputs + ((jnp.ones((1,), jnp.float32),) if model.guidance_embed else ())
+
+
+def _init_fn(model):
+  """``init(key, *_init_inputs(model))``."""
+  if model.guidance_embed:
+    return lambda key, x, t, ctx, w: model.init(key, x, t, ctx, w=w)
+  return model.init
 
 
 def random_init(config, seed: int):
   """A random-init UNet: (apply_fn(params, x, t, context), params). Parameter shapes do not depend
   on the input size, so init runs on the smallest valid input."""
   model = models.build(config.model)
-  params = runtime.run_once(model.init, jax.random.key(seed), *_init_inputs(config))["params"]
+  params = runtime.run_once(_init_fn(model), jax.random.key(seed), *_init_inputs(model))["params"]
   return unet_apply(model), params
 
 
@@ -179,7 +188,7 @@ def unet_shardings(config, mesh) -> dict:
   key = (repr(sorted(config.model.to_dict().items())), mesh)
   if key not in _SHARDINGS:
     model = models.build(config.model)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), *_init_inputs(config))["params"]
+    abstract = jax.eval_shape(_init_fn(model), jax.random.key(0), *_init_inputs(model))["params"]
     _SHARDINGS[key] = sh.tree_shardings(abstract, mesh)
   return _SHARDINGS[key]
 
@@ -207,10 +216,33 @@ _APPLY = {}
 
 
 def unet_apply(model):
-  """One apply function per model (the compiled-program cache is keyed on it)."""
+  """One apply function per model (the compiled-program cache is keyed on it). A guidance-embedded
+  UNet's takes the guidance scales as a fifth argument: ``apply(params, x, t, ctx, w)``."""
   if model not in _APPLY:
-    _APPLY[model] = lambda params, x, t, ctx: model.apply({"params": params}, x, t, ctx)
+    if getattr(model, "guidance_embed", False):
+      _APPLY[model] = lambda params, x, t, ctx, w: model.apply({"params": params}, x, t, ctx, w=w)
+    else:
+      _APPLY[model] = lambda params, x, t, ctx: model.apply({"params": params}, x, t, ctx)
   return _APPLY[model]
+
+
+_SCALE_INPUT = {}
+
+
+def scale_input_apply(apply_fn):
+  """``apply(params, x, t, ctx, w)`` of a guidance-embedded UNet as the samplers' four-argument
+  ``fn({"unet": params, "w": w}, x, t, ctx)``: the guidance scales ride with the parameters into
+  the compiled program, which then runs the UNet once per step, unguided (no unconditional pass),
+  whatever the scales. One function per ``apply_fn`` (the compiled-program cache is keyed on it)."""
+  if apply_fn not in _SCALE_INPUT:
+    _SCALE_INPUT[apply_fn] = lambda p, x, t, ctx: apply_fn(p["unet"], x, t, ctx, p["w"])
+  return _SCALE_INPUT[apply_fn]
+
+
+def guidance_embedded(config) -> bool:
+  """Whether the config's UNet takes the guidance scale as an input (``model.guidance_embed``): it
+  is sampled with one forward per step at every scale (:func:`generate`)."""
+  return bool(config.model.get("guidance_embed", False))
 
 
 @dataclasses.dataclass
@@ -231,6 +263,10 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
   and sampler key (``fold_in(key(seed), prompt index)``), so a row is a clean CFG sweep; a batch
   mixes scales in one compiled program. The last batch is padded, so everything compiles once.
 
+  A guidance-embedded UNet (``model.guidance_embed``: ``apply_fn(params, x, t, ctx, w)``, as
+  :func:`unet_apply` makes it) gets each cell's scale as its input ``w`` and runs once per step,
+  unguided; its sampling cost is that of unguided steps (1 forward each) at every scale.
+
   ``mesh`` (default: the mesh of ``params`` when they are sharded over several devices, see
   :func:`place_unet`): each batch's rows are split over its batch axes (padded to a multiple of
   their size); the images come back whole to every process."""
@@ -245,6 +281,8 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
   if norm_cost is None:
     norm_cost = costlib.model_cost(config.model, config.cost).norm_cost
   on_step = _step_logger(steps, log) if step_progress else None
+  embedded = guidance_embedded(config)
+  fn = scale_input_apply(apply_fn) if embedded else apply_fn
 
   chunks = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
   latents, costs, compile_s, run_s, start = [], [], 0.0, 0.0, time.perf_counter()
@@ -259,13 +297,18 @@ def generate(config, prompts: Sequence[str], *, apply_fn, params, sampler: str, 
     noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, 0), shape))(keys)
     step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(keys)
     ctx, unc = context[[p for p, _ in padded]], uncond
+    scales = np.array([w for _, w in padded], np.float32)
     if rows is not None:
       noise, ctx = _global(noise, rows), _global(ctx, rows)
       step_keys = jax.random.wrap_key_data(_global(jax.random.key_data(step_keys), rows))
       unc = _global(uncond, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if embedded:  # the scales are the UNet's input: one unguided forward per step
+      w = _global(scales, rows) if rows is not None else jnp.asarray(scales)
+      net, unc, scales = {"unet": params, "w": w}, None, None
+    else:
+      net = params
     out = diffusion.sample(
-        config, apply_fn, params, noise, ctx, key=step_keys,
-        uncond_context=unc, cfg_scale=np.array([w for _, w in padded], np.float32),
+        config, fn, net, noise, ctx, key=step_keys, uncond_context=unc, cfg_scale=scales,
         sampler=sampler, steps=steps, norm_cost=norm_cost, on_step=on_step, log=log)
     compile_s += out.compile_s
     run_s += out.run_s

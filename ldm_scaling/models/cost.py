@@ -8,7 +8,10 @@ The one source of these numbers for the CLI table, the trainer's MFU, eval rows 
   batch 1, f32), lowered from abstract shapes, never compiled or allocated;
 * normalised cost: GFLOPs / GFLOPs of the same topology at ``cost.reference_width`` (320);
 * sampling cost: normalised cost x steps x passes per step, where a guided step counts 2 passes
-  only if ``cost.count_uncond_pass`` (default False, the paper's convention).
+  only if ``cost.count_uncond_pass`` (default False, the paper's convention). A guidance-embedded
+  student (``model.guidance_embed``) takes its scale as an input: 1 pass per step at any scale
+  (``ldm_scaling.diffusion.generate`` samples it unguided); its parameters and FLOPs include the
+  w embedding's ``cond_proj``.
 """
 
 from __future__ import annotations
@@ -61,11 +64,19 @@ def _abstract_inputs(model_cfg, cost_cfg, batch: int = 1):
           jax.ShapeDtypeStruct((batch, cost_cfg.text_len, model_cfg.cross_attn_dim), jnp.float32))
 
 
+def _abstract_kwargs(model_cfg, batch: int = 1) -> dict:
+  """The guidance scale ``w`` of a guidance-embedded UNet (``model.guidance_embed``)."""
+  if model_cfg.get("guidance_embed", False):
+    return dict(w=jax.ShapeDtypeStruct((batch,), jnp.float32))
+  return {}
+
+
 def abstract_params(model_cfg: ml_collections.ConfigDict, cost_cfg: ml_collections.ConfigDict):
   """Boxed ``jax.ShapeDtypeStruct`` tree of the model's parameters (no memory)."""
   model = models.build(model_cfg)
   inputs = _abstract_inputs(model_cfg, cost_cfg)
-  return jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+  return jax.eval_shape(model.init, jax.random.key(0), *inputs,
+                        **_abstract_kwargs(model_cfg))["params"]
 
 
 def count_params(params: Any) -> int:
@@ -89,8 +100,9 @@ def _measure(key: str) -> tuple[int, float]:
   inputs = _abstract_inputs(model_cfg, cost_cfg)
   # The lowered (unoptimised) module's count: within 0.02% of the compiled one's at every paper
   # width (fusion does not change FLOPs), without the compile (0.2 vs 2.5 s a width here).
-  analysis = jax.jit(lambda p, *a: model.apply({"params": p}, *a)).lower(
-      params, *inputs).cost_analysis()
+  # A guidance-embedded UNet's one forward includes its w embedding (``cond_proj``).
+  analysis = jax.jit(lambda p, *a, **k: model.apply({"params": p}, *a, **k)).lower(
+      params, *inputs, **_abstract_kwargs(model_cfg)).cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
     analysis = analysis[0]
   return count_params(params), float(analysis["flops"]) / 1e9

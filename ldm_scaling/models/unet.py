@@ -8,6 +8,16 @@ GEGLU feed-forward; linear in/out projections) after each ResNet block at the le
 path with skip concatenations and nearest-neighbour upsampling -> GroupNorm, SiLU, conv_out.
 The timestep embedding has width ``4c``.
 
+Guidance-scale input (``model.guidance_embed``, off by default; LCM, Luo et al. 2023): the UNet
+also takes the classifier-free guidance scale ``w`` (B,) it should imitate -- a consistency student
+distilled over a range of scales. ``w`` enters as diffusers' ``time_cond_proj_dim`` does: the
+sinusoidal embedding of ``(w - 1) * 1000`` (:func:`guidance_embedding`, LCM's
+``get_guidance_scale_embedding``, :data:`GUIDANCE_EMBED_DIM` = 256 features as LCM's released
+students) goes through a bias-free linear map ``time_embedding/cond_proj`` and is added to the
+timestep's sinusoidal features before ``linear_1``. Without it nothing changes (parameters,
+outputs). ``w = 1`` (no guidance) embeds to the embedding of 0, not to nothing: the student knows
+every scale it was trained on, 1 included.
+
 Parameter paths are diffusers' PyTorch names with ``.N`` written ``_N`` (``down_blocks_0/resnets_1/
 conv1/kernel`` <-> ``down_blocks.0.resnets.1.conv1.weight``): see ``models.convert``.
 """
@@ -15,12 +25,14 @@ conv1/kernel`` <-> ``down_blocks.0.resnets.1.conv1.weight``): see ``models.conve
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ldm_scaling import sharding as sh
 from ldm_scaling.errors import ConfigError
@@ -33,6 +45,7 @@ PAPER_SIZES = {
 }
 SD_HEAD_DIM = 64
 FIXED_HEADS = 8  # SD-1.5's head count, for widths that 64-wide heads do not divide
+GUIDANCE_EMBED_DIM = 256  # LCM's time_cond_proj_dim (its released SD students)
 
 
 def preset(width: int, channel_mult: Sequence[int] = (1, 2, 4, 4)) -> dict[str, Any]:
@@ -126,14 +139,32 @@ class Transformer2D(nn.Module):
     return x + h.reshape(b, hgt, wid, ch)
 
 
+def guidance_embedding(scale: jax.Array, dim: int = GUIDANCE_EMBED_DIM) -> jax.Array:
+  """LCM's guidance-scale embedding (diffusers ``get_guidance_scale_embedding``) of CFG scales
+  ``scale`` (B,) in this project's convention (1 = no guidance), i.e. of LCM's ``w' = scale - 1``:
+  ``[sin(1000 w' f_k), cos(1000 w' f_k)]``, ``f_k = 10000^(-k / (dim/2 - 1))``."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = ((jnp.asarray(scale, jnp.float32) - 1.0) * 1000.0)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
 class TimestepEmbedding(nn.Module):
+  """diffusers' ``TimestepEmbedding``; with ``cond`` (the guidance embedding) ``cond_proj``
+  (bias-free) maps it onto the sinusoidal features first (``time_cond_proj_dim``)."""
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, emb):
+  def __call__(self, emb, cond=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if cond is not None:
+      emb = emb + layers.dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(
+          cond.astype(self.dtype))
     emb = nn.silu(layers.dense(self.features, name="linear_1", **kw)(emb))
     return layers.dense(self.features, name="linear_2", axes=(sh.MLP, sh.EMBED), **kw)(emb)
 
@@ -240,7 +271,8 @@ class UNet(nn.Module):
   """Text-conditional UNet: ``apply(params, x, t, context, train=False)``.
 
   ``x``: (B, H, W, in_channels) latents, H and W divisible by 2**(levels-1); ``t``: scalar or (B,)
-  timesteps; ``context``: (B, L, cross_attn_dim) text embeddings. Returns (B, H, W, out_channels).
+  timesteps; ``context``: (B, L, cross_attn_dim) text embeddings; ``w``: scalar or (B,) guidance
+  scales, required with ``guidance_embed`` and refused without. Returns (B, H, W, out_channels).
   """
   width: int = 320
   channel_mult: Sequence[int] = (1, 2, 4, 4)
@@ -258,6 +290,7 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
   remat: str = "none"
   attn_query_chunk: int = -1
+  guidance_embed: bool = False
 
   def heads(self, channels: int) -> tuple[int, int, int]:
     """(heads, head_dim, depth) of the transformer at ``channels`` features."""
@@ -266,7 +299,7 @@ class UNet(nn.Module):
     return channels // self.head_dim, self.head_dim, self.transformer_depth
 
   @nn.compact
-  def __call__(self, x, t, context, train: bool = False):
+  def __call__(self, x, t, context, train: bool = False, w=None):
     blocks = _Blocks(self.norm_groups, self.dropout, not train, self.remat == "block",
                      self.dtype, self.param_dtype, self.attn_query_chunk)
     widths = [self.width * m for m in self.channel_mult]
@@ -275,8 +308,17 @@ class UNet(nn.Module):
     context = context.astype(self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     temb = layers.timestep_embedding(t, self.width).astype(self.dtype)
+    if self.guidance_embed and w is None:
+      raise ConfigError("model.guidance_embed=True: this UNet needs the guidance scale w of each "
+                        "sample (a consistency student with objective.cfg_range)")
+    if not self.guidance_embed and w is not None:
+      raise ConfigError("a guidance scale w was given to a UNet without model.guidance_embed; "
+                        "guide it with classifier-free guidance instead")
+    cond = None
+    if self.guidance_embed:
+      cond = guidance_embedding(jnp.broadcast_to(jnp.asarray(w, jnp.float32), (x.shape[0],)))
     temb = TimestepEmbedding(4 * self.width, self.dtype, self.param_dtype,
-                             name="time_embedding")(temb)
+                             name="time_embedding")(temb, cond)
 
     x = blocks.conv(widths[0], "conv_in")(x)
     x = layers.constrain(x, (sh.BATCH, sh.HEIGHT, sh.WIDTH, sh.CHANNELS))
@@ -311,7 +353,27 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
       cross_attn_dim=cfg.cross_attn_dim, norm_groups=cfg.norm_groups,
       in_channels=cfg.in_channels, out_channels=cfg.out_channels, dropout=cfg.dropout,
       dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
-      attn_query_chunk=cfg.attn_query_chunk)
+      attn_query_chunk=cfg.attn_query_chunk, guidance_embed=bool(cfg.get("guidance_embed", False)))
+
+
+def without_guidance(params):
+  """A guidance-embedded UNet's parameters less ``time_embedding/cond_proj``: those of the same
+  UNet without ``guidance_embed`` (unchanged when there is none)."""
+  temb = params["time_embedding"]
+  if "cond_proj" not in temb:
+    return params
+  return {**params, "time_embedding": {k: v for k, v in temb.items() if k != "cond_proj"}}
+
+
+def with_zero_guidance(params, template):
+  """``params`` of a UNet without ``guidance_embed``, completed to ``template``'s (a guidance-
+  embedded UNet's, abstract or not) by a zero ``cond_proj``: the embedded UNet then computes
+  exactly what ``params`` did, at every ``w`` (a student starting as its teacher)."""
+  proj = template["time_embedding"].get("cond_proj")
+  if proj is None or "cond_proj" in params["time_embedding"]:
+    return params
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), sh.unbox(proj))
+  return {**params, "time_embedding": {**params["time_embedding"], "cond_proj": zeros}}
 
 
 def down_factor(cfg) -> int:
