@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",                 # none | block (rematerialise every res/transformer block)
       attn_query_chunk=-1,          # self-attention queries per chunk: -1 auto (128 on CPU, dense
                                     # on TPU/GPU), 0 dense, n > 0 chunks of n (same values)
+      guidance_embed=False,         # True: the UNet also takes the CFG scale w (LCM's w embedding;
+                                    # a consistency student with objective.cfg_range)
   ))
 
   # The measurement setting of Mei et al. Table 1 and the sampling-cost convention.
@@ -195,6 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
       teacher_step=-1,              # -1: the finished teacher's last checkpoint; or a step
       solver_steps=50,              # the teacher's DDIM grid; also the lcm sampler's grid
       cfg_scale=8.0,                # the teacher's guidance scale (the student needs none)
+      # (lo, hi): the teacher's scale is drawn per example uniformly in [lo, hi] and given to the
+      # student as its input w (needs model.guidance_embed=True; LCM); () = cfg_scale for all
+      cfg_range=(),
       loss="huber",                 # huber | l2
       huber_c=0.001,
       timestep_scaling=10.0,        # boundary scalings c_skip, c_out (as diffusers' LCMScheduler)
@@ -214,17 +219,22 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoints="latest",         # latest | all | comma-separated steps
       grid_images=16,               # samples saved as a PNG per cell
       param_dtype="float32",        # float32 | bfloat16: the UNet weights while sampling
+      bootstrap=200,                # resamples for fid_ci95 / kid_ci95 (0: none, NaN); not in keys
   ))
 
   # `ldm-scaling study` (ldm_scaling.study): a model-size sweep trained and evaluated end to end;
   # every other section describes each run (model.width is replaced per run).
   c.study = ml_collections.ConfigDict(dict(
       widths=(),                    # UNet base widths to train and evaluate
-      # equal_compute: the widest run trains train.steps, a narrower one as many more steps as
-      # keeps steps x normalised cost equal; equal_steps: every width trains train.steps (paper)
-      schedule="equal_compute",
+      # equal_steps: every width trains train.steps (Mei et al.: 500K steps for every size);
+      # equal_compute: the widest trains train.steps, a narrower one as many more steps as keeps
+      # steps x normalised cost equal
+      schedule="equal_steps",
       fid_curve_cell=(),            # (sampler, steps, cfg): also evaluate every kept checkpoint
       checkpoints=4,                # checkpoints per run: the points of the training-compute curve
+      extend_cfg=0,                 # up to this many CFG scales added above the grid's top while
+                                    # a latest-checkpoint optimum sits there (0: only flag it)
+      real_floor=True,              # report the real-data FID floor (held-out real images)
   ))
 
   # Device mesh: axis sizes; -1 takes the remaining devices.

@@ -9,8 +9,12 @@ each of which skips what an earlier (possibly interrupted) invocation finished:
    checkpoint);
 3. evaluation: the config's eval grid over every run's final checkpoint (plus, with
    ``study.fid_curve_cell``, one cell over every kept checkpoint for FID vs training compute) into
-   ``<workdir>/results`` — cells already in the table are skipped;
-4. analysis: figures and ``<workdir>/report.md`` regenerated from the table.
+   ``<workdir>/results`` — cells already in the table are skipped; with ``study.extend_cfg``, CFG
+   scales above the grid for the cells whose optimum sits at its top; the real-data floor (held-out
+   real images vs the FID reference at the cells' n, ``<workdir>/real_data_floor.json``);
+4. analysis: figures and ``<workdir>/report.md`` regenerated from the table, with the verdict of
+   :func:`verdict` (a rule fixed in code: reproduced / not reproduced / inconclusive at this noise)
+   and the size-effect check of :func:`size_effect_line`.
 
 Every invocation appends its phase wall times to ``<workdir>/timings.json``; the report sums them.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -33,10 +38,11 @@ from ldm_scaling import analysis
 from ldm_scaling import config as cfglib
 from ldm_scaling import experiment
 from ldm_scaling import files
+from ldm_scaling.analysis import efficiency
 from ldm_scaling.analysis import report as analysis_report
 from ldm_scaling.components import clip as clip_component
 from ldm_scaling.components import vae as vae_component
-from ldm_scaling.errors import ConfigError
+from ldm_scaling.errors import ConfigError, UserError
 from ldm_scaling.eval import fid, grid
 from ldm_scaling.eval import results
 from ldm_scaling.models import cost as costlib
@@ -72,6 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"study.widths has duplicates: {tuple(s.widths)}")
   if s.schedule not in SCHEDULES:
     raise ConfigError(f"study.schedule must be one of {SCHEDULES}, got {s.schedule!r}")
+  if s.extend_cfg < 0:
+    raise ConfigError(f"study.extend_cfg must be >= 0 (extra CFG scales), got {s.extend_cfg}")
   if s.checkpoints < 1:
     raise ConfigError(f"study.checkpoints must be >= 1, got {s.checkpoints}")
   if s.fid_curve_cell and len(s.fid_curve_cell) != 3:
@@ -199,16 +207,75 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
                             cfg_scales=(float(cfg_scale),))
     log(f"training curves: {sampler} {steps} steps cfg {cfg_scale} at every kept checkpoint")
     grid.evaluate(workdirs, table_dir, eval_config=eval_config, log=log, extractor=extractor)
+  extend_cfg(config, runs, table_dir, log=log, extractor=extractor)
+  floor = real_floor(config, root, table_dir, log=log, extractor=extractor)
   clock.phase("eval", time.perf_counter() - t0)
 
   # 4. Analysis and report (always regenerated: cheap, and reflects the whole table).
   t0 = time.perf_counter()
-  summary = write_report(root, table_dir, runs, config, clock, command=command)
+  summary = write_report(root, table_dir, runs, config, clock, command=command, floor=floor)
   clock.phase("report", time.perf_counter() - t0)
   summary["wall_s"] = round(clock.total(), 1)
   log(f"study done: {summary['report']} (wall time over all invocations "
       f"{summary['wall_s'] / 60:.1f} min)")
   return summary
+
+
+def extend_cfg(config, runs: list[RunPlan], table_dir: str, *, log=print, extractor=None) -> int:
+  """Brackets the optimal CFG from above: while a run's latest-checkpoint FID optimum (per sampler
+  and steps of the grid) is the largest scale evaluated, evaluates the next scale up (the grid's
+  last spacing further), at most ``study.extend_cfg`` scales past the grid. Returns the cells
+  added (0 when ``extend_cfg`` is 0 or the grid has one scale). Optima at the grid's bottom are
+  only flagged (below CFG 1 is rarely what anyone samples with)."""
+  scales = sorted(float(x) for x in config.eval.cfg_scales)
+  extra = int(config.study.extend_cfg)
+  if extra <= 0 or len(scales) < 2:
+    return 0
+  spacing = scales[-1] - scales[-2]
+  limit = scales[-1] + extra * spacing + 1e-9
+  workdir = {r.width: r.workdir for r in runs}
+  added = 0
+  for _ in range(extra):
+    opt = analysis.optimal_cfg(results.load(table_dir), "fid", checkpoint="latest")
+    grown = opt[(opt["grid_edge"] == "top") & (opt["cfg_scale"] + spacing <= limit) &
+                opt["width"].isin(list(workdir)) &
+                opt["sampler"].isin([str(x) for x in config.eval.samplers]) &
+                opt["steps"].isin([int(x) for x in config.eval.steps])]
+    if grown.empty:
+      break
+    for row in grown.itertuples():
+      scale = round(float(row.cfg_scale) + spacing, 6)
+      log(f"CFG grid extension: w{row.width} {row.sampler} {row.steps} steps had its optimum at "
+          f"the grid's top (CFG {row.cfg_scale:g}); evaluating CFG {scale:g}")
+      cell = ml_collections.ConfigDict(config.to_dict())
+      cell.eval.update(checkpoints="latest", samplers=(str(row.sampler),),
+                       steps=(int(row.steps),), cfg_scales=(scale,))
+      grid.evaluate([workdir[int(row.width)]], table_dir, eval_config=cell, log=log,
+                    extractor=extractor)
+      added += 1
+  return added
+
+
+def real_floor(config, root: str, table_dir: str, *, log=print, extractor=None) -> dict | str:
+  """The real-data floor: held-out real images vs the FID reference at the cells' n (what FID a
+  perfect model would get at this n), via ``grid.real_data_floor`` (which caches it in the table
+  directory); also written to ``<root>/real_data_floor.json`` for :func:`write_report`. A string
+  says why there is none (``study.real_floor=False``, an eval module without the function, or a
+  config/data error such as too few held-out images)."""
+  path = os.path.join(root, "real_data_floor.json")
+  n = int(config.eval.num_samples)
+  if not config.study.real_floor:
+    return "not computed (study.real_floor=False)"
+  compute = getattr(grid, "real_data_floor", None)
+  if compute is None:
+    return "not computed (this version of ldm_scaling.eval.grid has no real_data_floor)"
+  try:
+    floor = dict(compute(config, table_dir, n=n, extractor=extractor, log=log))
+  except UserError as e:
+    log(f"real-data floor not computed: {e}")
+    return f"not computed ({e})"
+  files.atomic_write_text(path, json.dumps(floor, indent=1, default=str))
+  return floor
 
 
 def _write_study_config(root: str, config) -> None:
@@ -251,68 +318,189 @@ def _train(config, workdir: str, log) -> None:
 # -------------------------------------------------------------------------------------------------
 # The report.
 
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = (
+    "reproduced", "not reproduced", "inconclusive at this noise")
+PROTOCOLS = {
+    "equal_steps": "every size trains the same number of optimizer steps (Mei et al.'s protocol: "
+                   "500K steps for every size)",
+    "equal_compute": "every size gets the same training compute: the widest trains train.steps "
+                     "steps and a narrower one proportionally more (normalised cost x steps "
+                     "equal; not the paper's protocol)",
+}
+
+
+def _combine(outcomes: list[str]) -> str:
+  """Reproduced when something supports the finding and nothing contradicts it; not reproduced
+  when the reverse; else inconclusive (no decisive evidence, or evidence both ways)."""
+  yes = any(o in (REPRODUCED, efficiency.SUPPORTS) for o in outcomes)
+  no = any(o in (NOT_REPRODUCED, efficiency.CONTRADICTS) for o in outcomes)
+  if yes and not no:
+    return REPRODUCED
+  if no and not yes:
+    return NOT_REPRODUCED
+  return INCONCLUSIVE
+
 
 def verdict(frame) -> tuple[str, list[str]]:
-  """Whether the paper's finding holds in ``frame``, per sampler, from FID at each model's optimal
-  CFG vs sampling cost (latest checkpoints):
+  """Whether Mei et al.'s finding — smaller models are better at low sampling cost, larger ones at
+  high cost — holds in ``frame``, by a rule fixed here before any data:
 
-  * *holds*: the Pareto front over sizes is owned by the smallest model at its cheap end and by a
-    bigger one at its expensive end, **and** somewhere both were sampled a bigger model beats a
-    smaller one at equal cost (a crossover);
-  * *partly*: the front pattern holds, but the bigger model only wins at costs beyond the smaller
-    one's most expensive sample (no crossover inside the common range);
-  * otherwise it does not hold.
+  1. Points: each model at its latest checkpoint, per sampler and step count, at its FID-optimal
+     CFG scale. Each point's uncertainty u is its ``fid_ci95`` (95 % bootstrap half-width) where
+     the table has one, else the noise estimate / sqrt(2), where the noise estimate is the largest
+     rise of a model's optimal-CFG FID when its steps grow (FID should not rise).
+  2. For every pair (smaller, bigger) and every sampling budget both can meet, each model's best
+     FID within the budget; one *wins* when its FID is lower by more than sqrt(u_a^2 + u_b^2), and
+     only if the loser's optimum is not at the top of its CFG grid (there its FID is only an upper
+     bound). (``analysis.budget_comparisons``.)
+  3. Each pair is judged at the two ends of its common budgets (``analysis.pair_evidence``): it
+     *supports* the finding when the smaller model wins at the lowest budget and the bigger one at
+     the highest; it *contradicts* it when the bigger one wins at the lowest, or the smaller one at
+     the highest; otherwise it is *within noise*. (Only the ends, so that many budgets do not
+     produce a decisive-looking win by chance.)
+  4. Per sampler, then over samplers: **reproduced** when some pair (sampler) supports and none
+     contradicts; **not reproduced** when some contradicts and none supports; otherwise
+     **inconclusive at this noise**.
 
-  Also states the noise scale: the largest rise of a model's optimal-CFG FID when its steps grow
-  (FID should not get worse with more steps), below which differences are not meaningful.
-  Returns (reproduced | partly reproduced | not reproduced, lines)."""
-  lines, outcomes = [], []
-  smallest = int(frame["width"].min())
+  Returns (one of ``reproduced``, ``not reproduced``, ``inconclusive at this noise``; the lines
+  that explain it)."""
+  lines = []
+  noise = analysis.noise_estimate(frame, "fid")
+  comparisons = analysis.budget_comparisons(frame, "fid", noise=noise)
+  evidence = analysis.pair_evidence(comparisons)
   opt = analysis.optimal_cfg(frame, "fid", checkpoint="latest")
-  rises = [float(max(0.0, part.sort_values("steps")["fid"].diff().max()))
-           for _, part in opt.groupby(["model", "sampler"]) if len(part) > 1]
-  noise = max(rises) if rises else float("nan")
-  cross = analysis.crossovers(frame, "fid")
-  for sampler in sorted(frame["sampler"].unique()):
-    segments = analysis.frontier_segments(analysis.pareto_front(frame, "fid", sampler), "fid")
-    owners = list(segments["width"])
-    front = owners[0] == smallest and owners[-1] > owners[0]
-    mine = cross[cross["sampler"] == sampler]
-    crossing = mine[mine["status"].isin(["crossover", "bigger_better_throughout"])]
-    order = " -> ".join(f"w{w}" for w in owners)
-    line = f"**{sampler}**: Pareto-front owners from low to high sampling cost: {order}. "
-    if front and len(crossing):
-      outcomes.append("holds")
-      pairs = ", ".join(f"{r.big} beats {r.small} beyond cost {r.crossover_cost:.3g}"
-                        for r in crossing.itertuples())
-      line += f"The smallest model owns the cheap end and bigger ones win at higher cost ({pairs})."
-    elif front:
-      outcomes.append("partly")
-      line += (f"The smallest model owns the cheap end and w{owners[-1]} the expensive end, but "
-               f"only at costs beyond the smaller models' most expensive samples: where both "
-               f"were sampled at equal cost, no bigger model beats a smaller one (no crossover).")
+  outcomes = []
+  for sampler in sorted(opt["sampler"].unique()):
+    front = analysis.front_significance(analysis.pareto_front(frame, "fid", sampler), frame,
+                                        "fid", sampler, noise=noise)
+    segments = analysis.frontier_segments(front, "fid")
+    order = " → ".join(
+        r.model + ("" if r.significant else " (within noise)" if r.contested
+                   else " (uncontested)") for r in segments.itertuples())
+    mine = evidence[evidence["sampler"] == sampler]
+    outcome = _combine(list(mine["outcome"])) if len(mine) else INCONCLUSIVE
+    outcomes.append(outcome)
+    pairs = []
+    for r in mine.itertuples():
+      ends = []
+      for end, budget, winner, adv, u, edge in (
+          ("lowest", r.low_budget, r.low_winner, r.low_advantage, r.low_u, r.low_edge),
+          ("highest", r.high_budget, r.high_winner, r.high_advantage, r.high_u, r.high_edge)):
+        would = r.big if adv > 0 else r.small
+        who = {"small": f"{r.small} wins", "big": f"{r.big} wins"}.get(
+            winner, f"{would}'s win not counted (the other's CFG optimum is at the grid's top)"
+            if edge else "no decisive win")
+        ends.append(f"at the {end} common budget ({budget:.3g}) {who} (FID {r.small} − "
+                    f"{r.big} = {adv:+.1f} ± {u:.1f})")
+      edge = (f"; {r.edge_discounted} win(s) against a top-of-grid CFG optimum not counted"
+              if r.edge_discounted else "")
+      pairs.append(f"{r.small} vs {r.big}: {', '.join(ends)}{edge} (pair: {r.outcome})")
+    lines.append(f"**{sampler}**: {outcome}. Pareto-front owners from low to high sampling cost: "
+                 f"{order or '–'}. " + ("; ".join(pairs) or "Fewer than two sizes") + ".")
+  outcome = _combine(outcomes) if outcomes else INCONCLUSIVE
+
+  known = (pd.to_numeric(opt["fid_ci95"], errors="coerce").notna()
+           if "fid_ci95" in opt.columns else pd.Series(False, index=opt.index))
+  n = int(pd.to_numeric(frame["n"], errors="coerce").max()) if "n" in frame.columns else 0
+  if known.all():
+    lines.append(f"Uncertainty: each FID's 95 % bootstrap interval (`fid_ci95`, n={n} samples "
+                 f"per cell; median half-width {opt['fid_ci95'].median():.1f} FID at the optimal "
+                 f"CFG); a win needs a gap larger than the two half-widths combined.")
+  else:
+    missing = "no cell" if not known.any() else f"{int((~known).sum())} of {len(opt)} cells"
+    if noise == 0:
+      fallback = ("the noise estimate instead, which is 0 (no model's optimal-CFG FID rises as its "
+                  "steps grow; a lower bound on the noise): every gap counts")
+    elif math.isfinite(noise):
+      fallback = (f"the noise estimate instead: a model's optimal-CFG FID rises by up to "
+                  f"{noise:.1f} when its steps grow (it should not), so a gap must exceed "
+                  f"{noise:.1f} FID")
     else:
-      outcomes.append("no")
-      line += (f"Not the paper's pattern: w{owners[0]} owns the cheapest end and w{owners[-1]} "
-               f"the most expensive one.")
-    lines.append(line)
-  if rises and noise > 0:
-    lines.append(f"Noise: a model's optimal-CFG FID rises by up to {noise:.1f} when its steps "
-                 f"grow (it should not), so differences below about {noise:.1f} FID are within "
-                 f"this study's noise (n={int(frame['n'].max())} samples per cell).")
-  outcome = ("reproduced" if all(o == "holds" for o in outcomes)
-             else "partly reproduced" if any(o != "no" for o in outcomes) else "not reproduced")
+      fallback = "no noise estimate either (no model has two step counts): nothing is decisive"
+    lines.append(f"Uncertainty: {missing} has a bootstrap interval (`fid_ci95`), so the verdict "
+                 f"uses {fallback} (n={n} samples per cell).")
+  edge = opt[opt["grid_edge"] == "top"]
+  if len(edge):
+    per_model = ", ".join(f"{model} {count}" for model, count in
+                          edge.groupby("model", sort=False).size().items())
+    lines.append(f"CFG grid: {len(edge)} of {len(opt)} optimal-CFG cells have their optimum at the "
+                 f"largest scale evaluated ({per_model}): their FID is an upper bound, and a win "
+                 f"against such a cell is not counted.")
   return outcome, lines
 
 
+def size_effect_line(frame, factor: float = 3.0) -> tuple[dict | None, str]:
+  """Issue 20's criterion that model size matters measurably: the largest model's best FID at the
+  highest sampling budget beats the smallest model's by more than ``factor`` x the combined
+  uncertainty (``analysis.size_effect``). Returns (its dict or None, a sentence)."""
+  effect = analysis.size_effect(frame, "fid", factor=factor)
+  if effect is None:
+    return None, "Size effect: one model only, nothing to compare."
+  e = effect
+  verdict_word = "met" if e["met"] else "not met"
+  text = (f"Size effect ({factor:g}× criterion): at the highest sampling budget ({e['budget']:.3g})"
+          f" the largest model {e['big']} reaches FID {e['big_value']:.1f} ± {e['big_u']:.1f} "
+          f"({e['big_setting']}) and the smallest {e['small']} {e['small_value']:.1f} ± "
+          f"{e['small_u']:.1f} ({e['small_setting']}): {e['big']} is "
+          f"{'better' if e['advantage'] >= 0 else 'worse'} by {abs(e['advantage']):.1f}, "
+          f"{e['ratio']:+.1f}× the combined uncertainty {e['u']:.1f} ({e['u_source']}) — "
+          f"criterion **{verdict_word}**.")
+  if e["at_grid_edge"]:
+    text += f" ({', '.join(e['at_grid_edge'])}: optimum at the top of the CFG grid.)"
+  return effect, text
+
+
+def data_description(config) -> str:
+  """The data as the config names it (the report states it; nothing hard-coded)."""
+  d = config.data
+  res = f"{d.resolution} px"
+  if d.name == "shapes":
+    train, test = (int(x) for x in d.shapes_sizes)
+    return f"the embedded captioned-shapes dataset at {res} ({train:,} train / {test:,} held-out)"
+  if d.name.startswith("folder:"):
+    return f"the image folder `{d.name[len('folder:'):]}` at {res}"
+  if d.name.startswith("latents:"):
+    return f"precomputed latents `{d.name[len('latents:'):]}` ({res} images)"
+  return f"TFDS `{d.name}` at {res} (train split `{d.train_split}`, eval `{d.eval_split}`)"
+
+
+def _clip_label(config) -> str:
+  if config.eval.clip_model:
+    return f"CLIP score from `{config.eval.clip_model}`"
+  return (f"CLIP score from the locally trained small CLIP (`{grid.OFFLINE_CLIP_LABEL}`), not "
+          f"OpenAI-CLIP")
+
+
+def _floor_line(floor: dict | str | None) -> str:
+  if floor is None:
+    return "Real-data floor: not computed in this invocation."
+  if isinstance(floor, str):
+    return f"Real-data floor: {floor}."
+  def pm(key):
+    value, ci = floor.get(key), floor.get(f"{key}_ci95")
+    if value is None or not math.isfinite(float(value)):
+      return "–"
+    return f"{float(value):.3g}" + (f" ± {float(ci):.2g}" if ci is not None and
+                                    math.isfinite(float(ci)) else "")
+  source = f" ({floor['source']})" if floor.get("source") else ""
+  return (f"Real-data floor: held-out real images vs the FID reference at n={floor.get('n')}"
+          f"{source}: FID {pm('fid')}, KID {pm('kid')} — what a perfect model would score at "
+          f"this n (FID is biased upward at small n).")
+
+
 def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: _Clock, *,
-                 command: str = "") -> dict:
-  """Figures + the analysis summary (``<root>/analysis``) and ``<root>/report.md``."""
+                 command: str = "", floor: dict | str | None = None) -> dict:
+  """Figures + the analysis summary (``<root>/analysis``) and ``<root>/report.md``. ``floor``:
+  :func:`real_floor`'s result (None: read ``<root>/real_data_floor.json`` if present)."""
   frame = results.load(table_dir)
   out_dir = os.path.join(root, "analysis")
   os.makedirs(out_dir, exist_ok=True)
   made = analysis.analyze(frame, out_dir, "fid", source="results")
   outcome, lines = verdict(frame)
+  effect, effect_text = size_effect_line(frame)
+  if floor is None and os.path.exists(os.path.join(root, "real_data_floor.json")):
+    with open(os.path.join(root, "real_data_floor.json"), encoding="utf-8") as f:
+      floor = json.load(f)
   env = environment()
   phases: dict[str, float] = {}
   for inv in clock.history:
@@ -321,39 +509,50 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
   plan_rows = pd.DataFrame([dict(width=r.width, params=f"{r.params / 1e6:.2f}M",
                                  norm_cost=r.norm_cost, steps=r.steps,
                                  train_compute=r.train_compute) for r in runs])
-  e = config.eval
+  e, s = config.eval, config.study
+  widths = ", ".join(f"w{r.width}" for r in runs)
+  steps = sorted({r.steps for r in runs})
+  trained = (f"{steps[0]} steps each" if len(steps) == 1
+             else f"{steps[0]}–{steps[-1]} steps")
+  grid_words = (f"{len(e.samplers)} sampler(s) ({', '.join(e.samplers)}) × steps "
+                f"{tuple(int(x) for x in e.steps)} × CFG {tuple(float(x) for x in e.cfg_scales)}"
+                + (f" (+ up to {s.extend_cfg} scales above the top where an optimum sits there)"
+                   if s.extend_cfg else ""))
   figures = [os.path.relpath(p, root) for p in made["figures"]]
   text = [
-      "# CPU scaling study", "",
+      "# Scaling study", "",
       f"Command: `{command or 'ldm-scaling study'}`  ", f"Commit: `{env['commit']}`; "
       f"{env['devices']} ({env['cpus']} cores, {env['machine']}), jax {env['jax']}.  ",
       f"Wall time: {clock.total() / 60:.1f} min over {len(clock.history)} invocation(s) ("
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) + ").", "",
       "## Verdict", "",
       f"Mei et al.'s finding — smaller models give better FID at low sampling cost, larger ones "
-      f"at high cost — is **{outcome}** at this scale (computed from the table; see "
-      f"`ldm_scaling.study.verdict` for the rule):", "",
-      *[f"- {line}" for line in lines], "",
-      "Scale caveats: 32 px synthetic shapes, UNets of "
-      f"{min(r.params for r in runs) / 1e6:.1f}–{max(r.params for r in runs) / 1e6:.1f}M "
-      f"parameters trained for minutes, FID from {e.num_samples} samples per cell against "
-      f"{e.fid_reference_n} real images (biased upward below 2048 samples; compare cells, not "
-      "papers), CLIP score from the locally trained small CLIP (`local-clip-small`), not "
-      "OpenAI-CLIP.", "",
+      f"at high cost — is **{outcome}** here (computed from the table by the rule in "
+      f"`ldm_scaling.study.verdict`: a size wins at a sampling budget only when its FID is lower "
+      f"by more than the combined 95 % uncertainty):", "",
+      *[f"- {line}" for line in lines], f"- {effect_text}", f"- {_floor_line(floor)}", "",
+      f"Setting: {data_description(config)}; UNets {widths} "
+      f"({min(r.params for r in runs) / 1e6:.2f}–{max(r.params for r in runs) / 1e6:.2f}M "
+      f"parameters) trained {trained}; eval grid {grid_words}; FID from {e.num_samples} samples "
+      f"per cell against {e.fid_reference_n} real held-out images (biased upward below 2048 "
+      f"samples: compare cells, not papers); {_clip_label(config)}.", "",
       "## Runs", "",
-      f"Schedule `{config.study.schedule}`, batch {config.train.batch_size}, lr "
+      f"Protocol `{s.schedule}`: {PROTOCOLS[s.schedule]}. Batch {config.train.batch_size}, lr "
       f"{config.train.lr:g} ({config.train.schedule}), EMA {config.train.ema_decay}. "
       "Normalised cost = forward FLOPs at the sampled setting relative to width 320 of the same "
       "topology; training compute = normalised cost x steps.", "",
       analysis_report.markdown_table(plan_rows), "",
       "## Figures", "", *[f"![{os.path.basename(p)}]({p})" for p in figures], "",
-      f"The full analysis (optimal CFG, Pareto fronts, crossovers, sampler comparison, training "
-      f"curves) is in [analysis/summary.md](analysis/summary.md); the table in "
-      f"[results/results.csv](results/results.csv).", ""]
+      "The full analysis (optimal CFG, Pareto fronts, crossovers, sampler comparison, training "
+      "curves) is in [analysis/summary.md](analysis/summary.md); the table in "
+      "[results/results.csv](results/results.csv).", ""]
   path = os.path.join(root, "report.md")
   files.atomic_write_text(path, "\n".join(text))
   return dict(report=path, verdict=outcome, figures=made["figures"],
-              results=os.path.join(table_dir, "results.csv"))
+              results=os.path.join(table_dir, "results.csv"),
+              size_effect=None if effect is None else dict(
+                  met=effect["met"], ratio=effect["ratio"], advantage=effect["advantage"],
+                  u=effect["u"]))
 
 
 def environment() -> dict:

@@ -127,6 +127,53 @@ def test_crossover_bigger_better_throughout_and_clip_direction():
   assert result.status == "crossover" and result.cost == pytest.approx(2 ** (4 / 3))
 
 
+def test_noise_aware_comparisons_by_hand(hand):
+  """Latest-checkpoint optima (cost: FID): w64 1: 28, 4: 23.5 (CFG 6, top of the grid); w128
+  2: 26, 8: 20; w320 8: 25, 32: 19. Every curve improves with steps, so without CIs the noise
+  estimate is 0 and every gap counts, except wins over w64's top-of-grid point."""
+  opt = analysis.optimal_cfg(hand, "fid", checkpoint="latest")
+  assert {(r.width, r.steps) for r in opt.itertuples() if r.at_grid_edge} == {(64, 32)}
+  assert set(opt["grid_edge"]) == {"", "top"}
+  assert analysis.noise_estimate(hand) == 0.0
+  comp = analysis.budget_comparisons(hand)
+  got = {(r.small, r.big, r.budget): (r.small_value, r.big_value, r.winner, r.loser_at_edge)
+         for r in comp.itertuples()}
+  assert got == {
+      ("w64", "w128", 2.0): (28.0, 26.0, "big", False),
+      ("w64", "w128", 4.0): (23.5, 26.0, "small", False),
+      ("w64", "w128", 8.0): (23.5, 20.0, "none", True),    # w64's 23.5 is a top-of-grid optimum
+      ("w64", "w320", 8.0): (23.5, 25.0, "small", False),
+      ("w64", "w320", 32.0): (23.5, 19.0, "none", True),
+      ("w128", "w320", 8.0): (20.0, 25.0, "small", False),
+      ("w128", "w320", 32.0): (20.0, 19.0, "big", False)}
+  assert set(comp["u_source"]) == {"noise estimate"} and (comp["u"] == 0).all()
+  evidence = analysis.pair_evidence(comp).set_index(["small", "big"])["outcome"].to_dict()
+  assert evidence == {("w64", "w128"): "contradicts",    # w128 wins at the lowest budget
+                      ("w64", "w320"): "within noise",
+                      ("w128", "w320"): "supports"}       # w128 at 8, w320 at 32
+  # With 95 % half-widths of 1.5 everywhere a win needs a gap > 1.5 * sqrt(2) = 2.12.
+  noisy = hand.assign(fid_ci95=1.5)
+  comp = analysis.budget_comparisons(noisy)
+  assert set(comp["u_source"]) == {"bootstrap"}
+  assert comp["u"].to_numpy() == pytest.approx(1.5 * math.sqrt(2))
+  assert {(r.small, r.big, r.budget) for r in comp.itertuples() if r.winner != "none"} == {
+      ("w64", "w128", 4.0), ("w128", "w320", 8.0)}
+  assert set(analysis.pair_evidence(comp)["outcome"]) == {"within noise"}
+  front = analysis.front_significance(analysis.pareto_front(noisy, "fid", "ddim"), noisy)
+  assert list(front["model"]) == ["w64", "w128", "w64", "w128", "w320"]
+  assert math.isnan(front["lead"][0])  # w64 at cost 1: no other model fits; uncontested
+  assert list(front["significant"]) == [False, False, True, True, False]
+  assert list(front["lead"].round(2))[1:] == [2.0, 2.5, 3.5, 1.0]
+  assert list(front["runner_up"]) == ["", "w64", "w128", "w64", "w128"]
+  assert list(analysis.frontier_segments(front)["significant"]) == [False, False, True, True,
+                                                                    False]
+  effect = analysis.size_effect(noisy)  # budget 32: w320's 19 vs w64's 23.5 (a top-edge point)
+  assert (effect["small_value"], effect["big_value"], effect["budget"]) == (23.5, 19.0, 32.0)
+  assert effect["ratio"] == pytest.approx(4.5 / (1.5 * math.sqrt(2)))  # 2.12: not > 3
+  assert not effect["met"] and analysis.size_effect(noisy, factor=2.0)["met"]
+  assert effect["at_grid_edge"] == ["w64"]
+
+
 def test_advise(hand):
   # Budget 5: cells of cost 1, 2 and 4 fit; the best is w64, 32 steps, CFG 6 (FID 23.5, cost 4).
   advice = analysis.advise(hand, 5)
@@ -197,7 +244,11 @@ def test_figures_and_summary(hand, tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   text = analysis.summary_markdown(hand, source="hand")
   assert f"| ddim | w64 | w128 | {2 ** (4 / 3):.4g} | crossover |" in text
-  assert "| w128 | ddim | 8 | 2 | 4 | 26 |  | 6 | 26 |" in text  # CFG* by FID and by CLIP
+  # CFG* by FID (no CI in this table: "–"; interior: no edge) and by CLIP.
+  assert "| w128 | ddim | 8 | 2 | 4 | 26 | – |  | 6 | 26 |" in text
+  assert "| w64 | ddim | 32 | 4 | 6 | 23.5 | – | top | 6 | 26 |" in text
+  assert ("| ddim | w128 | w320 | supports | 8 | -5 ± 0 | small | 32 | +1 ± 0 | big | 1 | 1 | 2 "
+          "| 0 |") in text  # see test_noise_aware_comparisons_by_hand
 
 
 def test_distillation_figure_pairs_students_with_their_undistilled_width(hand, tmp_path):

@@ -1,14 +1,17 @@
 """The end-to-end study (`ldm-scaling study --quick`): interrupted, rerun, nothing recomputed."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
+from ldm_scaling import analysis
 from ldm_scaling import cli
 from ldm_scaling import config as cfglib
 from ldm_scaling import experiment
@@ -75,14 +78,20 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components):
   assert not frame.duplicated(list(results.CELL_KEYS)).any()
   assert sorted(frame["width"].unique()) == widths
   assert {p.steps for p in study.plan(config, str(root))} == {int(s) for s in ckpts.values()}
-  # Compute-matched (the quick study's two widths): steps x normalised cost equal across widths
-  # (to rounding of the steps).
-  computes = [p.train_compute for p in study.plan(experiment.load(CONFIG + ":quick"), str(root))]
+  # The paper's protocol (equal_steps, the default): both of the quick study's widths train
+  # train.steps; equal_compute gives the narrower one as many more as equalise steps x cost.
+  quick = experiment.load(CONFIG + ":quick")
+  assert [p.steps for p in study.plan(quick, str(root))] == [quick.train.steps] * 2
+  quick.study.schedule = "equal_compute"
+  computes = [p.train_compute for p in study.plan(quick, str(root))]
   assert len(computes) == 2 and max(computes) / min(computes) < 1.1
 
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   report = (root / "report.md").read_text()
   assert summary["verdict"] in report and "local-clip-small" in report
+  assert summary["verdict"] in ("reproduced", "not reproduced", "inconclusive at this noise")
+  assert "captioned-shapes dataset at 32 px (2,000 train / 256 held-out)" in report
+  assert "Protocol `equal_steps`" in report and "Real-data floor" in report
   for path in summary["figures"]:
     assert os.path.getsize(path) > 1000
   timings = json.loads((root / "timings.json").read_text())
@@ -111,32 +120,151 @@ def test_study_refuses_other_config_in_same_workdir(tmp_path):
     study._write_study_config(str(tmp_path), other)
 
 
-def _frame(fids):
-  """A hand-made table: {(width, steps): fid} for one sampler at CFG 3; norm cost = width / 100."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+def _frame(fids, ci=None):
+  """A hand-made table for one sampler: {(width, steps): fid} at CFG 3, or {(width, steps):
+  {cfg: fid}}; norm cost = width / 100. ``ci``: every cell's fid_ci95 (None: no such column, as
+  in tables written before uncertainties)."""
   rows = []
-  for (width, steps), value in fids.items():
-    row = {c: None for c in results.COLUMNS}
-    row.update(run=f"/runs/w{width}", checkpoint_step=100, objective="denoising", sampler="ddim",
-               steps=steps, cfg_scale=3.0, scale_schedule="", width=width, params=width * 1000,
-               norm_cost=width / 100, sampling_cost=width / 100 * steps, fid=value, n=64)
-    rows.append(row)
+  for (width, steps), values in fids.items():
+    for cfg, value in (values.items() if isinstance(values, dict) else [(3.0, values)]):
+      row = {c: None for c in results.COLUMNS}
+      row.update(run=f"/runs/w{width}", checkpoint_step=100, objective="denoising",
+                 sampler="ddim", steps=steps, cfg_scale=cfg, scale_schedule="", width=width,
+                 params=width * 1000, norm_cost=width / 100, sampling_cost=width / 100 * steps,
+                 fid=value, n=64)
+      if ci is not None:
+        row["fid_ci95"] = ci
+      rows.append(row)
   return pd.DataFrame(rows)
 
 
+# w1 (cost 0.01/step) vs w2 (0.02/step), 4/8/16 steps: common budgets 0.08, 0.16, 0.32. At 0.08
+# w1's best is 40 (8 steps) vs w2's 45 (4 steps); at 0.16, 35 vs 30; at 0.32, 35 vs 20.
+CROSSING = {(1, 4): 50, (1, 8): 40, (1, 16): 35, (2, 4): 45, (2, 8): 30, (2, 16): 20}
+
+
 def test_verdict_rule_on_hand_made_tables():
-  # w1 (cost 0.01/step) vs w2 (0.02/step). Common costs 0.08 (w1 8 steps, w2 4 steps) and 0.16.
-  crossing = _frame({(1, 4): 50, (1, 8): 40, (1, 16): 35,
-                     (2, 4): 45, (2, 8): 30, (2, 16): 20})
-  outcome, lines = study.verdict(crossing)
-  # At cost 0.08 w1 has 40 < w2's 45; at 0.16 w2 has 30 < w1's 35: a crossover in between.
-  assert outcome == "reproduced" and "w2 beats w1 beyond cost" in lines[0]
-  beyond = _frame({(1, 4): 50, (1, 8): 40, (1, 16): 30,
-                   (2, 4): 45, (2, 8): 35, (2, 16): 20})  # w2 better only past w1's costs
-  outcome, lines = study.verdict(beyond)
-  assert outcome == "partly reproduced" and "no crossover" in lines[0]
-  small_wins = _frame({(1, 4): 30, (1, 8): 20, (1, 16): 10,
-                       (2, 4): 45, (2, 8): 35, (2, 16): 25})
-  assert study.verdict(small_wins)[0] == "not reproduced"
-  noisy = _frame({(1, 4): 50, (1, 8): 53, (1, 16): 35, (2, 4): 45, (2, 8): 30, (2, 16): 20})
-  assert "rises by up to 3.0" in study.verdict(noisy)[1][-1]
+  # CIs of 1 (combined sqrt(2) = 1.41): w1 wins by 5 at 0.08, w2 by 5 and 15 above -> reproduced.
+  outcome, lines = study.verdict(_frame(CROSSING, ci=1.0))
+  assert outcome == "reproduced"
+  assert ("at the lowest common budget (0.08) w1 wins (FID w1 − w2 = -5.0 ± 1.4), at the "
+          "highest common budget (0.32) w2 wins (FID w1 − w2 = +15.0 ± 1.4)") in lines[0]
+  assert "(pair: supports)" in lines[0]
+  assert "bootstrap interval" in lines[1]
+  # The same FIDs with CIs of 5 (combined 7.07): only the 15 at 0.32 is decisive, and a bigger
+  # model winning at the highest budget alone decides nothing.
+  outcome, lines = study.verdict(_frame(CROSSING, ci=5.0))
+  assert outcome == "inconclusive at this noise" and "(pair: within noise)" in lines[0]
+  # A win in the middle of the range only (w1 30 vs w2 41 at 0.16; 40 vs 41 at 0.08 and 30 vs 30
+  # at 0.32 are within noise): only the two ends are judged.
+  middle = {(1, 4): 50, (1, 8): 40, (1, 16): 30, (2, 4): 41, (2, 8): 41, (2, 16): 30}
+  assert study.verdict(_frame(middle, ci=1.0))[0] == "inconclusive at this noise"
+  # The opposite pattern, beyond CIs of 1: w2 better at 0.08 (28 vs 30), w1 at 0.16 and 0.32.
+  opposite = {(1, 4): 40, (1, 8): 30, (1, 16): 25, (2, 4): 28, (2, 8): 35, (2, 16): 36}
+  outcome, lines = study.verdict(_frame(opposite, ci=1.0))
+  assert outcome == "not reproduced" and "(pair: contradicts)" in lines[0]
+  # The smaller model better everywhere: size never helps in the measured range.
+  small_wins = {(1, 4): 30, (1, 8): 20, (1, 16): 10, (2, 4): 45, (2, 8): 35, (2, 16): 25}
+  assert study.verdict(_frame(small_wins, ci=1.0))[0] == "not reproduced"
+
+
+def test_verdict_falls_back_to_the_noise_estimate():
+  # No fid_ci95 column: w1's FID rises by 3 from 8 to 16 steps, so u = 3 / sqrt(2) per point and
+  # a win needs a gap > 3. Gaps: 0.08: 46 vs 47; 0.16: 46 vs 44; 0.32: 46 vs 43 (= 3, not > 3).
+  noisy = {(1, 4): 50, (1, 8): 46, (1, 16): 49, (2, 4): 47, (2, 8): 44, (2, 16): 43}
+  outcome, lines = study.verdict(_frame(noisy))
+  assert outcome == "inconclusive at this noise"
+  assert "rises by up to 3.0" in lines[-1] and "no cell has a bootstrap interval" in lines[-1]
+  # Monotone curves and no CIs: the estimate is 0, so the crossing table decides at face value.
+  assert study.verdict(_frame(CROSSING))[0] == "reproduced"
+
+
+def test_verdict_discounts_wins_against_an_optimum_at_the_cfg_grid_top():
+  # w1 evaluated at CFG 1 and 3 only, its optimum always at 3 (the top): w2's wins over it are not
+  # counted; w2's optima are interior (CFG 3 of 1, 3, 6), so w1's win over w2 at 0.08 counts.
+  fids = {(w, k): ({1.0: v + 10, 3.0: v} if w == 1 else {1.0: v + 10, 3.0: v, 6.0: v + 5})
+          for (w, k), v in CROSSING.items()}
+  frame = _frame(fids, ci=1.0)
+  opt = analysis.optimal_cfg(frame, "fid", checkpoint="latest")
+  assert {(r.width, r.at_grid_edge, r.grid_edge) for r in opt.itertuples()} == {
+      (1, True, "top"), (2, False, "")}
+  outcome, lines = study.verdict(frame)
+  assert outcome == "inconclusive at this noise"
+  assert "2 win(s) against a top-of-grid CFG optimum not counted" in lines[0]
+  assert "3 of 6 optimal-CFG cells have their optimum at the largest scale" in lines[-1]
+
+
+def test_size_effect_criterion_on_hand_made_numbers():
+  # Highest budget 0.32: w2's best 20 vs w1's best 35, a 15 FID advantage.
+  effect, text = study.size_effect_line(_frame(CROSSING, ci=1.0))
+  assert effect["met"] and effect["ratio"] == pytest.approx(15 / math.sqrt(2))
+  assert "criterion **met**" in text
+  effect, text = study.size_effect_line(_frame(CROSSING, ci=5.0))  # 15 < 3 x 7.07
+  assert not effect["met"] and effect["ratio"] == pytest.approx(15 / math.sqrt(50))
+  assert "criterion **not met**" in text
+  assert effect["small_value"] == 35 and effect["big_value"] == 20 and effect["budget"] == 0.32
+  assert study.size_effect_line(_frame({(1, 4): 50}, ci=1.0))[0] is None
+
+
+def test_report_derives_the_setting_from_the_config():
+  config = experiment.load(CONFIG + ":quick")
+  assert config.study.schedule == "equal_steps"
+  assert study.data_description(config) == (
+      "the embedded captioned-shapes dataset at 32 px (2,000 train / 256 held-out)")
+  config.data.update(name="folder:/data/pets.jsonl", resolution=64)
+  assert study.data_description(config) == "the image folder `/data/pets.jsonl` at 64 px"
+  floor_line = study._floor_line  # pylint: disable=protected-access
+  assert "FID 1.5 ± 0.3, KID 0.002 ± 0.001" in floor_line(
+      dict(fid=1.5, fid_ci95=0.3, kid=0.002, kid_ci95=0.001, n=64, source="test split"))
+
+
+def test_extend_cfg_brackets_the_optimum_from_above(monkeypatch):
+  """study.extend_cfg on a fake eval: FID = base + (cfg - best)^2 with w1's best scale 4 and w2's
+  9; grid (1, 3), spacing 2, so extensions go 5, 7, ... up to 3 + 2 x extend_cfg."""
+  best = {1: 4.0, 2: 9.0}
+  def fid(width, steps, cfg):
+    return 50 - steps + (cfg - best[width]) ** 2
+  frame = _frame({(w, k): {c: fid(w, k, c) for c in (1.0, 3.0)} for w in (1, 2) for k in (4, 8)})
+  table = {"frame": frame}
+  calls = []
+  def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
+    del table_dir, log, extractor
+    (workdir,), e = workdirs, eval_config.eval
+    width = int(workdir.rsplit("w", 1)[1])
+    calls.append((width, e.steps[0], e.cfg_scales[0]))
+    table["frame"] = pd.concat([table["frame"], _frame(
+        {(width, e.steps[0]): {e.cfg_scales[0]: fid(width, e.steps[0], e.cfg_scales[0])}})])
+  monkeypatch.setattr(study.grid, "evaluate", evaluate)
+  monkeypatch.setattr(study.results, "load", lambda table_dir: table["frame"])
+  config = experiment.load(CONFIG + ":quick", ["eval.cfg_scales=(1.0,3.0)", "eval.steps=(4,8)",
+                                               "study.extend_cfg=2"])
+  runs = [study.RunPlan(w, 10, f"/runs/w{w}", 1, w / 100) for w in (1, 2)]
+  assert study.extend_cfg(config, runs, "/table", log=lambda _: None) == 6
+  # w1: 3 was the top; 5 ties with 3 (both 1 away from 4: the smaller scale wins) -> interior.
+  # w2: 5, then 7 (the limit, 3 + 2 x 2), still the top there: flagged, not extended further.
+  assert sorted(calls) == [(1, 4, 5.0), (1, 8, 5.0), (2, 4, 5.0), (2, 4, 7.0), (2, 8, 5.0),
+                           (2, 8, 7.0)]
+  opt = analysis.optimal_cfg(table["frame"], "fid", checkpoint="latest")
+  assert {(r.width, r.cfg_scale, r.grid_edge) for r in opt.itertuples()} == {
+      (1, 3.0, ""), (2, 7.0, "top")}
+  config.study.extend_cfg = 0
+  assert study.extend_cfg(config, runs, "/table") == 0
+
+
+def test_real_floor_is_saved_and_optional(tmp_path, monkeypatch):
+  config = experiment.load(CONFIG + ":quick")
+  monkeypatch.delattr(study.grid, "real_data_floor", raising=False)
+  assert "no real_data_floor" in study.real_floor(config, str(tmp_path), "/table")
+  calls = []
+  def floor(cfg, table_dir, *, n, extractor=None, log=print):
+    del cfg, extractor, log
+    calls.append((table_dir, n))
+    return dict(fid=3.0, fid_ci95=0.5, kid=0.01, kid_ci95=0.002, n=n, source="test split")
+  monkeypatch.setattr(study.grid, "real_data_floor", floor, raising=False)
+  got = study.real_floor(config, str(tmp_path), "/table")
+  assert got["fid"] == 3.0 and calls == [("/table", config.eval.num_samples)]
+  with open(tmp_path / "real_data_floor.json", encoding="utf-8") as f:  # what write_report reads
+    assert json.load(f) == got
+  assert "FID 3 ± 0.5" in study._floor_line(got)  # pylint: disable=protected-access
+  config.study.real_floor = False
+  assert "study.real_floor=False" in study.real_floor(config, str(tmp_path / "x"), "/table")

@@ -5,12 +5,13 @@
 
 Embedded 32 px captioned-shapes data, the offline small CLIP and small-f4 VAE (8x8x4 latents;
 trained first if absent), and three widths of the CPU-scale SD-2.x UNet (3 levels c, 2c, 2c; see
-configs/cpu_t2i.py) trained with compute-matched schedules: the widest trains ``steps`` steps and
-each narrower one proportionally more, so every model gets the same training FLOPs (normalised
-cost x steps). The eval
-grid is 2 samplers x 4 step counts x 3 CFG scales per model, FID against the held-out split.
+configs/cpu_t2i.py) each trained for the same ``train.steps`` (``study.schedule=equal_steps``, the
+paper's protocol; ``--config.study.schedule=equal_compute`` gives narrower models proportionally
+more steps instead, for equal training FLOPs). The eval grid is 2 samplers x 4 step counts x 3 CFG
+scales per model, FID against the held-out split; a model whose optimal CFG is the grid's largest
+gets up to two more scales above it (``study.extend_cfg``).
 
-Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (the widest run's).
+Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (every run's).
 """
 
 from ldm_scaling import config as cfglib
@@ -32,8 +33,7 @@ def get_config(arg=None):
       steps=500, batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine",
       end_lr_factor=0.1, ema_decay=0.99, log_every=100, keep_checkpoints=4, best_metric="",
       sample_every=0)
-  config.study.update(widths=(32, 48, 64), schedule="equal_compute",
-                      fid_curve_cell=("ddim", 16, 3.0))
+  config.study.update(widths=(32, 48, 64), fid_curve_cell=("ddim", 16, 3.0), extend_cfg=2)
   # 2 samplers x 4 step counts x 3 CFG scales per model. 64 samples per cell is what 2 cores
   # afford (InceptionV3 runs at ~11 images/s here): FIDs are biased upward at n << 2048 and
   # comparable between cells, not with papers.
@@ -42,14 +42,16 @@ def get_config(arg=None):
       num_samples=64, fid_reference_n=512, batch_size=64, grid_images=16)
   if arg.quick:
     # CI-sized (<= 5 min from cold components on 2 cores): compiles dominate, so fewer and
-    # smaller programs -- a two-level UNet at two widths, small components, one sampler.
+    # smaller programs -- a two-level UNet at two widths, small components, one sampler, no CFG
+    # extension (equal_steps: both widths train 12 steps).
     config.data.shapes_sizes = (2000, 256)
     config.clip.update(steps=20, batch_size=64, layers=1, vision_layers=1, warmup_steps=4)
     config.vae.update(steps=30, batch_size=16)
     config.model.update(channel_mult=(1, 2), attn_levels=(True, False))
     config.model.update(unet.preset(16, (1, 2)))
     config.train.update(steps=12, warmup_steps=2, log_every=6)
-    config.study.update(widths=(16, 32), fid_curve_cell=("ddim", 4, 4.0), checkpoints=2)
+    config.study.update(widths=(16, 32), fid_curve_cell=("ddim", 4, 4.0), checkpoints=2,
+                        extend_cfg=0)
     config.eval.update(samplers=("ddim",), steps=(2, 4), cfg_scales=(1.0, 4.0), num_samples=12,
                        fid_reference_n=48, batch_size=12, grid_images=4)
   if arg.steps:

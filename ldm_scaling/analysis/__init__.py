@@ -9,6 +9,8 @@ numpy and matplotlib, so a notebook can use it without JAX::
     analysis.optimal_cfg(frame)                             # best CFG per model/sampler/steps
     analysis.pareto_front(frame, sampler="ddim")            # lower-left frontier over sizes
     analysis.crossovers(frame)                              # where bigger models start to win
+    analysis.budget_comparisons(frame)                      # ... beyond the uncertainties
+    analysis.size_effect(frame)                             # largest vs smallest, in CIs
     analysis.advise(frame, budget=10)                       # best cell within a cost budget
     analysis.plot_all(frame, "figures/")                    # the paper's Figs 3, 8, 9, 11
 
@@ -23,6 +25,8 @@ _EXPORTS = {
     "optimal_cfg": "cfg", "optimal_cfg_both": "cfg",
     "Crossover": "efficiency", "cost_curves": "efficiency", "crossover": "efficiency",
     "crossovers": "efficiency", "frontier_segments": "efficiency", "pareto_front": "efficiency",
+    "budget_comparisons": "efficiency", "front_significance": "efficiency",
+    "noise_estimate": "efficiency", "pair_evidence": "efficiency", "size_effect": "efficiency",
     "all_figures": "figures", "fig_cfg": "figures", "fig_cost": "figures",
     "fig_samplers": "figures", "fig_training": "figures", "plot_all": "figures",
     "fig_distillation": "figures", "distillation_points": "figures",

@@ -3,12 +3,18 @@
 Mei et al. (Sec. 3.3.1) find that the best CFG scale differs between model sizes and step counts,
 so every comparison across sizes is made at each model's own optimal scale: by FID (lowest) or by
 CLIP score (highest). Ties go to the smaller scale (the cheaper-to-tune, less saturated choice).
+
+An optimum at the smallest or largest scale evaluated is not bracketed: the true optimum may lie
+outside the grid, and the metric there is only a bound on the optimal one. Such rows are flagged
+(``at_grid_edge``; ``grid_edge`` says which end) so that reports and verdicts can discount them,
+and ``ldm-scaling study`` can extend the grid upward (``study.extend_cfg``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ldm_scaling.analysis import table
@@ -21,8 +27,9 @@ GROUP = ("model", "run", "objective", "scale_schedule", "width", "checkpoint_ste
 def best_rows(data: pd.DataFrame, m: table.Metric, keys: Sequence[str]) -> pd.DataFrame:
   """The best row (by ``m``) of each ``keys`` group of prepared rows, with the CFG range scanned.
 
-  ``cfg_at_edge`` marks optima at the smallest or largest scale tried: the true optimum may lie
-  outside the grid."""
+  ``at_grid_edge`` marks optima at the smallest or largest scale tried (of a scan of at least two
+  scales): the true optimum may lie outside the grid. ``grid_edge`` is ``"top"``, ``"bottom"`` or
+  ``""``; ``cfg_at_edge`` is the older name of ``at_grid_edge``."""
   keys = list(keys)
   order = ["model_rank" if k == "model" else k for k in keys]  # models by size, not by label
   ordered = data.sort_values([*order, m.column, "cfg_scale"],
@@ -33,8 +40,12 @@ def best_rows(data: pd.DataFrame, m: table.Metric, keys: Sequence[str]) -> pd.Da
   scan = grouped["cfg_scale"].agg(["count", "min", "max"])
   scan.columns = ["n_cfg", "cfg_min", "cfg_max"]
   best = best.merge(scan, left_on=keys, right_index=True, how="left")
-  best["cfg_at_edge"] = (best["n_cfg"] > 1) & ((best["cfg_scale"] == best["cfg_min"]) |
-                                                (best["cfg_scale"] == best["cfg_max"]))
+  scanned = best["n_cfg"] > 1
+  top = scanned & (best["cfg_scale"] == best["cfg_max"])
+  bottom = scanned & (best["cfg_scale"] == best["cfg_min"])
+  best["grid_edge"] = np.where(top, "top", np.where(bottom, "bottom", ""))
+  best["at_grid_edge"] = top | bottom
+  best["cfg_at_edge"] = best["at_grid_edge"]
   return best.reset_index(drop=True)
 
 
@@ -42,11 +53,13 @@ def optimal_cfg(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "all
                 sampler: str | None = None) -> pd.DataFrame:
   """One row per (model, checkpoint, sampler, steps): the row at the CFG scale that optimises
   ``metric`` (``fid``: min, ``clip``: max), all its columns kept, plus ``n_cfg``, ``cfg_min``,
-  ``cfg_max`` and ``cfg_at_edge``. ``checkpoint``: ``"all"``, ``"latest"`` or a step."""
+  ``cfg_max``, ``at_grid_edge`` (bool), ``grid_edge`` (top | bottom | "") and ``cfg_at_edge``
+  (= ``at_grid_edge``). ``checkpoint``: ``"all"``, ``"latest"`` or a step."""
   data, m = table.prepare(frame, metric)
   data = table.select_sampler(table.select_checkpoint(data, checkpoint), sampler)
   out = best_rows(data, m, GROUP)
-  front = [*GROUP, "cfg_scale", m.column, "sampling_cost", "norm_cost", "train_compute"]
+  front = [*GROUP, "cfg_scale", m.column, m.ci_column, "at_grid_edge", "sampling_cost", "norm_cost",
+           "train_compute"]
   out = out[front + [c for c in out.columns if c not in front and c != "model_rank"]]
   out.attrs["metric"] = m.column
   return out
@@ -56,8 +69,9 @@ def optimal_cfg_both(frame: pd.DataFrame, checkpoint: Any = "latest") -> pd.Data
   """FID-optimal and (when the table has one CLIP column) CLIP-optimal scales side by side:
   ``cfg_fid``, ``fid``, ``cfg_clip``, ``<clip column>`` per (model, checkpoint, sampler, steps)."""
   by_fid = optimal_cfg(frame, "fid", checkpoint)
-  keep = [*GROUP, "sampling_cost", "cfg_scale", "fid", "cfg_at_edge"]
-  out = by_fid[keep].rename(columns={"cfg_scale": "cfg_fid", "cfg_at_edge": "cfg_fid_at_edge"})
+  keep = [*GROUP, "sampling_cost", "cfg_scale", "fid", "fid_ci95", "cfg_at_edge", "grid_edge"]
+  out = by_fid[keep].rename(columns={"cfg_scale": "cfg_fid", "cfg_at_edge": "cfg_fid_at_edge",
+                                     "grid_edge": "cfg_fid_grid_edge"})
   if len(table.clip_columns(frame)) == 1:
     by_clip = optimal_cfg(frame, "clip", checkpoint)
     column = by_clip.attrs["metric"]

@@ -88,36 +88,41 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
 
   both = cfglib.optimal_cfg_both(frame) if m.name == "fid" else None
   opt = cfglib.optimal_cfg(frame, metric, "latest")
+  edges = int(opt["at_grid_edge"].sum())
   out += ["## Optimal CFG scale", "",
-          "Per (model, sampler, steps). *edge*: the optimum is the smallest or largest scale "
-          "evaluated, so the true optimum may lie outside the grid.", ""]
+          "Per (model, sampler, steps). *edge* (`at_grid_edge`): the optimum is the smallest "
+          "(bottom) or largest (top) scale evaluated, so the true optimum may lie outside the "
+          f"grid and the value is only a bound — {edges} of {len(opt)} cells here. ± : the 95 % "
+          "half-width of the metric (bootstrap; – where the table has none).", ""]
   if both is not None and "cfg_clip" in both.columns:
     clip = [c for c in both.columns if c.startswith("clip_score[")][0]
-    both["edge"] = both["cfg_fid_at_edge"].astype(bool)
     out.append(markdown_table(
-        both, ["model", "sampler", "steps", "sampling_cost", "cfg_fid", "fid", "edge",
-               "cfg_clip", clip],
-        ["model", "sampler", "steps", "sampling cost", "CFG* (FID)", "FID", "edge",
+        both, ["model", "sampler", "steps", "sampling_cost", "cfg_fid", "fid", "fid_ci95",
+               "cfg_fid_grid_edge", "cfg_clip", clip],
+        ["model", "sampler", "steps", "sampling cost", "CFG* (FID)", "FID", "±", "edge",
          "CFG* (CLIP)", clip]))
   else:
-    opt["edge"] = opt["cfg_at_edge"].astype(bool)
     out.append(markdown_table(opt, ["model", "sampler", "steps", "sampling_cost", "cfg_scale",
-                                    m.column, "edge"],
+                                    m.column, m.ci_column, "grid_edge"],
                               ["model", "sampler", "steps", "sampling cost", "CFG*", m.column,
-                               "edge"]))
+                               "±", "edge"]))
   out.append("")
 
   out += ["## Pareto front over sizes (optimal CFG)", "",
           "Segments of the lower-left frontier of (sampling cost, metric): the owner is the best "
-          "model from `cost from` up to `cost to` (the next owner's first point).", ""]
+          "model from `cost from` up to `cost to` (the next owner's first point). *beyond noise*: "
+          "somewhere in the segment the owner leads the best other model within the same budget "
+          "by more than their combined uncertainty (see below).", ""]
+  noise = efficiency.noise_estimate(frame, metric)
   for sampler in sorted(data["sampler"].unique()):
-    segments = efficiency.frontier_segments(
-        efficiency.pareto_front(frame, metric, sampler), m.column)
+    front = efficiency.front_significance(efficiency.pareto_front(frame, metric, sampler), frame,
+                                          metric, sampler, noise=noise)
+    segments = efficiency.frontier_segments(front, m.column)
     out += [f"**{sampler}**", "", markdown_table(
         segments, ["model", "cost_from", "cost_to", "steps", f"{m.column}_from",
-                   f"{m.column}_to"],
-        ["owner", "cost from", "cost to", "steps on front", f"{m.column} from", f"{m.column} to"]),
-        ""]
+                   f"{m.column}_to", "significant"],
+        ["owner", "cost from", "cost to", "steps on front", f"{m.column} from", f"{m.column} to",
+         "beyond noise"]), ""]
 
   cross = efficiency.crossovers(frame, metric)
   out += ["## Crossovers between sizes", "",
@@ -133,6 +138,36 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
                 "big_steps", "overlap_from", "overlap_to"],
         ["sampler", "small", "big", "crossover cost", "status", "small steps", "big steps",
          "common range from", "to"]))
+  out.append("")
+
+  comparisons = efficiency.budget_comparisons(frame, metric, noise=noise)
+  sources = set(comparisons["u_source"])
+  out += ["## Wins beyond the uncertainty", "",
+          "Each pair of sizes at every sampling budget both can meet: each model's best measured "
+          "point within the budget; a model wins when better by more than sqrt(u_a² + u_b²), u "
+          "being the 95 % half-width of each point (bootstrap), or where the table has none, the "
+          f"noise estimate / √2 (noise estimate: {_fmt(noise, 3)}, the largest move of a model's "
+          f"optimal-CFG {m.column} in the wrong direction as its steps grow). Uncertainties used: "
+          f"{', '.join(sorted(sources)) or '–'}. A win against an optimum at the top of its CFG "
+          "grid is not counted. The pair's outcome for the paper's pattern, judged at the lowest "
+          "and the highest common budget: `supports` (the smaller wins at the lowest and the bigger "
+          "at the highest), `contradicts` (the bigger wins at the lowest or the smaller at the "
+          "highest), else `within noise`; `small wins` / `big wins` count the decisive wins at "
+          "every budget. Advantage: how much better the bigger model is (± combined u).", ""]
+  if comparisons.empty:
+    out.append("(fewer than two models per sampler)")
+  else:
+    evidence = efficiency.pair_evidence(comparisons)
+    for end in ("low", "high"):
+      evidence[f"{end}_adv"] = [f"{a:+.3g} ± {u:.2g}" for a, u in
+                                zip(evidence[f"{end}_advantage"], evidence[f"{end}_u"])]
+    out.append(markdown_table(
+        evidence, ["sampler", "small", "big", "outcome", "low_budget", "low_adv", "low_winner",
+                   "high_budget", "high_adv", "high_winner", "small_wins", "big_wins", "budgets",
+                   "edge_discounted"],
+        ["sampler", "small", "big", "outcome", "lowest budget", "advantage", "winner",
+         "highest budget", "advantage", "winner", "small wins", "big wins", "budgets",
+         "wins vs edge (not counted)"]))
   out.append("")
 
   if data["sampler"].nunique() > 1:

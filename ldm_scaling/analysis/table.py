@@ -65,6 +65,14 @@ class Metric:
     """Sort order that puts the best value first."""
     return not self.higher_is_better
 
+  @property
+  def ci_column(self) -> str:
+    """The column holding the half-width of the metric's 95 % interval (``fid_ci95``,
+    ``clip_score_ci95[<CLIP>]``); tables written before uncertainties lack it."""
+    if self.name == "fid":
+      return "fid_ci95"
+    return "clip_score_ci95[" + self.column[len("clip_score["):]
+
   def best(self, values) -> float:
     values = np.asarray(values, float)
     return float(values.max() if self.higher_is_better else values.min())
@@ -111,7 +119,9 @@ def prepare(frame: pd.DataFrame, metric_name: str = "fid") -> tuple[pd.DataFrame
                         f"`ldm-scaling eval` (ldm_scaling.eval.results)?")
   m = metric(frame, metric_name)
   data = frame.copy()
-  for column in _NUMERIC + (m.column,):
+  if m.ci_column not in data.columns:  # an older table: no uncertainties (NaN: unknown)
+    data[m.ci_column] = math.nan
+  for column in _NUMERIC + (m.column, m.ci_column, "kid", "kid_ci95"):
     if column in data.columns:
       data[column] = pd.to_numeric(data[column], errors="coerce")
   for column in MODEL_KEYS + ("sampler",):
