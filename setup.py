@@ -34,7 +34,10 @@ INSTALL_REQUIRES = [
 # Test/benchmark-only references. torch is pinned to the CPU build that ships on the machines here;
 # an unpinned `torch` would pull a multi-GB CUDA build.
 TEST_REQUIRES = [
-    "pytest",
+    # pytest 9 made Node.nodeid read-only in effect (it reads Node._id), which silently breaks
+    # xdist 3.8's --dist loadgroup (it renames item._nodeid): every group was split over the
+    # workers, and the session's offline components were trained twice. 8.4.2 groups.
+    "pytest==8.4.2",
     # Two workers on 2 cores (`pytest -n 2 --dist loadgroup`): compiling and tracing are mostly
     # single-threaded; tests/conftest.py keeps the users of an expensive fixture on one worker.
     "pytest-xdist==3.8.0",

@@ -141,6 +141,9 @@ def _xdist_group(item) -> str | None:
   return None
 
 
+# tryfirst: xdist's worker plugin (registered after this conftest, so called before it) turns the
+# xdist_group marks into node ids in this same hook; the marks must be there by then.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   del config
   spawning = {}
