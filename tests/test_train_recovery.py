@@ -57,23 +57,27 @@ def test_drop_rows_after_keeps_each_step_once(tmp_path):
 # A damaged latest checkpoint.
 
 
-def _largest_chunk(step_dir):
-  return max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True),
-             key=os.path.getsize)
+def _largest_chunks(step_dir):
+  """The largest OCDBT data file(s) of the step: every file of the largest size. Orbax may leave
+  two copies of the same size (``state/d/`` and ``state/ocdbt.process_0/d/``) of which restore
+  reads one; damaging only the first that glob lists made the tests flaky (CI, 2026-12-01)."""
+  paths = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  largest = max(os.path.getsize(p) for p in paths)
+  return [p for p in paths if os.path.getsize(p) == largest]
 
 
 def _truncate(step_dir):
-  path = _largest_chunk(step_dir)
-  data = open(path, "rb").read()
-  open(path, "wb").write(data[:len(data) // 2])
+  for path in _largest_chunks(step_dir):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
 
 
 def _flip_bytes(step_dir):
-  path = _largest_chunk(step_dir)
-  data = bytearray(open(path, "rb").read())
-  for i in range(len(data) // 3, len(data) // 3 + 16):
-    data[i] ^= 0xFF
-  open(path, "wb").write(bytes(data))
+  for path in _largest_chunks(step_dir):
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 3, len(data) // 3 + 16):
+      data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
 
 
 def _empty_metadata(step_dir):
