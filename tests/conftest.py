@@ -73,7 +73,7 @@ class Offline:
 
 @pytest.fixture(scope="session")
 def offline_components(tmp_path_factory):
-  """Embedded data + small CLIP (150 steps) + small VAE (300 steps), shared by every test that
+  """Embedded data + small CLIP (150 steps) + small VAE (200 steps), shared by every test that
   needs conditioning (quality tests, trainer, sampling, evaluation, the study)."""
   return Offline(tmp_path_factory.mktemp("offline"))
 

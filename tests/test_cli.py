@@ -3,7 +3,6 @@
 import json
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -22,23 +21,18 @@ def test_help(command, capsys):
   assert f"ldm-scaling {command}" in out and "--config" in out
 
 
-def test_module_entry_point_and_config_command(repo_dir):
-  out = subprocess.run([sys.executable, "-m", "ldm_scaling", "config", "--config",
-                        "configs/t2i.py:width=128", "--config.train.steps=7", "--json"],
-                       cwd=repo_dir, capture_output=True, text=True, check=True).stdout
-  data = json.loads(out)
-  assert data["config"]["model"]["width"] == 128 and data["config"]["train"]["steps"] == 7
-  assert len(data["hash"]) == 12
-
-
 def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
-  """``python -m ldm_scaling`` is the CLI (in-process here; the subprocess test above is slow)."""
+  """``python -m ldm_scaling`` is the CLI, here in-process (real ``python -m`` processes are
+  started by tests/test_components.py and tests/test_study.py); the config command applies a
+  config argument and an override and prints the config with its hash."""
   monkeypatch.setattr(sys, "argv", ["ldm_scaling", "config", "--config", "configs/t2i.py:width=96",
-                                    "--json"])
+                                    "--config.train.steps=7", "--json"])
   with pytest.raises(SystemExit) as exit_info:
     runpy.run_module("ldm_scaling", run_name="__main__")
   assert exit_info.value.code == 0
-  assert json.loads(capsys.readouterr().out)["config"]["model"]["width"] == 96
+  data = json.loads(capsys.readouterr().out)
+  assert data["config"]["model"]["width"] == 96 and data["config"]["train"]["steps"] == 7
+  assert len(data["hash"]) == 12
 
 
 def test_unknown_argument_is_an_error(capsys):

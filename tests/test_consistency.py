@@ -182,23 +182,32 @@ def _student_config(teacher_dir):
 @pytest.mark.parametrize("guidance_embed", [False, True], ids=["fixed_cfg", "w_conditioned"])
 def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path, guidance_embed):
   """Two steps at lr 1e-6 from the session's tiny teacher: the student's parameters are the
-  teacher's EMA plus at most two AdamW updates (|update| <= lr (1 + wd |w|) each), the loss is
-  finite, and the preview grid is sampled with the 4-step lcm sampler. A w-conditioned student
-  (scales drawn in cfg_range) starts from a zero cond_proj, which trains too, and its preview runs
-  the real guidance-embedded UNet through generate."""
+  teacher's EMA plus at most two AdamW updates (|update| <= lr (1 + wd |w|) each), and the loss
+  is finite. The fixed-cfg student trains on embedding batches (``objective.inputs=embeddings``:
+  zero unconditional context, no encoders in the step, no preview); the w-conditioned one
+  (scales drawn in cfg_range) on the production pipeline (the frozen VAE and CLIP in the step,
+  the unconditional context CLIP's ""): it starts from a zero cond_proj, which trains too, and
+  its preview grid runs the real guidance-embedded UNet through generate with the 4-step lcm
+  sampler."""
   from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  import train_toy  # pylint: disable=g-import-not-at-top
   teacher_dir, _ = tiny_run
   config = _student_config(teacher_dir)
+  make_data = None
   if guidance_embed:
     config.model.guidance_embed = True
     config.objective.cfg_range = (1.0, 6.0)
+  else:  # each input path once; a plain UNet's preview is the tiny_run's (lcm: vs diffusers)
+    config.objective.inputs = "embeddings"
+    make_data = train_toy.make_embedding_data
   lr = 1e-6
   # seed 1: the student's own random init is far from the teacher's weights, so a start_from
   # that did nothing would fail the bound below by orders of magnitude.
   config.train.update(steps=2, lr=lr, warmup_steps=0, ema_decay=0.95, log_every=1, seed=1,
-                      checkpoint_every=2, sample_every=2, async_checkpointing=False)
-  result = trainer.train(config, str(tmp_path))
+                      checkpoint_every=2, sample_every=2 if guidance_embed else 0,
+                      async_checkpointing=False)
+  result = trainer.train(config, str(tmp_path), make_data=make_data)
   assert result.step == 2 and np.isfinite(result.metrics["loss"]) and result.metrics["loss"] > 0
   _, teacher = checkpoint.load_weights(str(teacher_dir), which="ema")
   _, student = checkpoint.load_weights(str(tmp_path), which="params")
@@ -213,7 +222,7 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path, guidance_e
   if guidance_embed:  # from zeros, two updates
     proj = np.abs(np.asarray(student["unet"]["time_embedding"]["cond_proj"]["kernel"]))
     assert 0 < proj.max() <= bound, (proj.max(), bound)
-  assert os.path.isfile(tmp_path / "samples" / "step_0000002.png")
+  assert os.path.isfile(tmp_path / "samples" / "step_0000002.png") == guidance_embed
 
 
 @pytest.mark.parametrize("change, match", [

@@ -49,20 +49,24 @@ GRID = dict(samplers=("ddim", "dpm++"), steps=(2,), cfg_scales=(1.0, 3.0), num_s
 CELLS = 4  # 2 samplers x 1 step count x 2 CFG scales
 
 
-def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
+def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path, capsys):
+  """Killed (a process of its own) after 2 of 4 cells; the reruns, new invocations that know only
+  what is on disk, run here (``cli.main``): no interpreter start-up each."""
   run = tmp_path / "study" / "runs" / "w32"
   shutil.copytree(tiny_run[0], run)
   cfg = _eval_config(tmp_path / "grid.py", run, stats_dir=str(tmp_path / "stats"), **GRID)
   table_dir = tmp_path / "study" / "results"
-  argv = [sys.executable, "-m", "ldm_scaling", "eval", "--workdir", str(run), "--results",
-          str(table_dir), "--config", cfg]
-  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  argv = ["eval", "--workdir", str(run), "--results", str(table_dir), "--config", cfg]
+  log = tmp_path / "killed_run.log"
+  with open(log, "w", encoding="utf-8") as f:
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_scaling", *argv], stdout=f,
+                            stderr=subprocess.STDOUT, text=True)
   rows_dir = table_dir / "rows"
   deadline = time.time() + 600
   while time.time() < deadline:
     if rows_dir.exists() and len(list(rows_dir.glob("*.json"))) >= 2:
       break
-    assert proc.poll() is None, proc.communicate()
+    assert proc.poll() is None, log.read_text()[-3000:]
     time.sleep(0.1)
   else:
     proc.kill()
@@ -71,9 +75,10 @@ def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
   proc.wait()
   before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
   assert 2 <= len(before) < CELLS
-  out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"{len(before)} already in" in out.stderr and f"{CELLS - len(before)} to do" in out.stderr
+  capsys.readouterr()
+  code, out = cli.main(argv), capsys.readouterr()
+  assert code == 0, out.err[-3000:]
+  assert f"{len(before)} already in" in out.err and f"{CELLS - len(before)} to do" in out.err
   after = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
   assert len(after) == CELLS
   assert all(after[k] == v for k, v in before.items())  # finished cells were not recomputed
@@ -92,10 +97,10 @@ def test_grid_resumes_after_kill_without_recomputing(tiny_run, tmp_path):
   shutil.move(tmp_path / "study", moved)
   cfg = _eval_config(tmp_path / "grid_moved.py", moved / "runs" / "w32",
                      stats_dir=str(tmp_path / "stats"), **GRID)
-  argv = [sys.executable, "-m", "ldm_scaling", "eval", "--workdir", str(moved / "runs" / "w32"),
-          "--results", str(moved / "results"), "--config", cfg]
-  again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-  assert again.returncode == 0 and ", 0 to do" in again.stderr, again.stderr[-3000:]
+  code = cli.main(["eval", "--workdir", str(moved / "runs" / "w32"), "--results",
+                   str(moved / "results"), "--config", cfg])
+  again = capsys.readouterr()
+  assert code == 0 and ", 0 to do" in again.err, again.err[-3000:]
 
 
 def test_run_ids_relative_to_a_local_table_absolute_otherwise(tmp_path):
