@@ -28,7 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ldm_scaling import data, experiment, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ldm_scaling import experiment, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.components import clip as clip_component  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.train import optim, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldm_scaling.train.objectives import contrastive  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -235,6 +235,10 @@ def base_config() -> ml_collections.ConfigDict:
       extend_cfg=0,                 # up to this many CFG scales added above the grid's top while
                                     # a latest-checkpoint optimum sits there (0: only flag it)
       real_floor=True,              # report the real-data FID floor (held-out real images)
+      # > 0: each model's best latest-checkpoint cell is evaluated again with this many samples
+      # and a fresh seed (eval.seed + 1) into <workdir>/confirm; the size-effect check uses these
+      # (fresh samples: no winner's-curse bias from picking the best of many noisy cells)
+      confirm_n=0,
   ))
 
   # Device mesh: axis sizes; -1 takes the remaining devices.

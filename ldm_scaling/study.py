@@ -43,7 +43,7 @@ from ldm_scaling.analysis import report as analysis_report
 from ldm_scaling.components import clip as clip_component
 from ldm_scaling.components import vae as vae_component
 from ldm_scaling.errors import ConfigError, UserError
-from ldm_scaling.eval import fid, grid
+from ldm_scaling.eval import fid, frechet, grid
 from ldm_scaling.eval import results
 from ldm_scaling.models import cost as costlib
 from ldm_scaling.models import tokenizer
@@ -54,6 +54,8 @@ from ldm_scaling.train import trainer
 from ldm_scaling.train.metrics import format_duration
 
 SCHEDULES = ("equal_compute", "equal_steps")
+_U_SOURCE = {"bootstrap": "resampling intervals"}  # analysis' label for a table's fid_ci95
+CONFIRM_DIR = "confirm"  # study.confirm_n's table, beside results/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"study.schedule must be one of {SCHEDULES}, got {s.schedule!r}")
   if s.extend_cfg < 0:
     raise ConfigError(f"study.extend_cfg must be >= 0 (extra CFG scales), got {s.extend_cfg}")
+  if s.confirm_n < 0 or s.confirm_n == 1:
+    raise ConfigError(f"study.confirm_n must be 0 (off) or >= 2 samples, got {s.confirm_n}")
   if s.checkpoints < 1:
     raise ConfigError(f"study.checkpoints must be >= 1, got {s.checkpoints}")
   if s.fid_curve_cell and len(s.fid_curve_cell) != 3:
@@ -209,6 +213,7 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
     grid.evaluate(workdirs, table_dir, eval_config=eval_config, log=log, extractor=extractor)
   extend_cfg(config, runs, table_dir, log=log, extractor=extractor)
   floor = real_floor(config, root, table_dir, log=log, extractor=extractor)
+  confirm(config, runs, table_dir, os.path.join(root, CONFIRM_DIR), log=log, extractor=extractor)
   clock.phase("eval", time.perf_counter() - t0)
 
   # 4. Analysis and report (always regenerated: cheap, and reflects the whole table).
@@ -254,6 +259,51 @@ def extend_cfg(config, runs: list[RunPlan], table_dir: str, *, log=print, extrac
                     extractor=extractor)
       added += 1
   return added
+
+
+def best_cells(frame: pd.DataFrame, widths) -> pd.DataFrame:
+  """Each width's lowest-FID cell at its run's latest checkpoint (any sampler, steps and CFG): its
+  best within the table's highest sampling budget, the cell :func:`confirm` evaluates again."""
+  rows = []
+  for w in widths:
+    mine = frame[frame["width"] == int(w)]
+    if mine.empty:
+      continue
+    mine = mine[mine["checkpoint_step"] == mine["checkpoint_step"].max()]
+    mine = mine[pd.to_numeric(mine["fid"], errors="coerce").notna()]
+    if len(mine):
+      rows.append(mine.loc[pd.to_numeric(mine["fid"]).idxmin()])
+  return pd.DataFrame(rows)
+
+
+def confirm(config, runs: list[RunPlan], table_dir: str, confirm_dir: str, *, log=print,
+            extractor=None) -> int:
+  """With ``study.confirm_n``: each run's best grid cell (:func:`best_cells`) evaluated again with
+  ``confirm_n`` samples and a fresh seed (``eval.seed + 1``) into its own table ``confirm_dir``,
+  plus the real-data floor at that n. The best of many noisy cells is biased low (it was picked
+  for its noise, too); fresh samples are not, and more of them shrink the interval, so the
+  size-effect check reads these cells. Resumable like every grid. Returns the cells evaluated."""
+  n = int(config.study.confirm_n)
+  if n <= 0:
+    return 0
+  best = best_cells(results.load(table_dir), [r.width for r in runs])
+  workdir = {r.width: r.workdir for r in runs}
+  for row in best.itertuples():
+    cell = ml_collections.ConfigDict(config.to_dict())
+    cell.eval.update(checkpoints="latest", samplers=(str(row.sampler),), steps=(int(row.steps),),
+                     cfg_scales=(float(row.cfg_scale),), num_samples=n,
+                     seed=int(config.eval.seed) + 1)
+    log(f"confirmation: w{row.width}'s best cell ({row.sampler} {int(row.steps)} steps CFG "
+        f"{float(row.cfg_scale):g}, FID {float(row.fid):.1f} at n={int(row.n)}) again with n={n}, "
+        f"seed {cell.eval.seed}")
+    grid.evaluate([workdir[int(row.width)]], confirm_dir, eval_config=cell, log=log,
+                  extractor=extractor)
+  if config.study.real_floor:
+    try:
+      grid.real_data_floor(config, confirm_dir, n=n, extractor=extractor, log=log)
+    except UserError as e:
+      log(f"real-data floor at n={n} not computed: {e}")
+  return len(best)
 
 
 def real_floor(config, root: str, table_dir: str, *, log=print, extractor=None) -> dict | str:
@@ -346,9 +396,10 @@ def verdict(frame) -> tuple[str, list[str]]:
   high cost — holds in ``frame``, by a rule fixed here before any data:
 
   1. Points: each model at its latest checkpoint, per sampler and step count, at its FID-optimal
-     CFG scale. Each point's uncertainty u is its ``fid_ci95`` (95 % bootstrap half-width) where
-     the table has one, else the noise estimate / sqrt(2), where the noise estimate is the largest
-     rise of a model's optimal-CFG FID when its steps grow (FID should not rise).
+     CFG scale. Each point's uncertainty u is its ``fid_ci95`` (95 % half-width from resampling
+     the samples, ``eval.frechet.METHOD``) where the table has one, else the noise estimate /
+     sqrt(2), where the noise estimate is the largest rise of a model's optimal-CFG FID when its
+     steps grow (FID should not rise).
   2. For every pair (smaller, bigger) and every sampling budget both can meet, each model's best
      FID within the budget; one *wins* when its FID is lower by more than sqrt(u_a^2 + u_b^2), and
      only if the loser's optimum is not at the top of its CFG grid (there its FID is only an upper
@@ -403,9 +454,10 @@ def verdict(frame) -> tuple[str, list[str]]:
            if "fid_ci95" in opt.columns else pd.Series(False, index=opt.index))
   n = int(pd.to_numeric(frame["n"], errors="coerce").max()) if "n" in frame.columns else 0
   if known.all():
-    lines.append(f"Uncertainty: each FID's 95 % bootstrap interval (`fid_ci95`, n={n} samples "
-                 f"per cell; median half-width {opt['fid_ci95'].median():.1f} FID at the optimal "
-                 f"CFG); a win needs a gap larger than the two half-widths combined.")
+    lines.append(f"Uncertainty: each FID's 95 % interval from {frechet.METHOD}-sample resampling "
+                 f"(`fid_ci95`, n={n} samples per cell; median half-width "
+                 f"{opt['fid_ci95'].median():.1f} FID at the optimal CFG); a win needs a gap "
+                 f"larger than the two half-widths combined.")
   else:
     missing = "no cell" if not known.any() else f"{int((~known).sum())} of {len(opt)} cells"
     if noise == 0:
@@ -417,7 +469,7 @@ def verdict(frame) -> tuple[str, list[str]]:
                   f"{noise:.1f} FID")
     else:
       fallback = "no noise estimate either (no model has two step counts): nothing is decisive"
-    lines.append(f"Uncertainty: {missing} has a bootstrap interval (`fid_ci95`), so the verdict "
+    lines.append(f"Uncertainty: {missing} has a resampling interval (`fid_ci95`), so the verdict "
                  f"uses {fallback} (n={n} samples per cell).")
   edge = opt[opt["grid_edge"] == "top"]
   if len(edge):
@@ -429,21 +481,34 @@ def verdict(frame) -> tuple[str, list[str]]:
   return outcome, lines
 
 
-def size_effect_line(frame, factor: float = 3.0) -> tuple[dict | None, str]:
+def size_effect_line(frame, factor: float = 3.0,
+                     confirmed: pd.DataFrame | None = None) -> tuple[dict | None, str]:
   """Issue 20's criterion that model size matters measurably: the largest model's best FID at the
   highest sampling budget beats the smallest model's by more than ``factor`` x the combined
-  uncertainty (``analysis.size_effect``). Returns (its dict or None, a sentence)."""
-  effect = analysis.size_effect(frame, "fid", factor=factor)
+  uncertainty (``analysis.size_effect``). With ``confirmed`` (the table of :func:`confirm`: each
+  model's best cell again, fresh samples), the comparison reads those cells; CFG-grid-edge flags
+  still come from ``frame``'s grid. Returns (its dict or None, a sentence)."""
+  use = confirmed if confirmed is not None and len(confirmed) else None
+  effect = analysis.size_effect(frame if use is None else use, "fid", factor=factor)
   if effect is None:
     return None, "Size effect: one model only, nothing to compare."
   e = effect
+  if use is not None:
+    grid_effect = analysis.size_effect(frame, "fid", factor=factor)
+    e["at_grid_edge"] = [] if grid_effect is None else [
+        m for m in grid_effect["at_grid_edge"] if m in (e["small"], e["big"])]
+    e["confirmed_n"] = int(pd.to_numeric(use["n"], errors="coerce").max())
   verdict_word = "met" if e["met"] else "not met"
-  text = (f"Size effect ({factor:g}× criterion): at the highest sampling budget ({e['budget']:.3g})"
+  where = (f"each model's best grid cell evaluated again with n={e['confirmed_n']} fresh samples "
+           f"(seed + 1), largest budget among them {e['budget']:.3g}" if use is not None
+           else f"at the highest sampling budget ({e['budget']:.3g})")
+  text = (f"Size effect ({factor:g}× criterion; {where}):"
           f" the largest model {e['big']} reaches FID {e['big_value']:.1f} ± {e['big_u']:.1f} "
           f"({e['big_setting']}) and the smallest {e['small']} {e['small_value']:.1f} ± "
           f"{e['small_u']:.1f} ({e['small_setting']}): {e['big']} is "
           f"{'better' if e['advantage'] >= 0 else 'worse'} by {abs(e['advantage']):.1f}, "
-          f"{e['ratio']:+.1f}× the combined uncertainty {e['u']:.1f} ({e['u_source']}) — "
+          f"{e['ratio']:+.1f}× the combined uncertainty {e['u']:.1f} "
+          f"({_U_SOURCE.get(e['u_source'], e['u_source'])}) — "
           f"criterion **{verdict_word}**.")
   if e["at_grid_edge"]:
     text += f" ({', '.join(e['at_grid_edge'])}: optimum at the top of the CFG grid.)"
@@ -488,6 +553,17 @@ def _floor_line(floor: dict | str | None) -> str:
           f"this n (FID is biased upward at small n).")
 
 
+def _cached_floor(table_dir: str) -> dict | None:
+  """The real-data floor :func:`confirm` cached in its table directory (the one entry), if any."""
+  path = os.path.join(table_dir, grid.FLOOR_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    floors = json.load(f).get("floors") or {}
+  entries = [v["floor"] for v in floors.values() if isinstance(v, dict) and "floor" in v]
+  return max(entries, key=lambda x: int(x.get("n", 0))) if entries else None
+
+
 def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: _Clock, *,
                  command: str = "", floor: dict | str | None = None) -> dict:
   """Figures + the analysis summary (``<root>/analysis``) and ``<root>/report.md``. ``floor``:
@@ -497,10 +573,14 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
   os.makedirs(out_dir, exist_ok=True)
   made = analysis.analyze(frame, out_dir, "fid", source="results")
   outcome, lines = verdict(frame)
-  effect, effect_text = size_effect_line(frame)
+  confirm_dir = os.path.join(root, CONFIRM_DIR)
+  confirmed = (results.load(confirm_dir)
+               if os.path.exists(os.path.join(confirm_dir, "results.csv")) else None)
+  effect, effect_text = size_effect_line(frame, confirmed=confirmed)
   if floor is None and os.path.exists(os.path.join(root, "real_data_floor.json")):
     with open(os.path.join(root, "real_data_floor.json"), encoding="utf-8") as f:
       floor = json.load(f)
+  confirm_floor = _cached_floor(confirm_dir)
   env = environment()
   phases: dict[str, float] = {}
   for inv in clock.history:
@@ -530,7 +610,8 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
       f"at high cost — is **{outcome}** here (computed from the table by the rule in "
       f"`ldm_scaling.study.verdict`: a size wins at a sampling budget only when its FID is lower "
       f"by more than the combined 95 % uncertainty):", "",
-      *[f"- {line}" for line in lines], f"- {effect_text}", f"- {_floor_line(floor)}", "",
+      *[f"- {line}" for line in lines], f"- {effect_text}", f"- {_floor_line(floor)}",
+      *([f"- {_floor_line(confirm_floor)}"] if confirm_floor else []), "",
       f"Setting: {data_description(config)}; UNets {widths} "
       f"({min(r.params for r in runs) / 1e6:.2f}–{max(r.params for r in runs) / 1e6:.2f}M "
       f"parameters) trained {trained}; eval grid {grid_words}; FID from {e.num_samples} samples "

@@ -395,14 +395,14 @@ def save_grid(path: str, images: np.ndarray, row_labels: Sequence[str],
   width = max(left + cols * (cw + pad) + pad, 7 * max(len(s) for s in header) + 2 * pad)
   canvas = Image.new("RGB", (width, top + rows * (ch + pad) + pad), "white")
   draw = ImageDraw.Draw(canvas)
-  for i, text in enumerate(header):
-    draw.text((pad, pad + i * line), text, fill="black")
-  for c, text in enumerate(col_labels):
-    draw.text((left + c * (cw + pad), top - line - 2), text, fill="black")
-  for r, text in enumerate(row_labels):
+  for i, label in enumerate(header):
+    draw.text((pad, pad + i * line), label, fill="black")
+  for c, label in enumerate(col_labels):
+    draw.text((left + c * (cw + pad), top - line - 2), label, fill="black")
+  for r, label in enumerate(row_labels):
     y = top + r * (ch + pad)
-    for j in range(0, min(len(text), 4 * 22), 22):
-      draw.text((pad, y + (j // 22) * line), text[j:j + 22], fill="black")
+    for j in range(0, min(len(label), 4 * 22), 22):
+      draw.text((pad, y + (j // 22) * line), label[j:j + 22], fill="black")
     for c in range(cols):
       cell = Image.fromarray(images[r * cols + c]).resize((cw, ch), Image.NEAREST)
       canvas.paste(cell, (left + c * (cw + pad), y))

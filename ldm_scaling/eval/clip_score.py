@@ -80,7 +80,7 @@ def label_for(name_or_path: str) -> str:
 
 def default_image_processor(model):
   """CLIP's standard preprocessing at the model's input size."""
-  from transformers import CLIPImageProcessor, CLIPTokenizer  # deferred: see module docstring
+  from transformers import CLIPImageProcessor  # deferred: see module docstring
   size = int(model.config.vision_config.image_size)
   return CLIPImageProcessor(size={"shortest_edge": size},
                             crop_size={"height": size, "width": size})

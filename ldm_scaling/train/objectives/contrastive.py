@@ -10,6 +10,8 @@ and exports a transformers checkpoint. transformers is imported where it is used
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,6 +23,9 @@ from ldm_scaling.errors import ConfigError
 from ldm_scaling.models import clip as clip_lib
 from ldm_scaling.models import tokenizer
 from ldm_scaling.train.objectives import base
+
+if TYPE_CHECKING:  # transformers is imported where used (see the module docstring)
+  from transformers import FlaxCLIPModel
 
 NAME = "clip"
 MAX_LOGIT_SCALE = float(np.log(100.0))
