@@ -1,7 +1,11 @@
 """The CPU scaling study (the README's main job): a model-size sweep on 2 CPU cores.
 
-  ldm-scaling study --config configs/study/cpu_mini.py --workdir runs/study          # <= 60 min
+  ldm-scaling study --config configs/study/cpu_mini.py --workdir runs/study          # see below
   ldm-scaling study --config configs/study/cpu_mini.py:quick --workdir runs/quick    # <= 5 min
+
+Time (docs/study.md): not yet run end to end at this size. Estimated from measured throughputs:
+40-50 min on a 2-core host with a 0.48 TFLOP/s f32 matmul peak, 2-3 h on one with 0.13
+(measured there: components ~15 min; w16 / w32 / w64 train at 128 / 80 / 41 examples/s).
 
 Embedded 32 px captioned-shapes data, the offline small CLIP and small-f4 VAE (8x8x4 latents;
 trained first if absent), and three widths (16, 32, 64: 0.4-5.9M parameters) of the CPU-scale
@@ -30,8 +34,8 @@ def get_config(arg=None):
   config.model.update(CPU_UNET)
   config.model.update(unet.preset(32, CPU_UNET["channel_mult"]))
   config.cost.update(latent_size=config.data.resolution // 4, text_len=config.text.max_length)
-  config.clip.steps = 400           # ~2 min here; the CLIP is the conditioning and the CLIP score
-  config.vae.steps = 800            # ~3 min here
+  config.clip.steps = 400           # 2 min (0.48 TFLOP/s host) - 7 min (0.13); the conditioning
+  config.vae.steps = 800            # 3 - 8 min
   config.train.update(
       steps=1200, batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine",
       end_lr_factor=0.1, ema_decay=0.99, log_every=100, keep_checkpoints=4, best_metric="",
@@ -47,14 +51,14 @@ def get_config(arg=None):
       num_samples=64, fid_reference_n=512, batch_size=64, grid_images=16)
   if arg.quick:
     # CI-sized (<= 5 min from cold components on 2 cores): compiles dominate, so fewer and
-    # smaller programs -- a two-level UNet at two widths, small components, one sampler, no CFG
-    # extension (equal_steps: both widths train 12 steps).
+    # smaller programs -- a one-level UNet at two widths, small components, one sampler, no CFG
+    # extension (equal_steps: both widths train 8 steps).
     config.data.shapes_sizes = (2000, 256)
     config.clip.update(steps=20, batch_size=64, layers=1, vision_layers=1, warmup_steps=4)
-    config.vae.update(steps=30, batch_size=16)
-    config.model.update(channel_mult=(1, 2), attn_levels=(True, False))
-    config.model.update(unet.preset(16, (1, 2)))
-    config.train.update(steps=12, warmup_steps=2, log_every=6)
+    config.vae.update(steps=16, batch_size=16)
+    config.model.update(channel_mult=(1,), attn_levels=(True,))
+    config.model.update(unet.preset(16, (1,)))
+    config.train.update(steps=8, warmup_steps=2, log_every=4)
     # No training-curve cells (the resume test in tests/test_study.py evaluates one) and 8
     # samples per cell: the cold run measured 318 s with them (the limit is 300).
     config.study.update(widths=(16, 32), fid_curve_cell=(), checkpoints=2, extend_cfg=0,
