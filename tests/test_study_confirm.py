@@ -2,17 +2,19 @@
 size-effect check reading those cells (hand-made tables; the grid itself is tested elsewhere)."""
 
 import math
+import os
 
 import pandas as pd
 import pytest
 
+from ldm_scaling import experiment
 from ldm_scaling import study
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.eval import grid
 from ldm_scaling.eval import results
 
-CONFIG = study.os.path.join(study.os.path.dirname(study.os.path.dirname(study.__file__)),
-                            "configs", "study", "cpu_mini.py")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "study", "cpu_mini.py")
 
 
 def _rows(cells, *, n=64, ci=1.0, checkpoint=100):
@@ -40,7 +42,7 @@ def test_best_cells_take_each_models_lowest_fid_at_its_latest_checkpoint():
 
 
 def test_confirm_evaluates_each_best_cell_with_fresh_samples(tmp_path, monkeypatch):
-  config = study.experiment.load(CONFIG + ":quick")
+  config = experiment.load(CONFIG + ":quick")
   config.study.update(widths=(1, 2), confirm_n=200, real_floor=False)
   runs = [study.RunPlan(w, 10, f"/runs/w{w}", 1000 * w, w / 100) for w in (1, 2)]
   table = tmp_path / "results"
