@@ -56,6 +56,7 @@ from ldm_scaling.train.metrics import format_duration
 SCHEDULES = ("equal_compute", "equal_steps")
 _U_SOURCE = {"bootstrap": "resampling intervals"}  # analysis' label for a table's fid_ci95
 CONFIRM_DIR = "confirm"  # study.confirm_n's table, beside results/
+FLOOR_JSON = "real_data_floor.json"  # real_floor's copy, read by write_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,22 +299,20 @@ def confirm(config, runs: list[RunPlan], table_dir: str, confirm_dir: str, *, lo
         f"seed {cell.eval.seed}")
     grid.evaluate([workdir[int(row.width)]], confirm_dir, eval_config=cell, log=log,
                   extractor=extractor)
-  if config.study.real_floor:
-    try:
-      grid.real_data_floor(config, confirm_dir, n=n, extractor=extractor, log=log)
-    except UserError as e:
-      log(f"real-data floor at n={n} not computed: {e}")
+  real_floor(config, confirm_dir, confirm_dir, log=log, extractor=extractor, n=n)
   return len(best)
 
 
-def real_floor(config, root: str, table_dir: str, *, log=print, extractor=None) -> dict | str:
-  """The real-data floor: held-out real images vs the FID reference at the cells' n (what FID a
-  perfect model would get at this n), via ``grid.real_data_floor`` (which caches it in the table
-  directory); also written to ``<root>/real_data_floor.json`` for :func:`write_report`. A string
-  says why there is none (``study.real_floor=False``, an eval module without the function, or a
-  config/data error such as too few held-out images)."""
-  path = os.path.join(root, "real_data_floor.json")
-  n = int(config.eval.num_samples)
+def real_floor(config, root: str, table_dir: str, *, log=print, extractor=None,
+               n: int | None = None) -> dict | str:
+  """The real-data floor: held-out real images vs the FID reference at ``n`` images (default: the
+  cells' ``eval.num_samples``; what FID a perfect model would get at this n), via
+  ``grid.real_data_floor`` (which caches it in the table directory); also written to
+  ``<root>/real_data_floor.json`` for :func:`write_report`. A string says why there is none
+  (``study.real_floor=False``, an eval module without the function, or a config/data error such
+  as too few held-out images)."""
+  path = os.path.join(root, FLOOR_JSON)
+  n = int(config.eval.num_samples if n is None else n)
   if not config.study.real_floor:
     return "not computed (study.real_floor=False)"
   compute = getattr(grid, "real_data_floor", None)
@@ -553,15 +552,13 @@ def _floor_line(floor: dict | str | None) -> str:
           f"this n (FID is biased upward at small n).")
 
 
-def _cached_floor(table_dir: str) -> dict | None:
-  """The real-data floor :func:`confirm` cached in its table directory (the one entry), if any."""
-  path = os.path.join(table_dir, grid.FLOOR_FILE)
+def _saved_floor(directory: str) -> dict | None:
+  """The floor :func:`real_floor` wrote to ``<directory>/real_data_floor.json``, if any."""
+  path = os.path.join(directory, FLOOR_JSON)
   if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
-    floors = json.load(f).get("floors") or {}
-  entries = [v["floor"] for v in floors.values() if isinstance(v, dict) and "floor" in v]
-  return max(entries, key=lambda x: int(x.get("n", 0))) if entries else None
+    return json.load(f)
 
 
 def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: _Clock, *,
@@ -577,10 +574,9 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
   confirmed = (results.load(confirm_dir)
                if os.path.exists(os.path.join(confirm_dir, "results.csv")) else None)
   effect, effect_text = size_effect_line(frame, confirmed=confirmed)
-  if floor is None and os.path.exists(os.path.join(root, "real_data_floor.json")):
-    with open(os.path.join(root, "real_data_floor.json"), encoding="utf-8") as f:
-      floor = json.load(f)
-  confirm_floor = _cached_floor(confirm_dir)
+  if floor is None:
+    floor = _saved_floor(root)
+  confirm_floor = _saved_floor(confirm_dir)
   env = environment()
   phases: dict[str, float] = {}
   for inv in clock.history:
