@@ -54,7 +54,6 @@ from ldm_scaling.train import trainer
 from ldm_scaling.train.metrics import format_duration
 
 SCHEDULES = ("equal_compute", "equal_steps")
-_U_SOURCE = {"bootstrap": "resampling intervals"}  # analysis' label for a table's fid_ci95
 CONFIRM_DIR = "confirm"  # study.confirm_n's table, beside results/
 FLOOR_JSON = "real_data_floor.json"  # real_floor's copy, read by write_report
 
@@ -507,7 +506,7 @@ def size_effect_line(frame, factor: float = 3.0,
           f"{e['small_u']:.1f} ({e['small_setting']}): {e['big']} is "
           f"{'better' if e['advantage'] >= 0 else 'worse'} by {abs(e['advantage']):.1f}, "
           f"{e['ratio']:+.1f}× the combined uncertainty {e['u']:.1f} "
-          f"({_U_SOURCE.get(e['u_source'], e['u_source'])}) — "
+          f"({e['u_source']}) — "
           f"criterion **{verdict_word}**.")
   if e["at_grid_edge"]:
     text += f" ({', '.join(e['at_grid_edge'])}: optimum at the top of the CFG grid.)"

@@ -154,7 +154,7 @@ def test_noise_aware_comparisons_by_hand(hand):
   # With 95 % half-widths of 1.5 everywhere a win needs a gap > 1.5 * sqrt(2) = 2.12.
   noisy = hand.assign(fid_ci95=1.5)
   comp = analysis.budget_comparisons(noisy)
-  assert set(comp["u_source"]) == {"bootstrap"}
+  assert set(comp["u_source"]) == {"table interval"}
   assert comp["u"].to_numpy() == pytest.approx(1.5 * math.sqrt(2))
   assert {(r.small, r.big, r.budget) for r in comp.itertuples() if r.winner != "none"} == {
       ("w64", "w128", 4.0), ("w128", "w320", 8.0)}

@@ -11,6 +11,8 @@ import time
 import pandas as pd
 import pytest
 
+import hand_tables
+
 from ldm_scaling import analysis
 from ldm_scaling import cli
 from ldm_scaling import config as cfglib
@@ -135,20 +137,10 @@ def test_study_refuses_other_config_in_same_workdir(tmp_path):
 
 def _frame(fids, ci=None):
   """A hand-made table for one sampler: {(width, steps): fid} at CFG 3, or {(width, steps):
-  {cfg: fid}}; norm cost = width / 100. ``ci``: every cell's fid_ci95 (None: no such column, as
-  in tables written before uncertainties)."""
-  rows = []
-  for (width, steps), values in fids.items():
-    for cfg, value in (values.items() if isinstance(values, dict) else [(3.0, values)]):
-      row = {c: None for c in results.COLUMNS}
-      row.update(run=f"/runs/w{width}", checkpoint_step=100, objective="denoising",
-                 sampler="ddim", steps=steps, cfg_scale=cfg, scale_schedule="", width=width,
-                 params=width * 1000, norm_cost=width / 100, sampling_cost=width / 100 * steps,
-                 fid=value, n=64)
-      if ci is not None:
-        row["fid_ci95"] = ci
-      rows.append(row)
-  return pd.DataFrame(rows)
+  {cfg: fid}} (see hand_tables.frame)."""
+  return hand_tables.frame({(width, steps, cfg): value for (width, steps), values in fids.items()
+                            for cfg, value in (values.items() if isinstance(values, dict)
+                                               else [(3.0, values)])}, ci=ci)
 
 
 # w1 (cost 0.01/step) vs w2 (0.02/step), 4/8/16 steps: common budgets 0.08, 0.16, 0.32. At 0.08

@@ -7,6 +7,8 @@ import os
 import pandas as pd
 import pytest
 
+import hand_tables
+
 from ldm_scaling import experiment
 from ldm_scaling import study
 from ldm_scaling.errors import ConfigError
@@ -18,16 +20,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def _rows(cells, *, n=64, ci=1.0, checkpoint=100):
-  """{(width, steps, cfg): fid} -> a results frame (one sampler, norm cost = width / 100)."""
-  rows = []
-  for (width, steps, cfg), value in cells.items():
-    row = {c: None for c in results.COLUMNS}
-    row.update(run=f"/runs/w{width}", checkpoint_step=checkpoint, objective="denoising",
-               sampler="ddim", steps=steps, cfg_scale=cfg, scale_schedule="", width=width,
-               params=width * 1000, norm_cost=width / 100, sampling_cost=width / 100 * steps,
-               fid=value, n=n, fid_ci95=ci)
-    rows.append(row)
-  return pd.DataFrame(rows)
+  """{(width, steps, cfg): fid} -> a results frame (every fid_ci95 ``ci``)."""
+  return hand_tables.frame(cells, ci=ci, n=n, checkpoint=checkpoint)
 
 
 GRID = {(1, 8, 2.0): 40, (1, 16, 2.0): 36, (1, 16, 4.0): 35,

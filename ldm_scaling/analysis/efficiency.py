@@ -16,7 +16,7 @@ cross several times (noise) report the last crossing and the count in ``crossing
 
 Noise-aware comparisons (what the study's verdict uses). Every optimal-CFG point carries an
 uncertainty ``u``: the half-width of its metric's 95 % interval (``fid_ci95`` /
-``clip_score_ci95[...]`` from the eval job's bootstrap) where the table has it, else the *noise
+``clip_score_ci95[...]``, the eval job's half-sample resampling) where the table has it, else the *noise
 estimate* divided by sqrt(2): the largest move of a model's optimal-CFG metric in the wrong
 direction when its steps grow (FID should not rise with more steps), so that two such points
 differ meaningfully only by more than that move. One model *wins* over another only when the
@@ -216,15 +216,24 @@ def noise_estimate(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "
   return max(rises) if rises else math.nan
 
 
+TABLE_INTERVAL = "table interval"  # u from the table's *_ci95 column (the eval's resampling)
+NOISE_ESTIMATE = "noise estimate"  # u from the noise estimate (no *_ci95 in the table)
+
+
+def _joint_source(a, b) -> str:
+  """The ``u_source`` of a comparison: ``table interval`` only when both points have one."""
+  return TABLE_INTERVAL if a["u_source"] == b["u_source"] == TABLE_INTERVAL else NOISE_ESTIMATE
+
+
 def with_uncertainty(points: pd.DataFrame, m: table.Metric, noise: float) -> pd.DataFrame:
-  """``points`` plus ``u`` (95 % half-width of the metric) and ``u_source`` (``bootstrap`` where
-  the table has the CI, ``noise estimate`` = ``noise`` / sqrt(2) elsewhere)."""
+  """``points`` plus ``u`` (95 % half-width of the metric) and ``u_source`` (``table interval``
+  where the table has the CI, ``noise estimate`` = ``noise`` / sqrt(2) elsewhere)."""
   out = points.copy()
   ci = (pd.to_numeric(out[m.ci_column], errors="coerce") if m.ci_column in out.columns
         else pd.Series(math.nan, index=out.index))
   known = np.isfinite(ci.to_numpy(float))
   out["u"] = np.where(known, ci.to_numpy(float), noise / math.sqrt(2.0))
-  out["u_source"] = np.where(known, "bootstrap", "noise estimate")
+  out["u_source"] = np.where(known, TABLE_INTERVAL, NOISE_ESTIMATE)
   return out
 
 
@@ -286,8 +295,7 @@ def budget_comparisons(frame: pd.DataFrame, metric: str = "fid", sampler: str | 
               small_value=float(pa[m.column]), big_value=float(pb[m.column]),
               small_u=float(pa["u"]), big_u=float(pb["u"]), advantage=c["diff"], u=c["u"],
               winner="none" if at_edge else winner, loser_at_edge=at_edge,
-              u_source=("bootstrap" if pa["u_source"] == pb["u_source"] == "bootstrap"
-                        else "noise estimate")))
+              u_source=_joint_source(pa, pb)))
   out = pd.DataFrame(rows, columns=[
       "sampler", "small", "big", "budget", "small_steps", "big_steps", "small_value", "big_value",
       "small_u", "big_u", "advantage", "u", "winner", "loser_at_edge", "u_source"])
@@ -397,8 +405,7 @@ def size_effect(frame: pd.DataFrame, metric: str = "fid", factor: float = 3.0,
               advantage=c["diff"], u=c["u"],
               ratio=_ratio(c["diff"], c["u"]), met=bool(c["diff"] > factor * c["u"]),
               at_grid_edge=[x["model"] for x in (small, big) if x["grid_edge"] == "top"],
-              u_source=("bootstrap" if small["u_source"] == big["u_source"] == "bootstrap"
-                        else "noise estimate"), noise=noise)
+              u_source=_joint_source(small, big), noise=noise)
 
 
 def _ratio(diff: float, u: float) -> float:
