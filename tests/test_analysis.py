@@ -282,6 +282,40 @@ def test_distillation_figure_pairs_students_with_their_undistilled_width(hand, t
     analysis.fig_distillation(hand)
 
 
+def test_distillation_comparison_by_hand(tmp_path):
+  """A guidance-conditioned student of w64 (lcm, CFG 1/2/3) against its teacher, every cell with
+  fid_ci95 1 (combined sqrt(2)): the teacher's optimal-CFG points are 28 at 8 steps and 23.5 at
+  its most (32) steps, with CFG 6 at the top of its grid; it has no 4-step cells."""
+  rows = [dict(r, fid_ci95=1.0) for r in hand_rows()]
+  for steps, fids in ((4, (30.0, 24.0, 26.0)), (8, (23.0, 22.0, 22.5))):
+    for cfg, fid in zip((1.0, 2.0, 3.0), fids):
+      rows.append(dict(_row(64, 200, steps, cfg, fid, 25.0), run="/runs/w64-cd",
+                       objective="consistency", sampler="lcm", fid_ci95=1.0))
+  path = tmp_path / "results.csv"
+  pd.DataFrame(rows).to_csv(path, index=False)
+  frame = results.load(str(path))
+  comp = analysis.distillation_comparison(frame).set_index("steps")
+  assert list(comp.index) == [4, 8] and set(comp["width"]) == {64}  # w128/w320: no student
+  four, eight = comp.loc[4], comp.loc[8]
+  assert (four["student"], four["student_cfg"], four["student_edge"]) == (24.0, 2.0, "")
+  assert four["same_outcome"] == "not measured" and math.isnan(four["same_advantage"])
+  # 4 steps vs the teacher's 32: 24 vs 23.5, -0.5 within sqrt(2).
+  assert four["most_steps"] == 32 and four["most_edge"] == "top"
+  assert four["most_advantage"] == pytest.approx(-0.5)
+  assert four["most_u_combined"] == pytest.approx(math.sqrt(2))
+  assert four["most_outcome"] == "within noise"
+  # 8 steps: 22 vs 28 (same steps) and vs 23.5 (32 steps): +6 and +1.5, both beyond sqrt(2).
+  assert (eight["same_value"], eight["same_cfg"], eight["same_sampler"]) == (28.0, 4.0, "ddim")
+  assert eight["same_advantage"] == pytest.approx(6.0) and eight["same_outcome"] == "student better"
+  assert eight["most_advantage"] == pytest.approx(1.5) and eight["most_outcome"] == "student better"
+  text = analysis.summary_markdown(frame)
+  assert "## Distilled vs undistilled (optimal CFG)" in text
+  assert ("| 64 | 8 | 22 ± 1 (CFG 2) | 28 ± 1 (CFG 4) ddim 8 | +6 ± 1.4 → student better | "
+          "23.5 ± 1 (CFG 6, top edge) ddim 32 | +1.5 ± 1.4 → student better |") in text
+  assert "## Distilled vs undistilled" not in analysis.summary_markdown(frame[
+      frame["objective"] == "denoising"])
+
+
 def test_cli(hand, tmp_path):
   csv = tmp_path / "hand.csv"
   hand.to_csv(csv, index=False)

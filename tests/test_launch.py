@@ -139,7 +139,18 @@ def test_distillation_sweep_pairs_teachers_with_objectives():
     assert set(teacher.overrides) <= set(run.overrides)  # same width and heads as the teacher
     assert f"objective.teacher={teacher.workdir}" in run.overrides
     assert "train.ema_decay=0.95" in run.overrides
-    assert {'eval.samplers=("lcm",)', "eval.cfg_scales=(1.0,)"} <= set(run.overrides)
+    # Guidance-conditioned students (LCM's w input), evaluated over a CFG grid.
+    assert {'eval.samplers=("lcm",)', "model.guidance_embed=true",
+            "objective.cfg_range=(1.0, 8.0)",
+            "eval.cfg_scales=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)"} <= set(run.overrides)
+  from ldm_scaling import experiment
+  student = experiment.load(runs[0].config, list(runs[0].overrides))
+  assert student.model.guidance_embed and student.objective.cfg_range == (1.0, 8.0)
+  assert student.eval.cfg_scales[0] == 1.0 and student.eval.cfg_scales[-1] == 8.0
+  fixed = _expand("configs/sweeps/distillation.py:widths=(128,),guidance=false")
+  assert "eval.cfg_scales=(1.0,)" in fixed[0].overrides
+  assert not any(o.startswith(("model.guidance_embed", "objective.cfg_range"))
+                 for o in fixed[0].overrides)
   from ldm_scaling.train import objectives
   for run, error in zip(runs, sweeps.validate_runs(runs)):
     name = run.name.split("-", 1)[1]

@@ -27,6 +27,7 @@ _EXPORTS = {
     "crossovers": "efficiency", "frontier_segments": "efficiency", "pareto_front": "efficiency",
     "budget_comparisons": "efficiency", "front_significance": "efficiency",
     "noise_estimate": "efficiency", "pair_evidence": "efficiency", "size_effect": "efficiency",
+    "distillation_comparison": "efficiency",
     "all_figures": "figures", "fig_cfg": "figures", "fig_cost": "figures",
     "fig_samplers": "figures", "fig_training": "figures", "plot_all": "figures",
     "fig_distillation": "figures", "distillation_points": "figures",

@@ -414,3 +414,64 @@ def _ratio(diff: float, u: float) -> float:
   if u > 0:
     return diff / u
   return math.copysign(math.inf, diff) if diff else math.nan
+
+
+DISTILLED = "consistency"   # the objective whose models count as distilled
+UNDISTILLED = "denoising"
+
+
+def best_by_steps(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest",
+                  noise: float | None = None) -> pd.DataFrame:
+  """Per (width, objective, steps): the best optimal-CFG point over samplers (undistilled: the
+  best sampler at that step count; distilled: its own sampler), with ``u`` / ``u_source``."""
+  points, m, _, _ = _noisy_points(frame, metric, checkpoint, None, noise)
+  points = points[points["objective"].isin([DISTILLED, UNDISTILLED])]
+  keys = ["width", "objective", "steps"]
+  ordered = points.sort_values([*keys, m.column], ascending=[True] * 3 + [m.sort_ascending()],
+                               kind="mergesort")
+  out = ordered.groupby(keys, sort=False).head(1).reset_index(drop=True)
+  out.attrs["metric"] = m.column
+  return out
+
+
+def distillation_comparison(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest",
+                            noise: float | None = None) -> pd.DataFrame:
+  """Each distilled model's optimal-CFG point at each of its step counts against the undistilled
+  model of the same width: at the same steps (``same``) and at the undistilled model's most
+  steps (``most``), each at its best sampler and optimal CFG. ``<ref>_advantage`` > 0: the
+  student is better; ``<ref>_u``: the combined 95 % half-width; ``<ref>_outcome``: ``student
+  better`` / ``teacher better`` / ``within noise`` (a difference no larger than the combined
+  uncertainty). ``*_edge``: the CFG optimum sits at an end of its grid (a bound, not an
+  optimum). Empty when the table has no matched pair."""
+  best = best_by_steps(frame, metric, checkpoint, noise)
+  m = table.metric(frame, metric)
+  rows = []
+  for width, part in best.groupby("width", sort=True):
+    teacher = part[part["objective"] == UNDISTILLED]
+    student = part[part["objective"] == DISTILLED]
+    if teacher.empty or student.empty:
+      continue
+    most = teacher.loc[teacher["steps"].idxmax()]
+    for _, s in student.sort_values("steps").iterrows():
+      row = dict(width=int(width), steps=int(s["steps"]), student=s[m.column], student_u=s["u"],
+                 student_cfg=float(s["cfg_scale"]), student_edge=s["grid_edge"],
+                 student_cost=float(s["sampling_cost"]))
+      same = teacher[teacher["steps"] == s["steps"]]
+      for ref, t in (("same", same.iloc[0] if len(same) else None), ("most", most)):
+        if t is None:
+          row.update({f"{ref}_{k}": math.nan for k in ("value", "u", "advantage", "u_combined",
+                                                       "cost")})
+          row.update({f"{ref}_sampler": "", f"{ref}_cfg": math.nan, f"{ref}_edge": "",
+                      f"{ref}_steps": 0, f"{ref}_outcome": "not measured"})
+          continue
+        c = _compare(t, s, m)
+        row.update({f"{ref}_value": t[m.column], f"{ref}_u": t["u"], f"{ref}_sampler": t["sampler"],
+                    f"{ref}_steps": int(t["steps"]), f"{ref}_cfg": float(t["cfg_scale"]),
+                    f"{ref}_edge": t["grid_edge"], f"{ref}_cost": float(t["sampling_cost"]),
+                    f"{ref}_advantage": c["diff"], f"{ref}_u_combined": c["u"],
+                    f"{ref}_outcome": ("within noise" if abs(c["diff"]) <= c["u"] else
+                                       "student better" if c["diff"] > 0 else "teacher better")})
+      rows.append(row)
+  out = pd.DataFrame(rows)
+  out.attrs["metric"] = m.column
+  return out

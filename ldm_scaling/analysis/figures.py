@@ -204,21 +204,15 @@ def fig_training(frame: pd.DataFrame, metric: str = "fid", sampler: str | None =
   return fig
 
 
-DISTILLED = "consistency"   # the objective whose models count as distilled in Fig. 13
-UNDISTILLED = "denoising"
+DISTILLED = efficiency.DISTILLED   # the objective whose models count as distilled in Fig. 13
+UNDISTILLED = efficiency.UNDISTILLED
 
 
 def distillation_points(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest"
                         ) -> pd.DataFrame:
   """Per (width, objective, steps): the best optimal-CFG point over samplers (undistilled: the
   best sampler at that step count; distilled: its own sampler), with its sampling cost."""
-  points = efficiency.cost_curves(frame, metric, checkpoint)
-  m = table.metric(frame, metric)
-  points = points[points["objective"].isin([DISTILLED, UNDISTILLED])]
-  keys = ["width", "objective", "steps"]
-  ordered = points.sort_values([*keys, m.column], ascending=[True] * 3 + [m.sort_ascending()],
-                               kind="mergesort")
-  return ordered.groupby(keys, sort=False).head(1).reset_index(drop=True)
+  return efficiency.best_by_steps(frame, metric, checkpoint)
 
 
 def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,

@@ -178,6 +178,10 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
         comp, ["model", "steps", "sampling_cost", *samplers, "best_sampler"],
         ["model", "steps", "sampling cost", *samplers, "best"]), ""]
 
+  distilled = efficiency.distillation_comparison(frame, metric, noise=noise)
+  if not distilled.empty:
+    out += _distillation_section(distilled, m)
+
   curves = training.training_curves(frame, metric)
   first = curves.iloc[0]
   out += ["## Training compute", "",
@@ -188,6 +192,34 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
   if figure_files:
     out += ["## Figures", ""] + [f"![{name}]({name})" for name in figure_files] + [""]
   return "\n".join(out)
+
+
+def _distillation_section(comp: pd.DataFrame, m) -> list[str]:
+  """The student-vs-teacher table of :func:`efficiency.distillation_comparison`."""
+  def value(v, u, cfg, edge):
+    if not math.isfinite(v):
+      return "–"
+    return f"{v:.4g} ± {_fmt(u, 2)} (CFG {cfg:g}{', ' + edge + ' edge' if edge else ''})"
+  view = pd.DataFrame({
+      "width": comp["width"], "steps": comp["steps"],
+      "student": [value(*r) for r in zip(comp["student"], comp["student_u"], comp["student_cfg"],
+                                         comp["student_edge"])]})
+  for ref, name in (("same", "teacher, same steps"), ("most", "teacher, most steps")):
+    view[name] = [f"{value(v, u, c, e)} {sampler} {steps}" if math.isfinite(v) else "–"
+                  for v, u, c, e, sampler, steps in zip(
+                      comp[f"{ref}_value"], comp[f"{ref}_u"], comp[f"{ref}_cfg"],
+                      comp[f"{ref}_edge"], comp[f"{ref}_sampler"], comp[f"{ref}_steps"])]
+    view[f"{name}: student advantage"] = [
+        f"{a:+.3g} ± {_fmt(u, 2)} → {o}" if math.isfinite(a) else o for a, u, o in zip(
+            comp[f"{ref}_advantage"], comp[f"{ref}_u_combined"],
+            comp[f"{ref}_outcome"])]
+  return ["## Distilled vs undistilled (optimal CFG)", "",
+          f"Each distilled (`{efficiency.DISTILLED}`) model at each of its step counts against the "
+          f"undistilled model of the same width at the same steps and at its most steps, every "
+          f"point at its optimal CFG and the undistilled at its best sampler. ± : 95 % "
+          f"half-widths; advantage > 0: the student is better ({m.column}), by more than the "
+          "combined uncertainty or else *within noise*. *edge*: the optimum is at an end of its "
+          "CFG grid.", "", markdown_table(view), ""]
 
 
 def analyze(frame: pd.DataFrame, out_dir: str, metric: str = "fid",
