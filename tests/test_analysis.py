@@ -314,6 +314,11 @@ def test_distillation_comparison_by_hand(tmp_path):
           "23.5 ± 1 (CFG 6, top edge) ddim 32 | +1.5 ± 1.4 → student better |") in text
   assert "## Distilled vs undistilled" not in analysis.summary_markdown(frame[
       frame["objective"] == "denoising"])
+  # Fig. 13 draws the 95 % intervals: 8-step points 28 / 26 / 25 (teachers) and 22 (student), ± 1.
+  left = analysis.fig_distillation(frame, steps=8).axes[0]
+  bars = [[tuple(map(tuple, seg)) for seg in c.get_segments()] for c in left.collections]
+  assert bars == [[((64, 27), (64, 29)), ((128, 25), (128, 27)), ((320, 24), (320, 26))],
+                  [((64, 21), (64, 23))]]
 
 
 def test_cli(hand, tmp_path):

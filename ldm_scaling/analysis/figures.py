@@ -215,11 +215,21 @@ def distillation_points(frame: pd.DataFrame, metric: str = "fid", checkpoint: An
   return efficiency.best_by_steps(frame, metric, checkpoint)
 
 
+def _error_bars(ax, x, points: pd.DataFrame, column: str, color) -> None:
+  """Vertical 95 % intervals where the table has them (``u_source`` = table interval); no caps,
+  so the axes' lines stay the plotted curves."""
+  known = (points["u_source"] == efficiency.TABLE_INTERVAL).to_numpy()
+  if known.any():
+    ax.errorbar(np.asarray(x)[known], points[column].to_numpy(float)[known],
+                yerr=points["u"].to_numpy(float)[known], fmt="none", ecolor=color, alpha=0.6,
+                capsize=0, lw=1)
+
+
 def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
                      checkpoint: Any = "latest") -> Figure:
   """Fig. 13: left, the metric of each width at ``steps`` steps, undistilled (best sampler and
   CFG) vs distilled; right, both against sampling cost (undistilled solid, distilled dashed),
-  colours by width. Distilled = objective ``consistency``, paired with the undistilled model of
+  colours by width; 95 % intervals as bars where the table has them. Distilled = objective ``consistency``, paired with the undistilled model of
   the same width."""
   data, m = table.prepare(frame, metric)
   best = distillation_points(frame, metric, checkpoint)
@@ -234,8 +244,9 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
   for objective, marker, name in ((UNDISTILLED, "o-", "undistilled"),
                                   (DISTILLED, "s--", "distilled")):
     mine = at[at["objective"] == objective].sort_values("width")
-    left.plot(mine["width"], mine[m.column], marker, color="k" if objective == UNDISTILLED
-              else "tab:red", label=f"{name}, {steps} steps")
+    color = "k" if objective == UNDISTILLED else "tab:red"
+    left.plot(mine["width"], mine[m.column], marker, color=color, label=f"{name}, {steps} steps")
+    _error_bars(left, mine["width"], mine, m.column, color)
   left.set_xscale("log", base=2)
   left.set_xticks(widths, [str(w) for w in widths])
   left.set_xlabel("UNet width")
@@ -250,6 +261,7 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
       if not line.empty:
         right.plot(line["sampling_cost"], line[m.column], style, ms=3.5, color=colors[w],
                    label=f"w{w}{name}")
+        _error_bars(right, line["sampling_cost"], line, m.column, colors[w])
   right.set_xscale("log")
   right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
   right.set_xlabel("sampling cost (norm. cost x steps)")
