@@ -16,8 +16,8 @@ cross several times (noise) report the last crossing and the count in ``crossing
 
 Noise-aware comparisons (what the study's verdict uses). Every optimal-CFG point carries an
 uncertainty ``u``: the half-width of its metric's 95 % interval (``fid_ci95`` /
-``clip_score_ci95[...]``, the eval job's half-sample resampling) where the table has it, else the *noise
-estimate* divided by sqrt(2): the largest move of a model's optimal-CFG metric in the wrong
+``clip_score_ci95[...]``, the eval job's half-sample resampling) where the table has it, else the
+*noise estimate* divided by sqrt(2): the largest move of a model's optimal-CFG metric in the wrong
 direction when its steps grow (FID should not rise with more steps), so that two such points
 differ meaningfully only by more than that move. One model *wins* over another only when the
 difference exceeds the combined uncertainty sqrt(u_a^2 + u_b^2). Comparisons are made at equal
@@ -439,10 +439,11 @@ def distillation_comparison(frame: pd.DataFrame, metric: str = "fid", checkpoint
   """Each distilled model's optimal-CFG point at each of its step counts against the undistilled
   model of the same width: at the same steps (``same``) and at the undistilled model's most
   steps (``most``), each at its best sampler and optimal CFG. ``<ref>_advantage`` > 0: the
-  student is better; ``<ref>_u``: the combined 95 % half-width; ``<ref>_outcome``: ``student
-  better`` / ``teacher better`` / ``within noise`` (a difference no larger than the combined
-  uncertainty). ``*_edge``: the CFG optimum sits at an end of its grid (a bound, not an
-  optimum). Empty when the table has no matched pair."""
+  student is better; ``<ref>_u``: the reference's 95 % half-width, ``<ref>_u_combined``: both
+  points' together; ``<ref>_outcome``: ``student better`` / ``teacher better`` / ``within
+  noise`` (a difference no larger than the combined uncertainty). ``*_edge``: the CFG optimum
+  sits at an end of its grid (a bound, not an optimum). Empty when the table has no matched
+  pair."""
   best = best_by_steps(frame, metric, checkpoint, noise)
   m = table.metric(frame, metric)
   rows = []

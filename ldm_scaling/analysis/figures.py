@@ -229,8 +229,8 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
                      checkpoint: Any = "latest") -> Figure:
   """Fig. 13: left, the metric of each width at ``steps`` steps, undistilled (best sampler and
   CFG) vs distilled; right, both against sampling cost (undistilled solid, distilled dashed),
-  colours by width; 95 % intervals as bars where the table has them. Distilled = objective ``consistency``, paired with the undistilled model of
-  the same width."""
+  colours by width; 95 % intervals as bars where the table has them. Distilled = objective
+  ``consistency``, paired with the undistilled model of the same width."""
   data, m = table.prepare(frame, metric)
   best = distillation_points(frame, metric, checkpoint)
   have = set(best["objective"])

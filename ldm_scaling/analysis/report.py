@@ -93,7 +93,8 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
           "Per (model, sampler, steps). *edge* (`at_grid_edge`): the optimum is the smallest "
           "(bottom) or largest (top) scale evaluated, so the true optimum may lie outside the "
           f"grid and the value is only a bound — {edges} of {len(opt)} cells here. ± : the 95 % "
-          "half-width of the metric (the eval's half-sample resampling; – where the table has none).", ""]
+          "half-width of the metric (the eval's half-sample resampling; – where the table has "
+          "none).", ""]
   if both is not None and "cfg_clip" in both.columns:
     clip = [c for c in both.columns if c.startswith("clip_score[")][0]
     out.append(markdown_table(
@@ -145,8 +146,8 @@ def summary_markdown(frame: pd.DataFrame, metric: str = "fid", source: str | Non
   out += ["## Wins beyond the uncertainty", "",
           "Each pair of sizes at every sampling budget both can meet: each model's best measured "
           "point within the budget; a model wins when better by more than sqrt(u_a² + u_b²), u "
-          "being the 95 % half-width of each point (the table's interval, from the eval's half-sample "
-          "resampling), or where the table has none, the "
+          "being the 95 % half-width of each point (the table's interval, from the eval's "
+          "half-sample resampling), or where the table has none, the "
           f"noise estimate / √2 (noise estimate: {_fmt(noise, 3)}, the largest move of a model's "
           f"optimal-CFG {m.column} in the wrong direction as its steps grow). Uncertainties used: "
           f"{', '.join(sorted(sources)) or '–'}. A win against an optimum at the top of its CFG "
