@@ -22,6 +22,7 @@ cfg 1 only (the guidance is baked in).
 """
 
 from ldm_scaling import config as cfglib
+from ldm_scaling.diffusion import consistency
 from ldm_scaling.launch import sweeps
 
 TEACHERS = (128, 320, 768)
@@ -51,8 +52,8 @@ def get_config(arg=None):
   # The students' own eval section: consistency sampling at 1-8 steps, over a CFG grid when the
   # student takes the scale as its input, else at cfg 1 (the guidance is distilled in).
   if arg.guidance:
-    lo, hi = (float(x) for x in arg.cfg_range)
-    overrides += [("model.guidance_embed", True), ("objective.cfg_range", (lo, hi))]
+    cfg_range = consistency.check_cfg_range(arg.cfg_range, guidance_embed=True)
+    overrides += [("model.guidance_embed", True), ("objective.cfg_range", cfg_range)]
     scales = tuple(float(s) for s in arg.eval_cfg)
   else:
     scales = (1.0,)
