@@ -203,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
       loss="huber",                 # huber | l2
       huber_c=0.001,
       timestep_scaling=10.0,        # boundary scalings c_skip, c_out (as diffusers' LCMScheduler)
+      # scale-wise (SwD) students and the swd sampler (ldm_scaling.diffusion.scalewise): the latent
+      # side of each sampling step (non-decreasing, ending at the latent size) and its noise level
+      # as a fraction of the schedule (flow sigma; t/T on a discrete schedule), strictly falling
+      scales=(),
+      sigmas=(),
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -4,8 +4,10 @@
   SD3's shift; zero-terminal-SNR rescale) and diffusers-exact inference grids;
 * ``parametrisation``: eps / v / x0 / flow predictions and exact conversions;
 * ``training``: denoising loss, targets, uniform and min-SNR-gamma weightings;
-* ``samplers``: the sampler registry (``ddim``, ``ddpm``, ``dpm++``, ``euler``, ``lcm``);
+* ``samplers``: the sampler registry (``ddim``, ``ddpm``, ``dpm++``, ``euler``, ``lcm``, ``swd``);
 * ``consistency``: consistency distillation (boundary scalings, teacher step, loss);
+* ``scalewise``: scale-wise distillation (SwD): torch-exact resizes, scales and noise levels,
+  training inputs, DMD / MMD / GAN losses;
 * ``guidance``: per-sample classifier-free guidance in one batched call;
 * ``sampling``: ``run`` / ``sample``: the whole trajectory as one compiled program, with cost.
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 import ml_collections
 
 from ldm_scaling.errors import ConfigError
-from ldm_scaling.diffusion import consistency, parametrisation, samplers, schedules, training
+from ldm_scaling.diffusion import (consistency, parametrisation, samplers, scalewise, schedules,
+                                   training)
 from ldm_scaling.diffusion.samplers import SAMPLERS, Options, options_from_config
 from ldm_scaling.diffusion.sampling import Samples, run, sample
 from ldm_scaling.diffusion.schedules import Schedule, schedule_from_config
@@ -44,6 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if d.min_snr_gamma <= 0:
     raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
   options = options_from_config(config)
+  if options.swd_scales or options.swd_sigmas:
+    from ldm_scaling import data  # pylint: disable=g-import-not-at-top  # (import cycle)
+    from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
+    scalewise.check(options.swd_scales, options.swd_sigmas, latent_size=data.latent_size(config),
+                    down_factor=unet.down_factor(config.model))
   for steps in config.eval.steps:
     schedules.check_steps(int(steps), schedule)
   for name in config.eval.samplers:
@@ -53,5 +61,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 __all__ = ["SAMPLERS", "Options", "Samples", "Schedule", "consistency", "options_from_config",
-           "parametrisation", "run", "sample", "samplers", "schedule_from_config", "schedules",
-           "training", "validate"]
+           "parametrisation", "run", "sample", "samplers", "scalewise", "schedule_from_config",
+           "schedules", "training", "validate"]

@@ -16,7 +16,10 @@ Grids reproduce diffusers 0.35's schedulers (see docs/diffusion.md for the detai
   midpoint, ``lower_order_final``, ``final_sigmas_type="zero"`` (DPM-Solver++(2M));
 * ``euler``: ``FlowMatchEulerDiscreteScheduler`` (rectified-flow schedules only);
 * ``lcm``: ``LCMScheduler`` multistep consistency sampling, for consistency-distilled students
-  (``ldm_scaling.diffusion.consistency``; 1 to ``solver_steps`` evaluations).
+  (``ldm_scaling.diffusion.consistency``; 1 to ``solver_steps`` evaluations);
+* ``swd``: scale-wise sampling of SwD students (``ldm_scaling.diffusion.scalewise``): one step per
+  ``Options.swd_scales`` entry, the latent growing from the first scale to full size; on
+  ``rectified_flow`` it is ``FlowMatchLCMScheduler(scale_factors=...)``.
 
 On a ``rectified_flow`` schedule every sampler steps the same shifted sigma grid (diffusers'
 ``FlowMatchEulerDiscreteScheduler``); there deterministic DDIM is the Euler step.
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_scaling.diffusion import consistency
+from ldm_scaling.diffusion import consistency, scalewise
 from ldm_scaling.diffusion.schedules import Schedule
 from ldm_scaling.errors import ConfigError
 
@@ -68,6 +71,8 @@ class Options:
   eta: float = 0.0  # ddim: 0 = deterministic DDIM, 1 = DDPM-like posterior noise
   lcm_solver_steps: int = 50          # lcm: the distillation's solver grid (objective.solver_steps)
   lcm_timestep_scaling: float = 10.0  # lcm: the boundary scalings' s (objective.timestep_scaling)
+  swd_scales: tuple[int, ...] = ()    # swd: latent side of each step (objective.scales)
+  swd_sigmas: tuple[float, ...] = ()  # swd: noise level of each step (objective.sigmas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,13 +266,61 @@ def lcm(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: Op
   return _scan(step, x, grid)
 
 
+# --- SwD (scale-wise sampling) -------------------------------------------------------------------
+
+
+def swd_grid(schedule: Schedule, steps: int, options: Options) -> Grid:
+  scales, sigmas = options.swd_scales, options.swd_sigmas
+  scalewise.check(scales, sigmas)
+  if steps != len(scales):
+    raise ConfigError(f"sampler 'swd' takes one step per scale: {len(scales)} steps for "
+                      f"objective.scales={tuple(scales)}, got {steps}")
+  t, alpha, sigma = scalewise.levels(schedule, sigmas)
+  # After the last step the sample is its x0 (alpha 1, sigma 0), as diffusers does.
+  a_next = np.concatenate([alpha[1:], np.ones(1, np.float32)])
+  s_next = np.concatenate([sigma[1:], np.zeros(1, np.float32)])
+  return _grid(t, alpha, sigma, x0=a_next, noise=s_next)
+
+
+def swd(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: Options):
+  """Unrolled (the latent's shape changes between steps): the first scale's noise is the top-left
+  corner of ``x`` (a crop of white noise is white noise); each step's x0 is upscaled to the next
+  scale (torch's bicubic), then noised to the next level with fresh noise."""
+  scales = options.swd_scales
+  if x.shape[1:3] != (scales[-1], scales[-1]):
+    raise ConfigError(f"sampler 'swd' ends at scale {scales[-1]} but the latents are "
+                      f"{x.shape[1]}x{x.shape[2]}; objective.scales must end at the latent size")
+  x = x[:, :scales[0], :scales[0], :]
+  for i in range(grid.steps):
+    x0 = denoise(x, i).x0
+    if i + 1 == grid.steps:
+      return x0
+    x0 = scalewise.resize(x0, scales[i + 1])
+    noise = step_noise(keys, i, x0.shape).astype(x0.dtype)
+    x = grid.coef["x0"][i] * x0 + grid.coef["noise"][i] * noise
+  return x
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(ddim_grid, ddim, stochastic=lambda o: o.eta > 0),
     "ddpm": Sampler(ddpm_grid, ddpm, stochastic=lambda o: True),
     "dpm++": Sampler(dpm_grid, dpm_solver_pp_2m, stochastic=lambda o: False),
     "euler": Sampler(euler_grid, euler, stochastic=lambda o: False, schedules="flow"),
     "lcm": Sampler(lcm_grid, lcm, stochastic=lambda o: True, schedules="discrete"),
+    "swd": Sampler(swd_grid, swd, stochastic=lambda o: True),
 }
+
+
+def step_sides(name: str, options: Options) -> tuple[int, ...]:
+  """The latent side of each step of a scale-wise sampler (``swd``); () for the others, whose
+  every step runs at full size."""
+  return tuple(options.swd_scales) if name == "swd" else ()
+
+
+def scale_schedule(name: str, options: Options) -> str:
+  """The results table's ``scale_schedule`` of a cell: the sides joined by ``-`` ("8-12-16")
+  for ``swd``, "" for full-size samplers."""
+  return "-".join(str(s) for s in step_sides(name, options))
 
 
 def get(name: str) -> Sampler:
@@ -310,4 +363,6 @@ def build_grid(name: str, schedule: Schedule, steps: int, prediction: str,
 def options_from_config(config) -> Options:
   o = config.objective
   return Options(eta=float(config.eval.ddim_eta), lcm_solver_steps=int(o.solver_steps),
-                 lcm_timestep_scaling=float(o.timestep_scaling))
+                 lcm_timestep_scaling=float(o.timestep_scaling),
+                 swd_scales=tuple(int(v) for v in o.scales),
+                 swd_sigmas=tuple(float(v) for v in o.sigmas))

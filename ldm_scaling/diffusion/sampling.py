@@ -159,11 +159,12 @@ class Samples:
 
 
 def sample_cost(norm_cost: float, sampler: str, steps: int, scales: np.ndarray,
-                count_uncond_pass: bool) -> np.ndarray:
-  """Per-sample sampling cost under the cost model's convention."""
+                count_uncond_pass: bool, relative_steps=None) -> np.ndarray:
+  """Per-sample sampling cost under the cost model's convention; ``relative_steps``: a
+  scale-wise trajectory's per-step cost relative to a full-size step (``cost.step_costs``)."""
   evals = steps * samplers_lib.get(sampler).evals_per_step
-  return np.array([cost.sampling_cost(norm_cost, evals, float(w), count_uncond_pass)
-                   for w in scales])
+  return np.array([cost.sampling_cost(norm_cost, evals, float(w), count_uncond_pass,
+                                      relative_steps) for w in scales])
 
 
 def sample(config, apply_fn: guidance.ApplyFn, params, noise, context, *, key,
@@ -194,6 +195,8 @@ def sample(config, apply_fn: guidance.ApplyFn, params, noise, context, *, key,
   x = jax.block_until_ready(exe(*args))
   run_s = time.perf_counter() - start
   w = scales if scales is not None else np.ones(batch, np.float32)
+  sides = samplers_lib.step_sides(sampler, options)
+  relative = cost.step_costs(config.model, config.cost, sides) if sides else None
   return Samples(x=x, cost=sample_cost(norm_cost, sampler, steps, w,
-                                       config.cost.count_uncond_pass),
+                                       config.cost.count_uncond_pass, relative),
                  cfg_scale=w, sampler=sampler, steps=steps, compile_s=compile_s, run_s=run_s)

@@ -387,7 +387,9 @@ def run_ids(workdir: str, table_dir: str) -> list[str]:
 def _key(run: str, config, step, cell) -> dict:
   return dict(run=run, checkpoint_step=int(step),
               objective=config.objective.name, sampler=cell.sampler, steps=cell.steps,
-              cfg_scale=cell.cfg_scale, scale_schedule="")
+              cfg_scale=cell.cfg_scale,
+              scale_schedule=samplers.scale_schedule(cell.sampler,
+                                                     samplers.options_from_config(config)))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def cell_settings(config, e, *, checkpoint_id: Mapping[str, Any],
   if measuring.get("param_dtype") == "float32":  # the default: rows made before it keep their key
     del measuring["param_dtype"]
   options = samplers.options_from_config(sampling_config(config, e))
-  return _normal(dict(version=KEY_VERSION, eval=measuring, sampler=dataclasses.asdict(options),
+  return _normal(dict(version=KEY_VERSION, eval=measuring, sampler=_sampler_options(options),
                       run_config=_sampling_config_hash(config), checkpoint=dict(checkpoint_id),
                       reference=dict(reference), components=dict(components)))
 
@@ -569,8 +571,22 @@ def components_identity(config, e) -> dict:
   return out
 
 
+# Keys added after rows existed: at their default they are left out of the keys, so older rows
+# stay current (a non-default value is part of the key).
+_ADDED_OPTIONS = {"swd_scales": (), "swd_sigmas": ()}
+_ADDED_CONFIG = {("objective", "scales"): (), ("objective", "sigmas"): ()}
+
+
+def _sampler_options(options) -> dict:
+  return {k: v for k, v in dataclasses.asdict(options).items()
+          if not (k in _ADDED_OPTIONS and tuple(v) == _ADDED_OPTIONS[k])}
+
+
 def _sampling_config_hash(config) -> str:
   sections = {k: v for k, v in config.to_dict().items() if k not in _NOT_SAMPLING_SECTIONS}
+  for (section, key), default in _ADDED_CONFIG.items():
+    if section in sections and tuple(sections[section].get(key, default)) == default:
+      sections[section] = {k: v for k, v in sections[section].items() if k != key}
   return hashlib.sha256(_settings_json(sections).encode()).hexdigest()[:12]
 
 

@@ -130,6 +130,18 @@ def model_cost(model_cfg: ml_collections.ConfigDict,
   return ModelCost(model_cfg.width, params, gflops, gflops / ref_gflops)
 
 
+def step_costs(model_cfg: ml_collections.ConfigDict, cost_cfg: ml_collections.ConfigDict,
+               sides: Sequence[int]) -> tuple[float, ...]:
+  """The forward cost of each step of a scale-wise trajectory relative to a full-size step: XLA's
+  FLOP count of the model at each latent side over its count at the last (full) side. Close to
+  ``(s / R)^2``; attention's quadratic terms make smaller sides cheaper still."""
+  def gflops(side):
+    return measure(model_cfg, ml_collections.ConfigDict(dict(cost_cfg.to_dict(),
+                                                             latent_size=int(side))))[1]
+  full = gflops(sides[-1])
+  return tuple(gflops(s) / full for s in sides)
+
+
 def passes_per_step(cfg_scale: float | None, count_uncond_pass: bool) -> int:
   """Forward passes a sampling step is charged: 2 for a guided step when the convention counts
   the unconditional pass, else 1. A scale of 1 (or None) needs no unconditional pass."""
@@ -138,10 +150,16 @@ def passes_per_step(cfg_scale: float | None, count_uncond_pass: bool) -> int:
 
 
 def sampling_cost(norm_cost: float, steps: int, cfg_scale: float | None = None,
-                  count_uncond_pass: bool = False) -> float:
-  """Normalised cost x steps (x 2 for guided steps if ``count_uncond_pass``)."""
+                  count_uncond_pass: bool = False,
+                  relative_steps: Sequence[float] | None = None) -> float:
+  """Normalised cost x steps (x 2 for guided steps if ``count_uncond_pass``). A scale-wise
+  trajectory counts each step at its :func:`step_costs` (``relative_steps``, one per step)."""
   if int(steps) != steps or steps < 1:
     raise ConfigError(f"sampling steps must be a positive integer, got {steps!r}")
+  if relative_steps is not None:
+    if len(relative_steps) != steps:
+      raise ConfigError(f"{len(relative_steps)} relative step costs for {steps} steps")
+    return norm_cost * float(sum(relative_steps)) * passes_per_step(cfg_scale, count_uncond_pass)
   return norm_cost * steps * passes_per_step(cfg_scale, count_uncond_pass)
 
 
