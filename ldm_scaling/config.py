@@ -208,6 +208,23 @@ def base_config() -> ml_collections.ConfigDict:
       # as a fraction of the schedule (flow sigma; t/T on a discrete schedule), strictly falling
       scales=(),
       sigmas=(),
+      # scale-wise distillation (objective.name=scale_wise, docs/training.md): the student and a
+      # fake-score network start as objective.teacher; see ldm_scaling.diffusion.scalewise
+      swd=ml_collections.ConfigDict(dict(
+          fake_updates=5,           # fake-score (+ GAN head) updates per student update
+          dmd_weight=1.0,           # student: dmd_weight DMD + mmd_weight MMD + gan_weight GAN
+          mmd_weight=1.0,
+          gan_weight=5e-3,
+          fake_gan_weight=1e-2,     # fake-score net: x0 regression + fake_gan_weight D loss
+          input_order="upscale_then_noise",  # or noise_then_upscale (the paper's ablation)
+          mmd_kernel="linear",      # linear (pseudo-Huber, mmd_c) | rbf (mmd_bandwidth)
+          mmd_c=1e-3,
+          mmd_bandwidth=100.0,
+          noise_grid=28,            # the inference grid the DMD / MMD / fake noise is drawn from
+          dmd_indices=(12, 28),     # [lo, hi) of that grid (SwD: sigma <= .79 on SD3.5's)
+          mmd_indices=(18, 28),     # (SwD: sigma <= .60)
+          ema_decay=0.0,            # the student's EMA (what eval reads); 0 = the weights (SwD)
+      )),
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

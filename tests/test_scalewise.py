@@ -414,3 +414,174 @@ def test_swd_samples_carry_their_scale_wise_cost():
   options = samplers.options_from_config(config)
   assert samplers.scale_schedule("swd", options) == "8-12-16"
   assert samplers.scale_schedule("ddim", options) == ""
+
+
+# --- The scale_wise objective -------------------------------------------------------------------
+
+
+def _objective_config(**swd):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(width=16)
+  # One level: the smallest UNet that still has the mid block the features come from.
+  config.model.update(channel_mult=(1,), attn_levels=(False,), layers_per_block=1,
+                      norm_groups=8)
+  config.diffusion.update(schedule="rectified_flow", prediction="flow", flow_shift=3.0)
+  config.objective.update(name="scale_wise", teacher="/nowhere", inputs="embeddings",
+                          scales=(4, 6, 8), sigmas=(1.0, 0.8, 0.6), cfg_scale=3.0)
+  config.objective.swd.update(fake_updates=2, **swd)
+  config.eval.update(samplers=("swd",), steps=(3,))
+  config.text.max_length = 5
+  return config
+
+
+def _objective_inputs(objective, config, seed=0):
+  params = jax.jit(objective.init)(jax.random.key(seed))
+  from ldm_scaling import sharding as sh  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train.objectives import base  # pylint: disable=g-import-not-at-top
+  params = sh.unbox(params)
+  # The teacher: another init (a student and fake net starting elsewhere still get gradients).
+  teacher = sh.unbox(jax.jit(objective.init)(jax.random.key(seed + 1)))["unet"]
+  frozen = {"teacher": base.Frozen(objective.unet, teacher),
+            "uncond": base.Frozen(None, np.zeros((1, 5, config.model.cross_attn_dim), np.float32))}
+  rng = np.random.RandomState(seed)
+  batch = {"latents": rng.randn(2, 8, 8, 4).astype(np.float32),
+           "context": rng.randn(2, 5, config.model.cross_attn_dim).astype(np.float32)}
+  return params, frozen, batch
+
+
+def test_scale_wise_phases_cycle_and_gradients_reach_only_the_phases_networks():
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  config = _objective_config()
+  objectives.validate(config)
+  objective = objectives.OBJECTIVES["scale_wise"](config)
+  assert set(objective.networks()) == {"unet", "fake", "head"}
+  assert objective.networks()["unet"].start_from == "teacher"
+  assert objective.networks()["fake"].start_from == "teacher"
+  phases = objective.phases()
+  # fake x2 then student, the scale index advancing once per cycle: a function of the step.
+  got = [(objectives.phase_at(phases, s)[0].name, objectives.phase_at(phases, s)[1])
+         for s in range(10)]
+  assert got == [("fake", 0), ("fake", 0), ("student", 0), ("fake", 1), ("fake", 1),
+                 ("student", 1), ("fake", 2), ("fake", 2), ("student", 2), ("fake", 0)]
+  params, frozen, batch = _objective_inputs(objective, config)
+  by_name = {p.name: p for p in phases}
+  # The student at the first scale (no previous one) and the last; the fake net in between.
+  for phase, k in ((by_name["fake"], 1), (by_name["student"], 0), (by_name["student"], 2)):
+    grads, metrics = jax.jit(jax.grad(lambda p: phase.loss(p, frozen, None, batch,
+                                                           jax.random.key(k), choice=k),
+                                      has_aux=True))(params)
+    norms = {n: float(optax_global_norm(g)) for n, g in grads.items()}
+    for name in norms:
+      if name in phase.updates:
+        assert norms[name] > 0, (phase.name, k, norms)
+      else:
+        assert norms[name] == 0, (phase.name, k, norms)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    if phase.name == "student":
+      student_metrics = metrics
+    else:
+      fake_metrics = metrics
+  # The student's loss has every term; the fake net's, regression + discriminator.
+  assert {"dmd", "mmd", "gan_g", "x0_mse"} <= set(student_metrics)
+  assert {"denoise", "gan_d"} <= set(fake_metrics)
+
+
+def optax_global_norm(tree):
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.tree.norm(tree)
+
+
+def test_mmd_only_student_trains_alone_on_the_teachers_features():
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  config = _objective_config(dmd_weight=0.0, gan_weight=0.0)
+  objective = objectives.OBJECTIVES["scale_wise"](config)
+  assert set(objective.networks()) == {"unet"}
+  phases = objective.phases()
+  assert [p.name for p in phases] == ["student"]
+  assert [objectives.phase_at(phases, s)[1] for s in range(4)] == [0, 1, 2, 0]
+  params, frozen, batch = _objective_inputs(objective, config)
+  loss, metrics = jax.jit(lambda p: phases[0].loss(p, frozen, None, batch, jax.random.key(0),
+                                                   choice=2))(params)
+  assert set(metrics) == {"loss", "mmd", "x0_mse"} and float(loss) > 0
+  # With the student equal to the teacher... the MMD term still compares samples to data: > 0.
+  assert float(metrics["mmd"]) > 0
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(scales=(), sigmas=()), "needs objective.scales and objective.sigmas"),
+    (dict(teacher=""), "needs objective.teacher"),
+    (dict(scales=(4, 6, 16), sigmas=(1.0, 0.8, 0.6)), "end at the latent size 8"),
+    (dict(sigmas=(1.0, 0.8)), "3 entries but objective.sigmas has 2"),
+    (dict(scales=(6, 4, 8)), "must not decrease"),
+    (dict(swd=dict(input_order="sideways")), "unknown objective.swd.input_order"),
+    (dict(swd=dict(fake_updates=0)), "fake_updates must be >= 1"),
+    (dict(swd=dict(dmd_weight=0.0, mmd_weight=0.0, gan_weight=0.0)), "would learn nothing"),
+    (dict(swd=dict(dmd_indices=(12, 40))), r"objective.swd.dmd_indices: .*\[12, 40\)"),
+    (dict(swd=dict(mmd_kernel="cosine")), "unknown objective.swd.mmd_kernel"),
+])
+def test_bad_scale_wise_settings_are_clear_errors(change, match):
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  config = _objective_config()
+  swd_change = change.pop("swd", {})
+  config.objective.update(**change)
+  config.objective.swd.update(**swd_change)
+  with pytest.raises(ConfigError, match=match):
+    objectives.validate(config)
+
+
+def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_path):
+  """The whole SwD pipeline at CI size on the session's tiny teacher (8x8 latents, VP schedule):
+  4 steps (fake, student at scale 4; fake, student at scale 8). Stopped after its step-2
+  checkpoint and resumed (what a SIGKILL leaves: the last checkpoint, then a fresh process's
+  restore), every network ends bit-identical to the uninterrupted run's. The student is then
+  evaluated with the swd sampler: its row carries scale_schedule 4-8 and the sampling cost of the
+  two measured step costs."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  teacher_dir, _ = tiny_run
+  config = copy.deepcopy(checkpoint.load_run_config(str(teacher_dir)))
+  config.unlock()
+  config.objective.update(name="scale_wise", teacher=str(teacher_dir), scales=(4, 8),
+                          sigmas=(1.0, 0.6), cfg_scale=3.0)
+  config.objective.swd.fake_updates = 1
+  config.train.update(steps=4, lr=1e-4, warmup_steps=0, log_every=1, checkpoint_every=2,
+                      sample_every=0, async_checkpointing=False, seed=3)
+  config.eval.update(samplers=("swd",), steps=(2,), cfg_scales=(1.0,), num_samples=8,
+                     fid_reference_n=16, batch_size=8, grid_images=4,
+                     stats_dir=str(tmp_path / "stats"))
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  previewed = copy.deepcopy(config)
+  previewed.train.sample_every = 4  # the student's preview grid: the swd sampler via generate
+  result = trainer.train(previewed, str(straight))
+  assert result.step == 4 and np.isfinite(result.metrics["student/loss"])
+  assert (straight / "samples" / "step_0000004.png").is_file()
+  assert trainer.train(config, str(resumed), max_steps=2).step == 2
+  assert trainer.train(config, str(resumed)).step == 4
+  _, a = checkpoint.load_weights(str(straight), which="params")
+  _, b = checkpoint.load_weights(str(resumed), which="params")
+  assert set(a) == {"unet", "fake", "head"}
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  _, teacher = checkpoint.load_weights(str(teacher_dir), which="ema")
+  moved = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x - y)).max()),
+                                       a["unet"], teacher["unet"]))
+  assert max(moved) > 0  # the student trained
+  table_dir = tmp_path / "results"
+  assert cli.main(["eval", "--workdir", str(straight), "--results", str(table_dir)]) == 0
+  row = results.load(str(table_dir)).iloc[0]
+  assert row["objective"] == "scale_wise" and row["sampler"] == "swd"
+  assert row["scale_schedule"] == "4-8" and np.isfinite(row["fid"])
+  cost_cfg = config.cost.copy_and_resolve_references()
+  relative = cost.step_costs(config.model, cost_cfg, (4, 8))
+  assert row["sampling_cost"] == pytest.approx(row["norm_cost"] * sum(relative), rel=1e-6)
+  assert row["sampling_cost"] < 2 * row["norm_cost"]
+  # Training compute, counted by hand: 2 fake-phase steps (student forward 1, fake net forward +
+  # backward 3, discriminator's real pass with backward 3) and 2 student steps (forward + backward
+  # 3, guided teacher 2, fake net 1 for DMD, 3 for GAN, 4 for MMD), at the scales' mean share of a
+  # full forward, in units of 3 forwards; the teacher's own 3 steps apart.
+  share = (relative[0] + relative[1]) / 2
+  passes = 2 * (1 + 3 + 3) + 2 * (3 + 2 + 1 + 3 + 4)
+  assert row["train_compute"] == pytest.approx(row["norm_cost"] * share * passes / 3, rel=1e-6)
+  assert row["teacher_train_compute"] == pytest.approx(row["norm_cost"] * 3, rel=1e-6)

@@ -17,7 +17,8 @@ This module holds what the sampler and the objective share, all pure and shape-s
 * :func:`training_inputs`: the student's input at step ``k`` from the data at step ``k-1``'s
   scale, in the paper's order (upscale, then noise) or the ablation's (noise, then upscale);
 * :func:`dmd_loss`, :func:`mmd_loss`, :class:`DiscriminatorHead`, :func:`gan_generator_loss`,
-  :func:`gan_discriminator_loss`: the student's and the fake-score network's losses.
+  :func:`gan_discriminator_loss`: the terms; :func:`student_loss` and :func:`fake_loss`: the
+  student's and the fake-score network's losses at one scale, the networks passed as functions.
 
 Noise levels are given as fractions ``sigma`` in (0, 1] of the schedule: on ``rectified_flow`` the
 flow sigma itself (model timestep ``sigma * T``), on a discrete schedule the timestep
@@ -27,13 +28,14 @@ flow sigma itself (model timestep ``sigma * T``), on a discrete schedule the tim
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_scaling.diffusion import parametrisation as _param
 from ldm_scaling.diffusion import schedules as schedules_lib
 from ldm_scaling.diffusion.schedules import Schedule
 from ldm_scaling.errors import ConfigError
@@ -268,3 +270,130 @@ def gan_generator_loss(fake_logits: jax.Array) -> jax.Array:
 def gan_discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
   """``mean softplus(-D(real)) + mean softplus(D(fake))``."""
   return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+# --- The objective's two losses (pure; the networks arrive as functions) --------------------------
+
+# A network as the losses call it: (x, t (B,), context) -> output. The fake-score network also
+# returns its features (B, h, w, D) of one block: (x, t, context) -> (output, features).
+Net = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+FeatureNet = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def grid_levels(schedule: Schedule, grid_steps: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+  """(t, alpha, sigma) of points ``lo .. hi-1`` of the schedule's ``grid_steps``-point inference
+  grid (flow: the shifted sigmas; discrete: ``discrete_timesteps / T``), where the DMD / MMD /
+  fake-score noise is drawn (SwD: 28 points, DMD 12-27, MMD 18-27, fake all)."""
+  if not 0 <= lo < hi <= grid_steps:
+    raise ConfigError(f"noise index range [{lo}, {hi}) is not within the {grid_steps}-point grid")
+  if schedule.is_flow:
+    frac = schedule.flow_sigmas(grid_steps)
+  else:
+    frac = schedule.discrete_timesteps(grid_steps) / schedule.num_train_timesteps
+  return levels(schedule, frac[lo:hi])
+
+
+def _draw(rng, table, batch):
+  idx = jax.random.randint(rng, (batch,), 0, len(table[0]))
+  return tuple(jnp.asarray(a)[idx] for a in table)
+
+
+def _noised(x0, alpha, sigma, eps):
+  return _per_sample(alpha, x0) * x0 + _per_sample(sigma, x0) * eps
+
+
+def _guided(net: Net, x, t, context, uncond, scale: float):
+  """``net`` once on [x, x] with [context, uncond]: ``out_c + (w - 1) (out_c - out_u)``."""
+  if scale == 1.0:
+    return net(x, t, context)
+  u = jnp.broadcast_to(uncond.astype(context.dtype), context.shape)
+  out = net(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([context, u]))
+  out_c, out_u = jnp.split(out, 2)
+  return out_c + (scale - 1.0) * (out_c - out_u)
+
+
+def student_inputs(latents: jax.Array, k: int, scales: Sequence[int], alpha_k, sigma_k,
+                   noise_rng, order: str):
+  """(clean target at scale k, the student's noisy input there): the data area-downscaled to
+  ``scales[k]`` and to the previous scale (k = 0: the same), the latter upscaled and noised."""
+  x_k = resize(latents, scales[k], "area")
+  x_prev = resize(latents, scales[max(k - 1, 0)], "area")
+  side = scales[k] if order == "upscale_then_noise" else x_prev.shape[1]
+  noise = jax.random.normal(noise_rng, x_prev.shape[:1] + (side, side) + x_prev.shape[3:],
+                            latents.dtype)
+  return x_k, training_inputs(x_prev, scales[k], alpha_k, sigma_k, noise, order)
+
+
+def student_loss(student: Net, teacher: Net, fake: FeatureNet, head: Callable, latents, context,
+                 uncond, rng, *, k: int, scales: Sequence[int], step_levels, dmd_levels,
+                 mmd_levels, prediction: str, cfg_scale: float, dmd_weight: float = 1.0,
+                 mmd_weight: float = 1.0, gan_weight: float = 5e-3,
+                 order: str = "upscale_then_noise", mmd_kernel: str = "linear",
+                 mmd_c: float = 1e-3, mmd_bandwidth: float = 100.0):
+  """The student's loss at scale index ``k``: ``dmd_weight L_DMD + mmd_weight L_MMD + gan_weight
+  L_GAN`` on its x0 prediction at ``scales[k]`` (see the module docstring).
+
+  ``step_levels``: (t, alpha, sigma) of the K sampling steps; ``dmd_levels`` / ``mmd_levels``:
+  (t, alpha, sigma) tables the DMD / MMD noise is drawn from (:func:`grid_levels`). ``teacher`` is
+  guided with ``cfg_scale``; ``fake`` is unguided and its weights are constants here (the caller
+  passes them under ``stop_gradient``), but gradients flow through it to the sample."""
+  b = latents.shape[0]
+  in_rng, dmd_rng, dmd_eps_rng, mmd_rng, mmd_eps_rng = jax.random.split(rng, 5)
+  t_k, a_k, s_k = (jnp.full((b,), v[k], jnp.float32) for v in step_levels)
+  x_real, x_in = student_inputs(latents, k, scales, a_k, s_k, in_rng, order)
+  out = student(x_in, t_k, context).astype(jnp.float32)
+  x0, _ = _param.to_x0_eps(prediction, out, x_in, a_k, s_k)
+  metrics = {}
+  total = jnp.zeros((), jnp.float32)
+  if dmd_weight or gan_weight:
+    t, a, s = _draw(dmd_rng, dmd_levels, b)
+    eps = jax.random.normal(dmd_eps_rng, x0.shape, x0.dtype)
+    x_n = _noised(x0, a, s, eps)
+    if dmd_weight:
+      real_out = _guided(teacher, jax.lax.stop_gradient(x_n), t, context, uncond, cfg_scale)
+      x0_real, _ = _param.to_x0_eps(prediction, real_out.astype(jnp.float32), x_n, a, s)
+      fake_out, _ = fake(jax.lax.stop_gradient(x_n), t, context)
+      x0_fake, _ = _param.to_x0_eps(prediction, fake_out.astype(jnp.float32), x_n, a, s)
+      metrics["dmd"] = dmd_loss(x0, x0_real, x0_fake)
+      total = total + dmd_weight * metrics["dmd"]
+    if gan_weight:
+      _, feats = fake(x_n, t, context)
+      metrics["gan_g"] = gan_generator_loss(head(token_mean(feats)))
+      total = total + gan_weight * metrics["gan_g"]
+  if mmd_weight:
+    t, a, s = _draw(mmd_rng, mmd_levels, b)
+    eps = jax.random.normal(mmd_eps_rng, x0.shape, x0.dtype)
+    _, f_real = fake(_noised(x_real, a, s, eps), t, context)
+    _, f_fake = fake(_noised(x0, a, s, eps), t, context)
+    metrics["mmd"] = mmd_loss(f_real, f_fake, c=mmd_c, kernel=mmd_kernel,
+                              bandwidth=mmd_bandwidth)
+    total = total + mmd_weight * metrics["mmd"]
+  metrics["x0_mse"] = jnp.mean((x0 - x_real) ** 2)
+  return total, {"loss": total, **metrics}
+
+
+def fake_loss(student: Net, fake: FeatureNet, head: Callable, latents, context, rng, *, k: int,
+              scales: Sequence[int], step_levels, fake_levels, prediction: str,
+              gan_weight: float = 1e-2, order: str = "upscale_then_noise"):
+  """The fake-score network's loss at scale index ``k``: x0 regression on the student's samples
+  (constants) noised at a level drawn from ``fake_levels``, plus ``gan_weight`` times the
+  discriminator loss of ``head`` on its features of the real scale-k data vs the student's
+  samples, noised with the same noise and level."""
+  b = latents.shape[0]
+  in_rng, lvl_rng, eps_rng = jax.random.split(rng, 3)
+  t_k, a_k, s_k = (jnp.full((b,), v[k], jnp.float32) for v in step_levels)
+  x_real, x_in = student_inputs(latents, k, scales, a_k, s_k, in_rng, order)
+  out = student(x_in, t_k, context).astype(jnp.float32)
+  x0 = jax.lax.stop_gradient(_param.to_x0_eps(prediction, out, x_in, a_k, s_k)[0])
+  t, a, s = _draw(lvl_rng, fake_levels, b)
+  eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
+  x_n = _noised(x0, a, s, eps)
+  fake_out, f_fake = fake(x_n, t, context)
+  x0_fake, _ = _param.to_x0_eps(prediction, fake_out.astype(jnp.float32), x_n, a, s)
+  metrics = {"denoise": jnp.mean((x0_fake - x0) ** 2)}
+  total = metrics["denoise"]
+  if gan_weight:
+    _, f_real = fake(_noised(x_real, a, s, eps), t, context)
+    metrics["gan_d"] = gan_discriminator_loss(head(token_mean(f_real)), head(token_mean(f_fake)))
+    total = total + gan_weight * metrics["gan_d"]
+  return total, {"loss": total, **metrics}

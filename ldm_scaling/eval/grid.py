@@ -574,7 +574,8 @@ def components_identity(config, e) -> dict:
 # Keys added after rows existed: at their default they are left out of the keys, so older rows
 # stay current (a non-default value is part of the key).
 _ADDED_OPTIONS = {"swd_scales": (), "swd_sigmas": ()}
-_ADDED_CONFIG = {("objective", "scales"): (), ("objective", "sigmas"): ()}
+_ADDED_CONFIG = {("objective", "scales"): (), ("objective", "sigmas"): (),
+                 ("objective", "swd"): None}  # None: the base config's value
 
 
 def _sampler_options(options) -> dict:
@@ -584,8 +585,10 @@ def _sampler_options(options) -> dict:
 
 def _sampling_config_hash(config) -> str:
   sections = {k: v for k, v in config.to_dict().items() if k not in _NOT_SAMPLING_SECTIONS}
+  base = _normal(cfglib.base_config().to_dict())
   for (section, key), default in _ADDED_CONFIG.items():
-    if section in sections and tuple(sections[section].get(key, default)) == default:
+    default = _normal(base[section][key] if default is None else default)
+    if section in sections and _normal(sections[section].get(key, default)) == default:
       sections[section] = {k: v for k, v in sections[section].items() if k != key}
   return hashlib.sha256(_settings_json(sections).encode()).hexdigest()[:12]
 
@@ -660,15 +663,18 @@ def _load(workdir, step, config, e, extractor, log, shared: dict) -> dict:
 
 
 def _train_compute(config, step: int, norm_cost: float, log) -> dict:
-  """The checkpoint's training compute (normalised cost x steps). A consistency student's counts
-  the teacher's and the target's forward passes of every step; its teacher's own training is
-  the separate ``teacher_train_compute`` (``consistency.distillation_compute``). When the
+  """The checkpoint's training compute (normalised cost x steps). A distilled student's counts
+  the teacher's and the target's (SwD: the fake-score network's) passes of every step; its
+  teacher's own training is the separate ``teacher_train_compute``
+  (``consistency.distillation_compute``, ``scalewise.distillation_compute``). When the
   teacher's workdir is gone, only the student's own passes are known: said, and NaN beside."""
-  if config.objective.name != "consistency":
+  if config.objective.name not in ("consistency", "scale_wise"):
     return dict(train_compute=norm_cost * step, teacher_train_compute=float("nan"))
-  from ldm_scaling.train.objectives import consistency  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  module = (objectives.consistency if config.objective.name == "consistency"
+            else objectives.scalewise)
   try:
-    c = consistency.distillation_compute(config, step)
+    c = module.distillation_compute(config, step)
   except (UserError, OSError) as err:
     log(f"training compute of the student without its teacher's passes ({err})")
     return dict(train_compute=norm_cost * step, teacher_train_compute=float("nan"))

@@ -9,6 +9,8 @@ A sweep config (``configs/sweeps/*.py``) is a module whose ``get_config(arg)`` e
 * ``axes``: ``((dotted key, values), ...)``; the runs are their product, first axis outermost;
 * ``zip``: ``((dotted key, values), ...)`` of equal lengths, stepped together as one more axis;
 * ``overrides``: ``((dotted key, value), ...)`` set in every run;
+* ``when``: ``((axis key, value, ((dotted key, value), ...)), ...)``: overrides set only in the
+  runs whose axis has that value (over ``overrides``), e.g. each distillation objective's recipe;
 * ``derive``: names of rules (:data:`DERIVE_RULES`) adding overrides computed from a run's values,
   such as the attention-head layout a width needs;
 * ``labels``: ``((dotted key, prefix), ...)``: a run is named by its values, ``w224-cfg1.5``;
@@ -61,6 +63,7 @@ def sweep_config() -> ml_collections.ConfigDict:
       axes=(),
       zip=(),
       overrides=(),
+      when=(),
       derive=(),
       labels=(),
       workdir_root=DEFAULT_WORKDIR_ROOT,
@@ -218,6 +221,22 @@ def check_sweep(sweep: ml_collections.ConfigDict, spec: str = "") -> None:
   if len(lengths) > 1:
     raise ConfigError(f"sweep {spec}: zip axes step together and need equal lengths, got "
                       f"{dict((k, len(v)) for k, v in sweep.zip)}")
+  axis_values = {k: list(v) for k, v in list(sweep.axes) + list(sweep.zip)}
+  for item in sweep.when:
+    if not (isinstance(item, (tuple, list)) and len(item) == 3):
+      raise ConfigError(f"sweep {spec}: when entries are (axis key, value, ((key, value), ...)), "
+                        f"got {item!r}")
+    key, value, overrides = item
+    if key not in axis_values:
+      raise ConfigError(f"sweep {spec}: when {key!r}: not an axis (axes: "
+                        f"{', '.join(axis_values) or 'none'})")
+    if value not in axis_values[key]:
+      raise ConfigError(f"sweep {spec}: when {key}={value!r}: not one of the axis values "
+                        f"{axis_values[key]}")
+    for okey, _ in _pairs(overrides, "when", spec):
+      check_key(okey, "sweep override")
+      if okey in axis_values:
+        raise ConfigError(f"sweep {spec}: when {key}={value!r} sets the axis {okey!r}")
   for rule in sweep.derive:
     if rule not in DERIVE_RULES:
       raise ConfigError(f"sweep {spec}: unknown derive rule {rule!r}; available: "
@@ -364,6 +383,10 @@ def expand(sweep: ml_collections.ConfigDict, *, workdir_root: str | None = None,
       values = [(k, _as_schema_type(k, v)) for k, v in combo]
       for key, value in values + [(k, _as_schema_type(k, v)) for k, v in sweep.overrides]:
         typed[key], texts[key] = value, format_value(value)
+      for axis, value, overrides in sweep.when:
+        if typed.get(axis) == value:
+          for key, v in overrides:
+            typed[key], texts[key] = _as_schema_type(key, v), format_value(_as_schema_type(key, v))
       for key, text in extra:
         typed[key], texts[key] = _typed(text), text
 

@@ -116,26 +116,9 @@ class Consistency(base.Objective):
     """The text encoder and VAE, the teacher (its logical axis names kept, so it is sharded like
     the student; a guidance-conditioned student's teacher gets a zero ``cond_proj``, which the
     student starts from and the teacher's forward leaves out) and the unconditional context (the
-    encoder's ``""``). Checks first that the teacher run can be distilled into this config (the
-    trainer loads frozen networks before it writes anything)."""
-    o = self.config.objective
-    step = check_teacher(self.config)
-    frozen = conditioning.frozen(self.config)
-    step, weights = checkpoint.load_weights(o.teacher, step=step, which=o.teacher_weights)
-    if "unet" not in weights:
-      raise ConfigError(f"teacher run {o.teacher!r} has no 'unet' network (it has "
-                        f"{sorted(weights)}); is it a denoising run?")
-    log.info("teacher: %s step %d (%s weights)", o.teacher, step, o.teacher_weights)
-    boxed = jax.eval_shape(self.init, jax.random.key(0))["unet"]
-    values = unet_lib.with_zero_guidance(jax.device_get(weights["unet"]), boxed)
-    frozen["teacher"] = base.Frozen(self.teacher_unet, sh.replace_values(boxed, values))
-    shape = (1, self.config.text.max_length, self.config.model.cross_attn_dim)
-    if conditioning.from_pipeline(self.config):
-      uncond = np.asarray(frozen["text"].module.embed_text([""]), np.float32).reshape(shape)
-    else:
-      uncond = np.zeros(shape, np.float32)
-    frozen["uncond"] = base.Frozen(None, uncond)
-    return frozen
+    encoder's ``""``): :func:`load_teacher`."""
+    return load_teacher(self.config, self.teacher_unet,
+                        jax.eval_shape(self.init, jax.random.key(0))["unet"])
 
   def phases(self):
     return (base.Phase("distil", ("unet",), self.loss),)
@@ -194,6 +177,32 @@ class Consistency(base.Objective):
     o = self.config.objective
     return sum(cd.unet_forwards(o.cfg_scale, self.cfg_range).values()) * conditioning.unet_flops(
         self.config)
+
+
+def load_teacher(config, teacher_module, boxed) -> dict[str, base.Frozen]:
+  """The frozen networks of a distillation: the text encoder and VAE (``conditioning.frozen``),
+  ``teacher`` (``objective.teacher``'s weights as the values of ``boxed``, the student's boxed
+  abstract parameters, so the teacher is sharded like the student; a zero ``cond_proj`` where the
+  student has a w input) called as ``teacher_module``, and ``uncond`` (the text encoder's ``""``,
+  zeros without one). Checks first that the teacher run can be distilled into this config (the
+  trainer loads frozen networks before it writes anything)."""
+  o = config.objective
+  step = check_teacher(config)
+  frozen = conditioning.frozen(config)
+  step, weights = checkpoint.load_weights(o.teacher, step=step, which=o.teacher_weights)
+  if "unet" not in weights:
+    raise ConfigError(f"teacher run {o.teacher!r} has no 'unet' network (it has "
+                      f"{sorted(weights)}); is it a denoising run?")
+  log.info("teacher: %s step %d (%s weights)", o.teacher, step, o.teacher_weights)
+  values = unet_lib.with_zero_guidance(jax.device_get(weights["unet"]), boxed)
+  frozen["teacher"] = base.Frozen(teacher_module, sh.replace_values(boxed, values))
+  shape = (1, config.text.max_length, config.model.cross_attn_dim)
+  if conditioning.from_pipeline(config):
+    uncond = np.asarray(frozen["text"].module.embed_text([""]), np.float32).reshape(shape)
+  else:
+    uncond = np.zeros(shape, np.float32)
+  frozen["uncond"] = base.Frozen(None, uncond)
+  return frozen
 
 
 def check_teacher(config) -> int:
