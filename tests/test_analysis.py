@@ -276,10 +276,38 @@ def test_distillation_figure_pairs_students_with_their_undistilled_width(hand, t
   assert list(undistilled.get_ydata()) == [28.0, 26.0, 25.0]
   assert list(distilled.get_ydata()) == [24.0, 21.5]
   assert [l.get_label() for l in right.get_lines()] == [
-      "w64", "w64 distilled", "w128", "w128 distilled", "w320"]
+      "w64", "w64 consistency", "w128", "w128 consistency", "w320"]
   assert "fig13_fid_distillation.png" in analysis.all_figures(frame)
-  with pytest.raises(tablelib.AnalysisError, match="needs both 'denoising' and 'consistency'"):
+  with pytest.raises(tablelib.AnalysisError, match="needs both 'denoising' and distilled"):
     analysis.fig_distillation(hand)
+
+
+def test_scale_wise_students_sit_beside_consistency_students(hand, tmp_path):
+  """A SwD student of w64 (4 scale-wise steps, cost 2.2 full steps) beside the consistency
+  student: both are compared with the w64 teacher at 4 steps and drawn as their own lines."""
+  rows = hand_rows()
+  for objective, sampler, fid, schedule, cost in (("consistency", "lcm", 27.0, "", 4.0),
+                                                  ("scale_wise", "swd", 26.0, "8-10-12-16", 2.2)):
+    row = _row(64, 200, 4, 1.0, fid, 25.0)
+    row.update(run=f"/runs/w64-{objective}", objective=objective, sampler=sampler,
+               scale_schedule=schedule)
+    row["sampling_cost"] = row["norm_cost"] * cost
+    rows.append(row)
+  path = tmp_path / "results.csv"
+  pd.DataFrame(rows).to_csv(path, index=False)
+  frame = results.load(str(path))
+  comp = analysis.distillation_comparison(frame)
+  assert list(comp["objective"]) == ["consistency", "scale_wise"]
+  assert list(comp["student"]) == [27.0, 26.0] and set(comp["steps"]) == {4}
+  fig = analysis.fig_distillation(frame, steps=4)
+  left, right = fig.axes[:2]
+  assert [l.get_label() for l in left.get_lines()] == [
+      "undistilled, 4 steps", "consistency, 4 steps", "scale_wise, 4 steps"]
+  assert "w64 scale_wise" in [l.get_label() for l in right.get_lines()]
+  swd = [l for l in right.get_lines() if l.get_label() == "w64 scale_wise"][0]
+  norm = frame[frame["objective"] == "scale_wise"]["norm_cost"].iloc[0]
+  assert list(swd.get_xdata()) == pytest.approx([norm * 2.2])  # its measured cost, not 4 steps
+  assert "| 64 | scale_wise | 4 | 26" in analysis.summary_markdown(frame)
 
 
 def test_distillation_comparison_by_hand(tmp_path):
@@ -310,8 +338,8 @@ def test_distillation_comparison_by_hand(tmp_path):
   assert eight["most_advantage"] == pytest.approx(1.5) and eight["most_outcome"] == "student better"
   text = analysis.summary_markdown(frame)
   assert "## Distilled vs undistilled (optimal CFG)" in text
-  assert ("| 64 | 8 | 22 ± 1 (CFG 2) | 28 ± 1 (CFG 4) ddim 8 | +6 ± 1.4 → student better | "
-          "23.5 ± 1 (CFG 6, top edge) ddim 32 | +1.5 ± 1.4 → student better |") in text
+  assert ("| 64 | consistency | 8 | 22 ± 1 (CFG 2) | 28 ± 1 (CFG 4) ddim 8 | +6 ± 1.4 → student "
+          "better | 23.5 ± 1 (CFG 6, top edge) ddim 32 | +1.5 ± 1.4 → student better |") in text
   assert "## Distilled vs undistilled" not in analysis.summary_markdown(frame[
       frame["objective"] == "denoising"])
   # Fig. 13 draws the 95 % intervals: 8-step points 28 / 26 / 25 (teachers) and 22 (student), ± 1.

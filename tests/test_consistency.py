@@ -275,6 +275,13 @@ def test_teacher_must_exist_and_match(tiny_run, tmp_path):
   config.text.max_length = length // 2
   with pytest.raises(ConfigError, match=f"text.max_length: teacher {length}, here {length // 2}"):
     consistency.check_teacher(config)
+  config = _student_config(tiny_run[0])  # a teacher of another latent size (SwD's 64 px path)
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+  side = data.latent_size(config)
+  config.data.resolution *= 2
+  with pytest.raises(ConfigError, match=f"trained on {side}x{side} latents .* here they are "
+                                        f"{2 * side}x{2 * side}"):
+    consistency.check_teacher(config)
   config = _student_config(tiny_run[0])
   config.diffusion.update(schedule="rectified_flow", prediction="flow")
   with pytest.raises(ConfigError, match="discrete diffusion.schedule"):

@@ -416,7 +416,7 @@ def _ratio(diff: float, u: float) -> float:
   return math.copysign(math.inf, diff) if diff else math.nan
 
 
-DISTILLED = "consistency"   # the objective whose models count as distilled
+DISTILLED = ("consistency", "scale_wise")  # the objectives whose models count as distilled
 UNDISTILLED = "denoising"
 
 
@@ -425,7 +425,7 @@ def best_by_steps(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "l
   """Per (width, objective, steps): the best optimal-CFG point over samplers (undistilled: the
   best sampler at that step count; distilled: its own sampler), with ``u`` / ``u_source``."""
   points, m, _, _ = _noisy_points(frame, metric, checkpoint, None, noise)
-  points = points[points["objective"].isin([DISTILLED, UNDISTILLED])]
+  points = points[points["objective"].isin([*DISTILLED, UNDISTILLED])]
   keys = ["width", "objective", "steps"]
   ordered = points.sort_values([*keys, m.column], ascending=[True] * 3 + [m.sort_ascending()],
                                kind="mergesort")
@@ -436,8 +436,8 @@ def best_by_steps(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "l
 
 def distillation_comparison(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest",
                             noise: float | None = None) -> pd.DataFrame:
-  """Each distilled model's optimal-CFG point at each of its step counts against the undistilled
-  model of the same width: at the same steps (``same``) and at the undistilled model's most
+  """Each distilled model's (``objective`` in :data:`DISTILLED`) optimal-CFG point at each of its
+  step counts against the undistilled model of the same width: at the same steps (``same``) and at the undistilled model's most
   steps (``most``), each at its best sampler and optimal CFG. ``<ref>_advantage`` > 0: the
   student is better; ``<ref>_u``: the reference's 95 % half-width, ``<ref>_u_combined``: both
   points' together; ``<ref>_outcome``: ``student better`` / ``teacher better`` / ``within
@@ -449,12 +449,15 @@ def distillation_comparison(frame: pd.DataFrame, metric: str = "fid", checkpoint
   rows = []
   for width, part in best.groupby("width", sort=True):
     teacher = part[part["objective"] == UNDISTILLED]
-    student = part[part["objective"] == DISTILLED]
-    if teacher.empty or student.empty:
+    students = part[part["objective"].isin(DISTILLED)]
+    if teacher.empty or students.empty:
       continue
     most = teacher.loc[teacher["steps"].idxmax()]
-    for _, s in student.sort_values("steps").iterrows():
-      row = dict(width=int(width), steps=int(s["steps"]), student=s[m.column], student_u=s["u"],
+    order = {name: i for i, name in enumerate(DISTILLED)}
+    students = students.assign(_order=students["objective"].map(order))
+    for _, s in students.sort_values(["_order", "steps"], kind="mergesort").iterrows():
+      row = dict(width=int(width), objective=s["objective"], steps=int(s["steps"]),
+                 student=s[m.column], student_u=s["u"],
                  student_cfg=float(s["cfg_scale"]), student_edge=s["grid_edge"],
                  student_cost=float(s["sampling_cost"]))
       same = teacher[teacher["steps"] == s["steps"]]

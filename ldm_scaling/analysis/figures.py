@@ -204,8 +204,11 @@ def fig_training(frame: pd.DataFrame, metric: str = "fid", sampler: str | None =
   return fig
 
 
-DISTILLED = efficiency.DISTILLED   # the objective whose models count as distilled in Fig. 13
+DISTILLED = efficiency.DISTILLED   # the objectives whose models count as distilled in Fig. 13
 UNDISTILLED = efficiency.UNDISTILLED
+# Fig. 13's style per objective: (left-panel marker, right-panel style, colour).
+_DISTILLED_STYLE = {"consistency": ("s--", "s--", "tab:red"),
+                    "scale_wise": ("^:", "^:", "tab:blue")}
 
 
 def distillation_points(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "latest"
@@ -228,23 +231,28 @@ def _error_bars(ax, x, points: pd.DataFrame, column: str, color) -> None:
 def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
                      checkpoint: Any = "latest") -> Figure:
   """Fig. 13: left, the metric of each width at ``steps`` steps, undistilled (best sampler and
-  CFG) vs distilled; right, both against sampling cost (undistilled solid, distilled dashed),
-  colours by width; 95 % intervals as bars where the table has them. Distilled = objective
-  ``consistency``, paired with the undistilled model of the same width."""
+  CFG) vs each distilled objective; right, all against sampling cost (undistilled solid,
+  consistency dashed, scale-wise dotted), colours by width; 95 % intervals as bars where the table
+  has them. Distilled = an objective of :data:`DISTILLED`, paired with the undistilled model of
+  the same width."""
   data, m = table.prepare(frame, metric)
   best = distillation_points(frame, metric, checkpoint)
   have = set(best["objective"])
-  if have != {DISTILLED, UNDISTILLED}:
-    raise table.AnalysisError(f"Fig. 13 needs both {UNDISTILLED!r} and {DISTILLED!r} rows; the "
-                              f"table has objectives {sorted(set(data['objective']))}")
+  distilled = [o for o in DISTILLED if o in have]
+  if UNDISTILLED not in have or not distilled:
+    raise table.AnalysisError(f"Fig. 13 needs both {UNDISTILLED!r} and distilled "
+                              f"({' or '.join(map(repr, DISTILLED))}) rows; the table has "
+                              f"objectives {sorted(set(data['objective']))}")
   widths = sorted(best["width"].unique())
   colors = _colors(widths)
   fig, (left, right) = _figure(2, cols=2)
   at = best[best["steps"] == steps]
-  for objective, marker, name in ((UNDISTILLED, "o-", "undistilled"),
-                                  (DISTILLED, "s--", "distilled")):
+  left_styles = [(UNDISTILLED, "o-", "undistilled", "k")] + [
+      (o, _DISTILLED_STYLE[o][0], o, _DISTILLED_STYLE[o][2]) for o in distilled]
+  for objective, marker, name, color in left_styles:
     mine = at[at["objective"] == objective].sort_values("width")
-    color = "k" if objective == UNDISTILLED else "tab:red"
+    if mine.empty and objective != UNDISTILLED:
+      continue  # e.g. a scale-wise student sampled at another step count
     left.plot(mine["width"], mine[m.column], marker, color=color, label=f"{name}, {steps} steps")
     _error_bars(left, mine["width"], mine, m.column, color)
   left.set_xscale("log", base=2)
@@ -254,8 +262,10 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
   left.set_title(f"{steps}-step sampling", fontsize=10)
   left.legend(fontsize=8)
   left.grid(alpha=0.3)
+  right_styles = [(UNDISTILLED, "o-", "")] + [(o, _DISTILLED_STYLE[o][1], f" {o}")
+                                              for o in distilled]
   for w in widths:
-    for objective, style, name in ((UNDISTILLED, "o-", ""), (DISTILLED, "s--", " distilled")):
+    for objective, style, name in right_styles:
       line = best[(best["width"] == w) & (best["objective"] == objective)]
       line = line.sort_values("sampling_cost")
       if not line.empty:
@@ -268,7 +278,8 @@ def fig_distillation(frame: pd.DataFrame, metric: str = "fid", steps: int = 4,
   right.set_ylabel(f"{m.label} at optimal CFG (best sampler)")
   right.set_title("vs sampling cost", fontsize=10)
   right.grid(alpha=0.3, which="both")
-  fig.suptitle(f"{m.label}: distilled ({DISTILLED}) vs undistilled models", fontsize=11)
+  fig.suptitle(f"{m.label}: distilled ({', '.join(distilled)}) vs undistilled models",
+               fontsize=11)
   _legend(fig, [right])
   return fig
 
@@ -293,7 +304,7 @@ def all_figures(frame: pd.DataFrame, metric: str = "fid") -> dict[str, Figure]:
          f"fig11_{name}_samplers.png": fig_samplers(frame, metric),
          f"fig3_{name}_vs_training_compute.png": fig_training(frame, metric)}
   objectives = set(table.prepare(frame, metric)[0]["objective"])
-  if {DISTILLED, UNDISTILLED} <= objectives:
+  if UNDISTILLED in objectives and objectives & set(DISTILLED):
     out[f"fig13_{name}_distillation.png"] = fig_distillation(frame, metric)
   if name == "fid" and len(table.clip_columns(frame)) == 1:
     try:

@@ -202,7 +202,7 @@ def _distillation_section(comp: pd.DataFrame, m) -> list[str]:
       return "–"
     return f"{v:.4g} ± {_fmt(u, 2)} (CFG {cfg:g}{', ' + edge + ' edge' if edge else ''})"
   view = pd.DataFrame({
-      "width": comp["width"], "steps": comp["steps"],
+      "width": comp["width"], "objective": comp["objective"], "steps": comp["steps"],
       "student": [value(*r) for r in zip(comp["student"], comp["student_u"], comp["student_cfg"],
                                          comp["student_edge"])]})
   for ref, name in (("same", "teacher, same steps"), ("most", "teacher, most steps")):
@@ -215,7 +215,8 @@ def _distillation_section(comp: pd.DataFrame, m) -> list[str]:
             comp[f"{ref}_advantage"], comp[f"{ref}_u_combined"],
             comp[f"{ref}_outcome"])]
   return ["## Distilled vs undistilled (optimal CFG)", "",
-          f"Each distilled (`{efficiency.DISTILLED}`) model at each of its step counts against the "
+          f"Each distilled ({', '.join(f'`{o}`' for o in efficiency.DISTILLED)}) model at each "
+          f"of its step counts against the "
           f"undistilled model of the same width at the same steps and at its most steps, every "
           f"point at its optimal CFG and the undistilled at its best sampler. ± : 95 % "
           f"half-widths; advantage > 0: the student is better ({m.column}), by more than the "

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_scaling import config as cfglib
+from ldm_scaling import data
 from ldm_scaling import diffusion
 from ldm_scaling import models
 from ldm_scaling import sharding as sh
@@ -221,6 +222,12 @@ def _teacher_config(config):
   if tcfg.objective.name != "denoising":
     raise ConfigError(f"objective.teacher {teacher!r} is a {tcfg.objective.name!r} run; distil "
                       f"a denoising run")
+  mine, theirs = data.latent_size(config), data.latent_size(tcfg)
+  if mine != theirs:
+    raise ConfigError(f"objective.teacher {teacher!r} was trained on {theirs}x{theirs} latents "
+                      f"(data.resolution {tcfg.data.resolution}); here they are {mine}x{mine} "
+                      f"(data.resolution {config.data.resolution}): set data.resolution to the "
+                      f"teacher's")
   for section in _MATCH:
     diff = cfglib.section_changes(tcfg, config, section, _HOW_NOT_WHAT + _STUDENT_ONLY)
     if diff:
