@@ -3,9 +3,8 @@
   ldm-scaling study --config configs/study/cpu_mini.py --workdir runs/study          # see below
   ldm-scaling study --config configs/study/cpu_mini.py:quick --workdir runs/quick    # <= 5 min
 
-Time (docs/study.md): not yet run end to end at this size. Estimated from measured throughputs:
-40-50 min on a 2-core host with a 0.48 TFLOP/s f32 matmul peak, 2-3 h on one with 0.13
-(measured there: components ~15 min; w16 / w32 / w64 train at 128 / 80 / 41 examples/s).
+Time (docs/study/README.md): 134 min measured on a 2-core host with a 0.115 TFLOP/s f32 matmul
+peak (components 16.5, training 72, evaluation 45 min); estimated 40-50 min on a 0.48 TFLOP/s one.
 
 Embedded 32 px captioned-shapes data, the offline small CLIP and small-f4 VAE (8x8x4 latents;
 trained first if absent), and three widths (16, 32, 64: 0.4-5.9M parameters) of the CPU-scale
