@@ -291,14 +291,11 @@ def swd(denoise: Denoise, x: jax.Array, grid: Grid, keys: jax.Array, options: Op
     raise ConfigError(f"sampler 'swd' ends at scale {scales[-1]} but the latents are "
                       f"{x.shape[1]}x{x.shape[2]}; objective.scales must end at the latent size")
   x = x[:, :scales[0], :scales[0], :]
-  for i in range(grid.steps):
-    x0 = denoise(x, i).x0
-    if i + 1 == grid.steps:
-      return x0
-    x0 = scalewise.resize(x0, scales[i + 1])
+  for i in range(grid.steps - 1):
+    x0 = scalewise.resize(denoise(x, i).x0, scales[i + 1])
     noise = step_noise(keys, i, x0.shape).astype(x0.dtype)
     x = grid.coef["x0"][i] * x0 + grid.coef["noise"][i] * noise
-  return x
+  return denoise(x, grid.steps - 1).x0  # the last step's x0 is the sample
 
 
 SAMPLERS: dict[str, Sampler] = {
