@@ -67,12 +67,7 @@ class Consistency(base.Objective):
   def validate(config) -> None:
     conditioning.validate(config)
     o = config.objective
-    if not o.teacher:
-      raise ConfigError("objective.name=consistency needs objective.teacher: the workdir of the "
-                        "trained denoising run to distil (--config.objective.teacher=PATH)")
-    if o.teacher_weights not in ("ema", "params"):
-      raise ConfigError(f"objective.teacher_weights must be 'ema' or 'params', got "
-                        f"{o.teacher_weights!r}")
+    check_teacher_settings(config)
     if o.loss not in cd.LOSSES:
       raise ConfigError(f"unknown objective.loss {o.loss!r}; available: {', '.join(cd.LOSSES)}")
     if o.huber_c <= 0:
@@ -82,9 +77,6 @@ class Consistency(base.Objective):
     cd.check_cfg_range(o.cfg_range, bool(config.model.guidance_embed))
     if o.timestep_scaling <= 0:
       raise ConfigError(f"objective.timestep_scaling must be > 0, got {o.timestep_scaling}")
-    if o.teacher_step < -1:
-      raise ConfigError(f"objective.teacher_step must be -1 (the finished teacher's last "
-                        f"checkpoint) or a step, got {o.teacher_step}")
     cd.check(diffusion.schedule_from_config(config.diffusion), int(o.solver_steps))
 
   def __init__(self, config):
@@ -178,6 +170,20 @@ class Consistency(base.Objective):
     o = self.config.objective
     return sum(cd.unet_forwards(o.cfg_scale, self.cfg_range).values()) * conditioning.unet_flops(
         self.config)
+
+
+def check_teacher_settings(config) -> None:
+  """The ``objective.teacher*`` keys every distillation objective reads (no loading)."""
+  o = config.objective
+  if not o.teacher:
+    raise ConfigError(f"objective.name={o.name} needs objective.teacher: the workdir of the "
+                      f"trained denoising run to distil (--config.objective.teacher=PATH)")
+  if o.teacher_weights not in ("ema", "params"):
+    raise ConfigError(f"objective.teacher_weights must be 'ema' or 'params', got "
+                      f"{o.teacher_weights!r}")
+  if o.teacher_step < -1:
+    raise ConfigError(f"objective.teacher_step must be -1 (the finished teacher's last "
+                      f"checkpoint) or a step, got {o.teacher_step}")
 
 
 def load_teacher(config, teacher_module, boxed) -> dict[str, base.Frozen]:

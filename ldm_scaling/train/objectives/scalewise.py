@@ -56,12 +56,7 @@ class ScaleWise(base.Objective):
                         "--config.objective.scales='(8,12,16)' "
                         "--config.objective.sigmas='(1.0,0.9,0.75)'")
     conditioning.validate(config)  # also objective.scales / sigmas against the latent and UNet
-    if not o.teacher:
-      raise ConfigError("objective.name=scale_wise needs objective.teacher: the workdir of the "
-                        "trained denoising run to distil (--config.objective.teacher=PATH)")
-    if o.teacher_weights not in ("ema", "params"):
-      raise ConfigError(f"objective.teacher_weights must be 'ema' or 'params', got "
-                        f"{o.teacher_weights!r}")
+    consistency.check_teacher_settings(config)
     if config.model.guidance_embed:
       raise ConfigError("objective.name=scale_wise trains a student that samples without "
                         "guidance; set model.guidance_embed=False")
