@@ -254,8 +254,9 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="equal_steps",
       fid_curve_cell=(),            # (sampler, steps, cfg): also evaluate every kept checkpoint
       checkpoints=4,                # checkpoints per run: the points of the training-compute curve
-      extend_cfg=0,                 # up to this many CFG scales added above the grid's top while
-                                    # a latest-checkpoint optimum sits there (0: only flag it)
+      extend_cfg=0,                 # up to this many CFG scales added past either end of the
+                                    # grid while a latest-checkpoint optimum sits there (never
+                                    # below CFG 1; 0: only flag it)
       real_floor=True,              # report the real-data FID floor (held-out real images)
       # > 0: each model's best latest-checkpoint cell is evaluated again with this many samples
       # and a fresh seed (eval.seed + 1) into <workdir>/confirm; the size-effect check uses these

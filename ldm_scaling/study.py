@@ -10,7 +10,8 @@ each of which skips what an earlier (possibly interrupted) invocation finished:
 3. evaluation: the config's eval grid over every run's final checkpoint (plus, with
    ``study.fid_curve_cell``, one cell over every kept checkpoint for FID vs training compute) into
    ``<workdir>/results`` — cells already in the table are skipped; with ``study.extend_cfg``, CFG
-   scales above the grid for the cells whose optimum sits at its top; the real-data floor (held-out
+   scales past the grid for the cells whose optimum sits at an end of it (above the top; below
+   the bottom down to CFG 1); the real-data floor (held-out
    real images vs the FID reference at the cells' n, ``<workdir>/real_data_floor.json``);
 4. analysis: figures and ``<workdir>/report.md`` regenerated from the table, with the verdict of
    :func:`verdict` (a rule fixed in code: reproduced / not reproduced / inconclusive at this noise)
@@ -38,6 +39,7 @@ from ldm_scaling import analysis
 from ldm_scaling import config as cfglib
 from ldm_scaling import experiment
 from ldm_scaling import files
+from ldm_scaling.analysis import cfg as analysis_cfg
 from ldm_scaling.analysis import efficiency
 from ldm_scaling.analysis import report as analysis_report
 from ldm_scaling.components import clip as clip_component
@@ -227,31 +229,40 @@ def run(config: ml_collections.ConfigDict, root: str, *, log: Callable[[str], No
 
 
 def extend_cfg(config, runs: list[RunPlan], table_dir: str, *, log=print, extractor=None) -> int:
-  """Brackets the optimal CFG from above: while a run's latest-checkpoint FID optimum (per sampler
-  and steps of the grid) is the largest scale evaluated, evaluates the next scale up (the grid's
-  last spacing further), at most ``study.extend_cfg`` scales past the grid. Returns the cells
-  added (0 when ``extend_cfg`` is 0 or the grid has one scale). Optima at the grid's bottom are
-  only flagged (below CFG 1 is rarely what anyone samples with)."""
+  """Brackets the optimal CFG: while a run's latest-checkpoint FID optimum (per sampler and steps
+  of the grid) sits at an open end of the scales evaluated (``analysis.cfg.best_rows``), evaluates
+  the next scale past it -- the grid's last spacing above the top, its first spacing below the
+  bottom (never below CFG 1, the conditional model alone: ``cfg.CFG_FLOOR``) -- at most
+  ``study.extend_cfg`` scales past each end. Returns the cells added (0 when ``extend_cfg`` is 0 or
+  the grid has one scale)."""
   scales = sorted(float(x) for x in config.eval.cfg_scales)
   extra = int(config.study.extend_cfg)
   if extra <= 0 or len(scales) < 2:
     return 0
-  spacing = scales[-1] - scales[-2]
-  limit = scales[-1] + extra * spacing + 1e-9
+  floor = analysis_cfg.CFG_FLOOR
+  up, down = scales[-1] - scales[-2], scales[1] - scales[0]
+  top_limit = scales[-1] + extra * up + 1e-9
+  bottom_limit = max(floor, scales[0] - extra * down) - 1e-9
   workdir = {r.width: r.workdir for r in runs}
   added = 0
   for _ in range(extra):
     opt = analysis.optimal_cfg(results.load(table_dir), "fid", checkpoint="latest")
-    grown = opt[(opt["grid_edge"] == "top") & (opt["cfg_scale"] + spacing <= limit) &
-                opt["width"].isin(list(workdir)) &
-                opt["sampler"].isin([str(x) for x in config.eval.samplers]) &
-                opt["steps"].isin([int(x) for x in config.eval.steps])]
-    if grown.empty:
+    opt = opt[opt["open_edge"] & opt["width"].isin(list(workdir)) &
+              opt["sampler"].isin([str(x) for x in config.eval.samplers]) &
+              opt["steps"].isin([int(x) for x in config.eval.steps])]
+    cells = []
+    for row in opt.itertuples():
+      if row.grid_edge == "top":
+        scale, end = round(float(row.cfg_scale) + up, 6), "top"
+      else:
+        scale, end = round(max(float(row.cfg_scale) - down, floor), 6), "bottom"
+      if bottom_limit <= scale <= top_limit:
+        cells.append((row, scale, end))
+    if not cells:
       break
-    for row in grown.itertuples():
-      scale = round(float(row.cfg_scale) + spacing, 6)
+    for row, scale, end in cells:
       log(f"CFG grid extension: w{row.width} {row.sampler} {row.steps} steps had its optimum at "
-          f"the grid's top (CFG {row.cfg_scale:g}); evaluating CFG {scale:g}")
+          f"the grid's {end} (CFG {row.cfg_scale:g}); evaluating CFG {scale:g}")
       cell = ml_collections.ConfigDict(config.to_dict())
       cell.eval.update(checkpoints="latest", samplers=(str(row.sampler),),
                        steps=(int(row.steps),), cfg_scales=(scale,))
@@ -437,11 +448,12 @@ def verdict(frame) -> tuple[str, list[str]]:
           ("highest", r.high_budget, r.high_winner, r.high_advantage, r.high_u, r.high_edge)):
         would = r.big if adv > 0 else r.small
         who = {"small": f"{r.small} wins", "big": f"{r.big} wins"}.get(
-            winner, f"{would}'s win not counted (the other's CFG optimum is at the grid's top)"
+            winner, f"{would}'s win not counted (the other's CFG optimum is at an open end of its grid)"
             if edge else "no decisive win")
         ends.append(f"at the {end} common budget ({budget:.3g}) {who} (FID {r.small} − "
                     f"{r.big} = {adv:+.1f} ± {u:.1f})")
-      edge = (f"; {r.edge_discounted} win(s) against a top-of-grid CFG optimum not counted"
+      edge = (f"; {r.edge_discounted} win(s) against a CFG optimum at an open grid end not "
+              f"counted"
               if r.edge_discounted else "")
       pairs.append(f"{r.small} vs {r.big}: {', '.join(ends)}{edge} (pair: {r.outcome})")
     lines.append(f"**{sampler}**: {outcome}. Pareto-front owners from low to high sampling cost: "
@@ -469,14 +481,24 @@ def verdict(frame) -> tuple[str, list[str]]:
       fallback = "no noise estimate either (no model has two step counts): nothing is decisive"
     lines.append(f"Uncertainty: {missing} has a resampling interval (`fid_ci95`), so the verdict "
                  f"uses {fallback} (n={n} samples per cell).")
-  edge = opt[opt["grid_edge"] == "top"]
-  if len(edge):
-    per_model = ", ".join(f"{model} {count}" for model, count in
-                          edge.groupby("model", sort=False).size().items())
-    lines.append(f"CFG grid: {len(edge)} of {len(opt)} optimal-CFG cells have their optimum at the "
-                 f"largest scale evaluated ({per_model}): their FID is an upper bound, and a win "
-                 f"against such a cell is not counted.")
+  for edge, words in (("top", "the largest scale evaluated"),
+                      ("bottom", f"the smallest scale evaluated, above CFG {analysis_cfg.CFG_FLOOR:g}")):
+    cells = opt[opt["open_edge"] & (opt["grid_edge"] == edge)]
+    if len(cells):
+      lines.append(f"CFG grid: {len(cells)} of {len(opt)} optimal-CFG cells have their optimum at "
+                   f"{words} ({_per_model(cells)}): their FID is an upper bound, and a win "
+                   f"against such a cell is not counted.")
+  floored = opt[(opt["grid_edge"] == "bottom") & ~opt["open_edge"]]
+  if len(floored):
+    lines.append(f"CFG grid: {len(floored)} of {len(opt)} optimal-CFG cells are best at CFG "
+                 f"{analysis_cfg.CFG_FLOOR:g} or below (no guidance; {_per_model(floored)}): "
+                 f"guidance does not help them, nothing lower is sampled.")
   return outcome, lines
+
+
+def _per_model(cells: pd.DataFrame) -> str:
+  return ", ".join(f"{model} {count}" for model, count in
+                   cells.groupby("model", sort=False).size().items())
 
 
 def size_effect_line(frame, factor: float = 3.0,
@@ -495,6 +517,7 @@ def size_effect_line(frame, factor: float = 3.0,
     grid_effect = analysis.size_effect(frame, "fid", factor=factor)
     e["at_grid_edge"] = [] if grid_effect is None else [
         m for m in grid_effect["at_grid_edge"] if m in (e["small"], e["big"])]
+    e["grid_edges"] = {} if grid_effect is None else grid_effect.get("grid_edges", {})
     e["confirmed_n"] = int(pd.to_numeric(use["n"], errors="coerce").max())
   verdict_word = "met" if e["met"] else "not met"
   where = (f"each model's best grid cell evaluated again with n={e['confirmed_n']} fresh samples "
@@ -509,7 +532,12 @@ def size_effect_line(frame, factor: float = 3.0,
           f"({e['u_source']}) — "
           f"criterion **{verdict_word}**.")
   if e["at_grid_edge"]:
-    text += f" ({', '.join(e['at_grid_edge'])}: optimum at the top of the CFG grid.)"
+    edges = e.get("grid_edges") or {}
+    by_end = {}
+    for model in e["at_grid_edge"]:
+      by_end.setdefault(edges.get(model, "top"), []).append(model)
+    text += " (" + "; ".join(f"{', '.join(models)}: optimum at the {end} of the CFG grid"
+                             for end, models in by_end.items()) + ".)"
   return effect, text
 
 
@@ -591,7 +619,8 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
              else f"{steps[0]}–{steps[-1]} steps")
   grid_words = (f"{len(e.samplers)} sampler(s) ({', '.join(e.samplers)}) × steps "
                 f"{tuple(int(x) for x in e.steps)} × CFG {tuple(float(x) for x in e.cfg_scales)}"
-                + (f" (+ up to {s.extend_cfg} scales above the top where an optimum sits there)"
+                + (f" (+ up to {s.extend_cfg} scales past either end where an optimum sits there, "
+                   f"never below CFG {analysis_cfg.CFG_FLOOR:g})"
                    if s.extend_cfg else ""))
   figures = [os.path.relpath(p, root) for p in made["figures"]]
   text = [

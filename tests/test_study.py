@@ -195,7 +195,7 @@ def test_verdict_discounts_wins_against_an_optimum_at_the_cfg_grid_top():
       (1, True, "top"), (2, False, "")}
   outcome, lines = study.verdict(frame)
   assert outcome == "inconclusive at this noise"
-  assert "2 win(s) against a top-of-grid CFG optimum not counted" in lines[0]
+  assert "2 win(s) against a CFG optimum at an open grid end not counted" in lines[0]
   assert "3 of 6 optimal-CFG cells have their optimum at the largest scale" in lines[-1]
 
 
@@ -254,6 +254,48 @@ def test_extend_cfg_brackets_the_optimum_from_above(monkeypatch):
       (1, 3.0, ""), (2, 7.0, "top")}
   config.study.extend_cfg = 0
   assert study.extend_cfg(config, runs, "/table") == 0
+
+
+def test_extend_cfg_brackets_the_optimum_from_below_down_to_cfg_1(monkeypatch):
+  """Grid (2, 4, 6) with FID = base + (cfg - best)^2: w1's best 2.9 (at the bottom, 2: extended
+  to 1 -- the first spacing below, clamped at CFG 1 -- which is worse, so 2 is interior), w2's
+  best 0.5 (extended to 1, still best there: the floor, not open; reported, not extended), w3's
+  best 7.5 (the top: 8, better, then 10, worse -> interior at 8)."""
+  best = {1: 2.9, 2: 0.5, 3: 7.5}
+  def fid(width, cfg):
+    return 50 + (cfg - best[width]) ** 2
+  frame = _frame({(w, 4): {c: fid(w, c) for c in (2.0, 4.0, 6.0)} for w in best})
+  table = {"frame": frame}
+  calls = []
+  def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
+    del table_dir, log, extractor
+    (workdir,), e = workdirs, eval_config.eval
+    width = int(workdir.rsplit("w", 1)[1])
+    calls.append((width, e.cfg_scales[0]))
+    table["frame"] = pd.concat([table["frame"], _frame(
+        {(width, e.steps[0]): {e.cfg_scales[0]: fid(width, e.cfg_scales[0])}})])
+  monkeypatch.setattr(study.grid, "evaluate", evaluate)
+  monkeypatch.setattr(study.results, "load", lambda table_dir: table["frame"])
+  config = experiment.load(CONFIG + ":quick", ["eval.cfg_scales=(2.0,4.0,6.0)", "eval.steps=(4,)",
+                                               "study.extend_cfg=2"])
+  runs = [study.RunPlan(w, 10, f"/runs/w{w}", 1, w / 100) for w in best]
+  logs = []
+  assert study.extend_cfg(config, runs, "/table", log=logs.append) == 4
+  assert sorted(calls) == [(1, 1.0), (2, 1.0), (3, 8.0), (3, 10.0)]
+  assert "the grid's bottom (CFG 2); evaluating CFG 1" in logs[0]
+  opt = analysis.optimal_cfg(table["frame"], "fid", checkpoint="latest")
+  assert {(r.width, r.cfg_scale, r.grid_edge, r.open_edge) for r in opt.itertuples()} == {
+      (1, 2.0, "", False), (2, 1.0, "bottom", False), (3, 8.0, "", False)}
+  lines = study.verdict(table["frame"])[1]
+  assert any("1 of 3 optimal-CFG cells are best at CFG 1 or below" in x for x in lines)
+  assert not any("upper bound" in x for x in lines)
+  # A bottom above CFG 1 is open: the verdict does not count a win against it.
+  opt = analysis.optimal_cfg(frame, "fid", checkpoint="latest")
+  assert {(r.width, r.grid_edge, r.open_edge) for r in opt.itertuples()} == {
+      (1, "bottom", True), (2, "bottom", True), (3, "top", True)}
+  lines = study.verdict(frame)[1]
+  assert any("2 of 3 optimal-CFG cells have their optimum at the smallest scale evaluated, above "
+             "CFG 1 (w1 1, w2 1)" in x for x in lines)
 
 
 def test_real_floor_is_saved_and_optional(tmp_path, monkeypatch):

@@ -6,8 +6,11 @@ CLIP score (highest). Ties go to the smaller scale (the cheaper-to-tune, less sa
 
 An optimum at the smallest or largest scale evaluated is not bracketed: the true optimum may lie
 outside the grid, and the metric there is only a bound on the optimal one. Such rows are flagged
-(``at_grid_edge``; ``grid_edge`` says which end) so that reports and verdicts can discount them,
-and ``ldm-scaling study`` can extend the grid upward (``study.extend_cfg``).
+(``at_grid_edge``; ``grid_edge`` says which end). CFG 1 is the end of the useful range (the
+conditional model alone; below it the sample moves toward the unconditional model's, which nobody
+samples), so an optimum at a smallest scale of 1 or less is bracketed by that range; every other
+edge optimum is *open* (``open_edge``): reports and verdicts discount those, and ``ldm-scaling
+study`` extends the grid past them, in both directions (``study.extend_cfg``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import pandas as pd
 
 from ldm_scaling.analysis import table
 
+# The smallest CFG scale worth sampling: 1 is the conditional model alone (no guidance).
+CFG_FLOOR = 1.0
+
 # One optimum per group: a model at one checkpoint, sampled with one sampler and step count.
 GROUP = ("model", "run", "objective", "scale_schedule", "width", "checkpoint_step", "sampler",
          "steps")
@@ -29,7 +35,8 @@ def best_rows(data: pd.DataFrame, m: table.Metric, keys: Sequence[str]) -> pd.Da
 
   ``at_grid_edge`` marks optima at the smallest or largest scale tried (of a scan of at least two
   scales): the true optimum may lie outside the grid. ``grid_edge`` is ``"top"``, ``"bottom"`` or
-  ``""``; ``cfg_at_edge`` is the older name of ``at_grid_edge``."""
+  ``""``; ``open_edge`` excludes a bottom at or below :data:`CFG_FLOOR` (nothing lower is worth
+  sampling); ``cfg_at_edge`` is the older name of ``at_grid_edge``."""
   keys = list(keys)
   order = ["model_rank" if k == "model" else k for k in keys]  # models by size, not by label
   ordered = data.sort_values([*order, m.column, "cfg_scale"],
@@ -45,6 +52,7 @@ def best_rows(data: pd.DataFrame, m: table.Metric, keys: Sequence[str]) -> pd.Da
   bottom = scanned & (best["cfg_scale"] == best["cfg_min"])
   best["grid_edge"] = np.where(top, "top", np.where(bottom, "bottom", ""))
   best["at_grid_edge"] = top | bottom
+  best["open_edge"] = top | (bottom & (best["cfg_scale"] > CFG_FLOOR + 1e-9))
   best["cfg_at_edge"] = best["at_grid_edge"]
   return best.reset_index(drop=True)
 
@@ -53,8 +61,9 @@ def optimal_cfg(frame: pd.DataFrame, metric: str = "fid", checkpoint: Any = "all
                 sampler: str | None = None) -> pd.DataFrame:
   """One row per (model, checkpoint, sampler, steps): the row at the CFG scale that optimises
   ``metric`` (``fid``: min, ``clip``: max), all its columns kept, plus ``n_cfg``, ``cfg_min``,
-  ``cfg_max``, ``at_grid_edge`` (bool), ``grid_edge`` (top | bottom | "") and ``cfg_at_edge``
-  (= ``at_grid_edge``). ``checkpoint``: ``"all"``, ``"latest"`` or a step."""
+  ``cfg_max``, ``at_grid_edge`` (bool), ``grid_edge`` (top | bottom | ""), ``open_edge`` (bool:
+  at the top, or at the bottom above :data:`CFG_FLOOR`; the optimum may lie beyond the grid) and
+  ``cfg_at_edge`` (= ``at_grid_edge``). ``checkpoint``: ``"all"``, ``"latest"`` or a step."""
   data, m = table.prepare(frame, metric)
   data = table.select_sampler(table.select_checkpoint(data, checkpoint), sampler)
   out = best_rows(data, m, GROUP)

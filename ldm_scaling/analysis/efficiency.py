@@ -268,7 +268,8 @@ def budget_comparisons(frame: pd.DataFrame, metric: str = "fid", sampler: str | 
   """Each (smaller, bigger) pair of models, per sampler, at every budget both can meet (the costs
   either measured, from the dearer of their cheapest points up): each model's best point within
   the budget, their difference, the combined uncertainty and the winner (``small``, ``big`` or
-  ``none``: within noise, or the loser's optimum at the top of its CFG grid — ``loser_at_edge``).
+  ``none``: within noise, or the loser's optimum at an open end of its CFG grid, where it may
+  improve beyond the grid — ``loser_at_edge``; see ``cfg.best_rows``).
   ``advantage`` = how much better the bigger model is (> 0: bigger better)."""
   points, m, order, noise = _noisy_points(frame, metric, checkpoint, sampler, noise)
   rows = []
@@ -288,7 +289,7 @@ def budget_comparisons(frame: pd.DataFrame, metric: str = "fid", sampler: str | 
           c = _compare(pa, pb, m)
           winner = "big" if c["diff"] > c["u"] else "small" if -c["diff"] > c["u"] else "none"
           loser = pa if winner == "big" else pb if winner == "small" else None
-          at_edge = bool(loser is not None and loser["grid_edge"] == "top")
+          at_edge = bool(loser is not None and loser["open_edge"])
           rows.append(dict(
               sampler=sampler_name, small=small, big=big, budget=budget,
               small_steps=int(pa["steps"]), big_steps=int(pb["steps"]),
@@ -404,7 +405,8 @@ def size_effect(frame: pd.DataFrame, metric: str = "fid", factor: float = 3.0,
                           f"{float(big['cfg_scale']):g}",
               advantage=c["diff"], u=c["u"],
               ratio=_ratio(c["diff"], c["u"]), met=bool(c["diff"] > factor * c["u"]),
-              at_grid_edge=[x["model"] for x in (small, big) if x["grid_edge"] == "top"],
+              at_grid_edge=[x["model"] for x in (small, big) if x["open_edge"]],
+              grid_edges={x["model"]: x["grid_edge"] for x in (small, big) if x["open_edge"]},
               u_source=_joint_source(small, big), noise=noise)
 
 
