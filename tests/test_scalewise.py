@@ -529,14 +529,16 @@ def test_bad_scale_wise_settings_are_clear_errors(change, match):
     objectives.validate(config)
 
 
-def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_path):
+def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_path, capsys):
   """The whole SwD pipeline at CI size on the session's tiny teacher (8x8 latents, VP schedule):
-  4 steps (fake, student at scale 4; fake, student at scale 8). Stopped after its step-2
-  checkpoint and resumed (what a SIGKILL leaves: the last checkpoint, then a fresh process's
-  restore), every network ends bit-identical to the uninterrupted run's. The student is then
+  4 steps (fake, student at scale 4; fake, student at scale 8). Resumed from its step-2
+  checkpoint (what a SIGKILL after it leaves: a copy of the run without the later checkpoint,
+  restored by a fresh trainer), every network ends bit-identical to the uninterrupted run's
+  (the scale of steps 3-4 comes from the restored step). The student is then
   evaluated with the swd sampler: its row carries scale_schedule 4-8 and the sampling cost of the
   two measured step costs."""
   import copy  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
@@ -558,8 +560,11 @@ def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_p
   result = trainer.train(previewed, str(straight))
   assert result.step == 4 and np.isfinite(result.metrics["student/loss"])
   assert (straight / "samples" / "step_0000004.png").is_file()
-  assert trainer.train(config, str(resumed), max_steps=2).step == 2
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  capsys.readouterr()
   assert trainer.train(config, str(resumed)).step == 4
+  assert "resumed from step 2 of 4" in capsys.readouterr().err
   _, a = checkpoint.load_weights(str(straight), which="params")
   _, b = checkpoint.load_weights(str(resumed), which="params")
   assert set(a) == {"unet", "fake", "head"}

@@ -67,19 +67,34 @@ def check(setting: Setting, latent_size: int, down_factor: int) -> None:
     raise ConfigError("--finish-steps must be >= 1 and --n >= 2")
 
 
-def finish(apply_fn: Callable, schedule: schedules.Schedule, prediction: str, x, t0: float,
-           steps: int):
-  """Deterministic DDIM from the level ``t0`` (a fraction of the schedule) to the clean sample:
-  ``steps`` model evaluations at ``t0 (1 - i/steps)``; ``apply_fn(x, t) -> output``."""
+def finish_levels(schedule: schedules.Schedule, t0: float, steps: int) -> np.ndarray:
+  """The (5, steps) table of :func:`finish_with`: per step the model's timestep, alpha and sigma at
+  ``t0 (1 - i/steps)``, and the next step's alpha and sigma (1 and 0 after the last)."""
   fracs = np.asarray(t0, np.float64) * (1.0 - np.arange(steps) / steps)
   t, alpha, sigma = scalewise.levels(schedule, np.maximum(fracs, 1e-3))
   a_next = np.concatenate([alpha[1:], np.ones(1, np.float32)])
   s_next = np.concatenate([sigma[1:], np.zeros(1, np.float32)])
-  for i in range(steps):
-    out = apply_fn(x, jnp.full((x.shape[0],), t[i], jnp.float32)).astype(jnp.float32)
-    x0, eps = param.to_x0_eps(prediction, out, x, alpha[i], sigma[i])
-    x = a_next[i] * x0 + s_next[i] * eps
-  return x
+  return np.stack([t, alpha, sigma, a_next, s_next]).astype(np.float32)
+
+
+def finish_with(apply_fn: Callable, prediction: str, x, levels):
+  """Deterministic DDIM through the steps of ``levels`` (:func:`finish_levels`, possibly traced):
+  one model evaluation in a loop, so one program serves every level and step count of a shape."""
+  levels = jnp.asarray(levels, jnp.float32)
+
+  def step(i, x):
+    t, alpha, sigma, a_next, s_next = (levels[j, i] for j in range(5))
+    out = apply_fn(x, jnp.full((x.shape[0],), t, jnp.float32)).astype(jnp.float32)
+    x0, eps = param.to_x0_eps(prediction, out, x, alpha, sigma)
+    return a_next * x0 + s_next * eps
+  return jax.lax.fori_loop(0, levels.shape[1], step, x)
+
+
+def finish(apply_fn: Callable, schedule: schedules.Schedule, prediction: str, x, t0: float,
+           steps: int):
+  """Deterministic DDIM from the level ``t0`` (a fraction of the schedule) to the clean sample:
+  ``steps`` model evaluations at ``t0 (1 - i/steps)``; ``apply_fn(x, t) -> output``."""
+  return finish_with(apply_fn, prediction, x, finish_levels(schedule, t0, steps))
 
 
 def inputs(kind: str, x_from, x_to, alpha, sigma, key):
@@ -107,7 +122,7 @@ def run(teacher: str, setting: Setting, *, extractor=None, log=print) -> pd.Data
   vae = vae_lib.load(config)
   prompts, images = grid.eval_prompts_and_images(config, setting.n)
   pixels = np.concatenate(list(images(setting.n)()))[:setting.n]
-  extractor = extractor or fid.FeatureExtractor(log=log)
+  extractor = extractor or fid.FeatureExtractor(batch_size=grid.feature_batch(setting.n), log=log)
   log(f"swd-premise: teacher {teacher} step {step}; {setting.n} held-out images, scales "
       f"{setting.scales[0]} -> {setting.scales[1]}, sigmas {setting.sigmas}, seeds "
       f"{setting.seeds}, {setting.finish_steps} DDIM steps, CFG {setting.cfg_scale:g}")
@@ -122,24 +137,18 @@ def run(teacher: str, setting: Setting, *, extractor=None, log=print) -> pd.Data
     z = vae.encode_images(imgs)
     return scalewise.resize(z, s_from, "area"), scalewise.resize(z, s_to, "area")
 
-  programs = {}
+  @jax.jit
+  def finisher(params, x, ctx, unc, levels):
+    model = guidance.model_fn(model_apply, params, ctx, unc if scales is not None else None,
+                              jnp.asarray(scales)[:ctx.shape[0]] if scales is not None else None)
+    return finish_with(model, prediction, x, levels)
 
-  def program(kind, frac):
-    if (kind, frac) not in programs:
-      _, alpha, sigma = (float(v[0]) for v in scalewise.levels(schedule, [frac]))
-
-      def fn(params, x_from, x_to, ctx, unc, key):
-        model = guidance.model_fn(model_apply, params, ctx, unc if scales is not None else None,
-                                  jnp.asarray(scales)[:ctx.shape[0]] if scales is not None
-                                  else None)
-        x = inputs(kind, x_from, x_to, alpha, sigma, key)
-        return finish(model, schedule, prediction, x, frac, setting.finish_steps)
-      programs[(kind, frac)] = jax.jit(fn)
-    return programs[(kind, frac)]
-
+  make_inputs = jax.jit(inputs, static_argnums=0)
   rows = []
   for frac in setting.sigmas:
     feats = {}
+    _, alpha, sigma = (float(v[0]) for v in scalewise.levels(schedule, [frac]))
+    levels = finish_levels(schedule, frac, setting.finish_steps)
     for seed in setting.seeds:
       for kind in KINDS:
         out = []
@@ -148,8 +157,9 @@ def run(teacher: str, setting: Setting, *, extractor=None, log=print) -> pd.Data
           ctx = jnp.asarray(context[lo:lo + b])
           unc = jnp.broadcast_to(jnp.asarray(uncond), ctx.shape)
           key = jax.random.fold_in(jax.random.key(seed), lo)
+          x = make_inputs(kind, x_from, x_to, alpha, sigma, key)
           out.append(np.asarray(decoding.decode(np.asarray(
-              program(kind, frac)(params, x_from, x_to, ctx, unc, key)))))
+              finisher(params, x, ctx, unc, levels)))))
         feats[(seed, kind)] = extractor(np.concatenate(out))
     for i, seed in enumerate(setting.seeds):
       ref = frechet.Reference(fid.compute_stats(feats[(seed, "true")]))
@@ -171,4 +181,5 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
   return out
 
 
-__all__ = ["KINDS", "Setting", "check", "finish", "inputs", "run", "summary"]
+__all__ = ["KINDS", "Setting", "check", "finish", "finish_levels", "finish_with", "inputs", "run",
+           "summary"]
