@@ -448,7 +448,8 @@ def verdict(frame) -> tuple[str, list[str]]:
           ("highest", r.high_budget, r.high_winner, r.high_advantage, r.high_u, r.high_edge)):
         would = r.big if adv > 0 else r.small
         who = {"small": f"{r.small} wins", "big": f"{r.big} wins"}.get(
-            winner, f"{would}'s win not counted (the other's CFG optimum is at an open end of its grid)"
+            winner, f"{would}'s win not counted (the other's CFG optimum is at an open end of "
+                    f"its grid)"
             if edge else "no decisive win")
         ends.append(f"at the {end} common budget ({budget:.3g}) {who} (FID {r.small} − "
                     f"{r.big} = {adv:+.1f} ± {u:.1f})")
@@ -481,8 +482,9 @@ def verdict(frame) -> tuple[str, list[str]]:
       fallback = "no noise estimate either (no model has two step counts): nothing is decisive"
     lines.append(f"Uncertainty: {missing} has a resampling interval (`fid_ci95`), so the verdict "
                  f"uses {fallback} (n={n} samples per cell).")
+  floor = analysis_cfg.CFG_FLOOR
   for edge, words in (("top", "the largest scale evaluated"),
-                      ("bottom", f"the smallest scale evaluated, above CFG {analysis_cfg.CFG_FLOOR:g}")):
+                      ("bottom", f"the smallest scale evaluated, above CFG {floor:g}")):
     cells = opt[opt["open_edge"] & (opt["grid_edge"] == edge)]
     if len(cells):
       lines.append(f"CFG grid: {len(cells)} of {len(opt)} optimal-CFG cells have their optimum at "
