@@ -17,7 +17,8 @@ each of which skips what an earlier (possibly interrupted) invocation finished:
    :func:`verdict` (a rule fixed in code: reproduced / not reproduced / inconclusive at this noise)
    and the size-effect check of :func:`size_effect_line`.
 
-Every invocation appends its phase wall times to ``<workdir>/timings.json``; the report sums them.
+Every invocation appends its commit and phase wall times to ``<workdir>/timings.json``; the report
+sums the times and names the commit of each invocation.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class _Clock:
     self.path = os.path.join(root, "timings.json")
     self.log = log
     self.started = time.perf_counter()
-    self.invocation = dict(started=time.time(), phases={})
+    self.invocation = dict(started=time.time(), commit=environment()["commit"], phases={})
     self.history = []
     if os.path.exists(self.path):
       with open(self.path, encoding="utf-8") as f:
@@ -152,6 +153,18 @@ class _Clock:
 
   def total(self) -> float:
     return sum(sum(inv["phases"].values()) for inv in self.history)
+
+  def commits(self) -> str:
+    """The code of every invocation: one commit, or each in order with its invocation numbers
+    (``unknown`` for records written before invocations kept theirs)."""
+    seen: dict[str, list[int]] = {}
+    for i, inv in enumerate(self.history, 1):
+      seen.setdefault(inv.get("commit", "unknown"), []).append(i)
+    if len(seen) == 1:
+      return f"Commit: `{next(iter(seen))}`"
+    return "Commits: " + ", ".join(
+        f"`{c}` (invocation{'s' if len(n) > 1 else ''} {', '.join(map(str, n))})"
+        for c, n in seen.items())
 
 
 def _eta_line(done: float, total: float, elapsed: float) -> str:
@@ -627,7 +640,7 @@ def write_report(root: str, table_dir: str, runs: list[RunPlan], config, clock: 
   figures = [os.path.relpath(p, root) for p in made["figures"]]
   text = [
       "# Scaling study", "",
-      f"Command: `{command or 'ldm-scaling study'}`  ", f"Commit: `{env['commit']}`; "
+      f"Command: `{command or 'ldm-scaling study'}`  ", f"{clock.commits()}; "
       f"{env['devices']} ({env['cpus']} cores, {env['machine']}), jax {env['jax']}.  ",
       f"Wall time: {clock.total() / 60:.1f} min over {len(clock.history)} invocation(s) ("
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) + ").", "",

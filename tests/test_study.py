@@ -111,6 +111,7 @@ def test_quick_study_resumes_after_kill(tmp_path, offline_components, monkeypatc
     assert os.path.getsize(path) > 1000
   timings = json.loads((root / "timings.json").read_text())
   assert len(timings) == 2 and "eval" in timings[1]["phases"]
+  assert timings[0]["commit"] == timings[1]["commit"] == study.environment()["commit"]
 
 
 def test_study_bad_input(tmp_path, capsys):
@@ -315,3 +316,18 @@ def test_real_floor_is_saved_and_optional(tmp_path, monkeypatch):
   assert "FID 3 ± 0.5" in study._floor_line(got)  # pylint: disable=protected-access
   config.study.real_floor = False
   assert "study.real_floor=False" in study.real_floor(config, str(tmp_path / "x"), "/table")
+
+
+def test_report_names_the_commit_of_every_invocation(tmp_path, monkeypatch):
+  """Each invocation records its commit in timings.json; the report's line names one commit, or
+  each with the invocations that ran it (records from before commits were kept: ``unknown``)."""
+  (tmp_path / "timings.json").write_text(json.dumps([
+      dict(started=0, phases={"train": 60.0}), dict(started=1, commit="0151b37", phases={})]))
+  monkeypatch.setattr(study, "environment", lambda: dict(commit="0151b37"))
+  clock = study._Clock(str(tmp_path), log=lambda _: None)  # pylint: disable=protected-access
+  assert clock.commits() == "Commits: `unknown` (invocation 1), `0151b37` (invocations 2, 3)"
+  clock.phase("eval", 1.0)
+  assert json.loads((tmp_path / "timings.json").read_text())[2]["commit"] == "0151b37"
+  (tmp_path / "timings.json").unlink()
+  clock = study._Clock(str(tmp_path), log=print)  # pylint: disable=protected-access
+  assert clock.commits() == "Commit: `0151b37`"
