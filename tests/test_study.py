@@ -224,6 +224,21 @@ def test_report_derives_the_setting_from_the_config():
       dict(fid=1.5, fid_ci95=0.3, kid=0.002, kid_ci95=0.001, n=64, source="test split"))
 
 
+def _fake_grid(monkeypatch, frame, fid, record=(0, 1, 2)):
+  """grid.evaluate and results.load faked over ``frame``: each evaluated cell gets
+  ``fid(width, steps, cfg)`` and its (width, steps, cfg) fields ``record`` are logged in ``calls``."""
+  table, calls = {"frame": frame}, []
+  def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
+    del table_dir, log, extractor
+    (workdir,), e = workdirs, eval_config.eval
+    cell = (int(workdir.rsplit("w", 1)[1]), e.steps[0], e.cfg_scales[0])
+    calls.append(tuple(cell[i] for i in record))
+    table["frame"] = pd.concat([table["frame"], _frame({cell[:2]: {cell[2]: fid(*cell)}})])
+  monkeypatch.setattr(study.grid, "evaluate", evaluate)
+  monkeypatch.setattr(study.results, "load", lambda table_dir: table["frame"])
+  return table, calls
+
+
 def test_extend_cfg_brackets_the_optimum_from_above(monkeypatch):
   """study.extend_cfg on a fake eval: FID = base + (cfg - best)^2 with w1's best scale 4 and w2's
   9; grid (1, 3), spacing 2, so extensions go 5, 7, ... up to 3 + 2 x extend_cfg."""
@@ -231,17 +246,7 @@ def test_extend_cfg_brackets_the_optimum_from_above(monkeypatch):
   def fid(width, steps, cfg):
     return 50 - steps + (cfg - best[width]) ** 2
   frame = _frame({(w, k): {c: fid(w, k, c) for c in (1.0, 3.0)} for w in (1, 2) for k in (4, 8)})
-  table = {"frame": frame}
-  calls = []
-  def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
-    del table_dir, log, extractor
-    (workdir,), e = workdirs, eval_config.eval
-    width = int(workdir.rsplit("w", 1)[1])
-    calls.append((width, e.steps[0], e.cfg_scales[0]))
-    table["frame"] = pd.concat([table["frame"], _frame(
-        {(width, e.steps[0]): {e.cfg_scales[0]: fid(width, e.steps[0], e.cfg_scales[0])}})])
-  monkeypatch.setattr(study.grid, "evaluate", evaluate)
-  monkeypatch.setattr(study.results, "load", lambda table_dir: table["frame"])
+  table, calls = _fake_grid(monkeypatch, frame, fid)
   config = experiment.load(CONFIG + ":quick", ["eval.cfg_scales=(1.0,3.0)", "eval.steps=(4,8)",
                                                "study.extend_cfg=2"])
   runs = [study.RunPlan(w, 10, f"/runs/w{w}", 1, w / 100) for w in (1, 2)]
@@ -266,17 +271,7 @@ def test_extend_cfg_brackets_the_optimum_from_below_down_to_cfg_1(monkeypatch):
   def fid(width, cfg):
     return 50 + (cfg - best[width]) ** 2
   frame = _frame({(w, 4): {c: fid(w, c) for c in (2.0, 4.0, 6.0)} for w in best})
-  table = {"frame": frame}
-  calls = []
-  def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
-    del table_dir, log, extractor
-    (workdir,), e = workdirs, eval_config.eval
-    width = int(workdir.rsplit("w", 1)[1])
-    calls.append((width, e.cfg_scales[0]))
-    table["frame"] = pd.concat([table["frame"], _frame(
-        {(width, e.steps[0]): {e.cfg_scales[0]: fid(width, e.cfg_scales[0])}})])
-  monkeypatch.setattr(study.grid, "evaluate", evaluate)
-  monkeypatch.setattr(study.results, "load", lambda table_dir: table["frame"])
+  table, calls = _fake_grid(monkeypatch, frame, lambda w, k, c: fid(w, c), record=(0, 2))
   config = experiment.load(CONFIG + ":quick", ["eval.cfg_scales=(2.0,4.0,6.0)", "eval.steps=(4,)",
                                                "study.extend_cfg=2"])
   runs = [study.RunPlan(w, 10, f"/runs/w{w}", 1, w / 100) for w in best]
