@@ -226,7 +226,7 @@ def test_report_derives_the_setting_from_the_config():
 
 def _fake_grid(monkeypatch, frame, fid, record=(0, 1, 2)):
   """grid.evaluate and results.load faked over ``frame``: each evaluated cell gets
-  ``fid(width, steps, cfg)`` and its (width, steps, cfg) fields ``record`` are logged in ``calls``."""
+  ``fid(width, steps, cfg)``; the (width, steps, cfg) fields ``record`` go to ``calls``."""
   table, calls = {"frame": frame}, []
   def evaluate(workdirs, table_dir, *, eval_config, log, extractor):
     del table_dir, log, extractor
