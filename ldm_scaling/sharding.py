@@ -146,7 +146,7 @@ def frozen_shardings(tree, mesh, rules=LOGICAL_RULES):
   fsdp = mesh.shape["fsdp"]
 
   def one(leaf, sharding):
-    shape = np.shape(leaf)
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)  # arrays or abstract
     if is_box(leaf) or len(shape) < 2 or fsdp == 1:
       return sharding
     dims = [d for d in range(len(shape)) if shape[d] % fsdp == 0]

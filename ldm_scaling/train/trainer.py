@@ -203,7 +203,7 @@ def make_phase_step(phase: objectives.Phase, choice, networks: dict[str, objecti
   """``step(state, batch, frozen_params) -> (state, metrics)`` of one phase: the gradient of its
   loss with respect to the networks it updates, their optimiser and EMA updates, the NaN guard."""
   accum = config.train.grad_accum_steps
-  _, step_key = run_keys(config.train.seed)
+  seed = config.train.seed
   decays = {n: config.train.ema_decay if net.ema_decay is None else net.ema_decay
             for n, net in networks.items() if net.ema}
   kwargs = {} if phase.choice is None else dict(choice=choice)
@@ -236,7 +236,8 @@ def make_phase_step(phase: objectives.Phase, choice, networks: dict[str, objecti
     return jax.tree.map(lambda a: a / accum, total)
 
   def train_step(state: TrainState, batch, frozen_params):
-    rng = jax.random.fold_in(step_key, state.step)
+    # The key is made in the trace: no array is placed before the program's shardings say where.
+    rng = jax.random.fold_in(run_keys(seed)[1], state.step)
     trainable = {n: state.params[n] for n in phase.updates}
     value, aux, grads = loss_and_grads(trainable, state.params, frozen_params, state.ema, batch,
                                        rng)
@@ -272,6 +273,18 @@ class _Steps:
         make_phase_step(phase, choice, networks, txs, frozen_modules, config),
         in_shardings=shardings, out_shardings=(shardings[0], None), donate_argnums=(0,))
     self._jitted: dict[tuple[str, Any], Callable] = {}
+
+  def each(self, steps: int, scan: int = 10_000) -> list[tuple[str, Callable]]:
+    """``(name, jitted)`` of every (phase, choice) that steps ``0 .. steps - 1`` run (the first
+    ``scan`` steps are looked at: phases cycle), named ``phase`` or ``phase@choice``."""
+    out, seen = [], set()
+    for step in range(min(steps, scan)):
+      phase, choice = objectives.phase_at(self.phases, step)
+      if (phase.name, choice) not in seen:
+        seen.add((phase.name, choice))
+        name = phase.name if choice is None else f"{phase.name}@{choice}"
+        out.append((name, self.at(step)[1]))
+    return out
 
   def at(self, step: int) -> tuple[objectives.Phase, Callable]:
     phase, choice = objectives.phase_at(self.phases, step)
@@ -396,6 +409,55 @@ def _global_batch(local: dict[str, Any], spec: dict[str, Any], mesh) -> dict[str
           for k in spec}
 
 
+@dataclasses.dataclass
+class Program:
+  """What the trainer compiles for a config on a mesh: the per-network optimisers, the training
+  state's abstract value and shardings, the batch's and the frozen networks' shardings, and the
+  jitted step of every (phase, choice) (``steps.at(step)``). ``ldm-scaling plan`` lowers these same
+  programs for a TPU topology (launch/plan.py)."""
+  settings: dict[str, Any]
+  txs: dict[str, optax.GradientTransformation]
+  init_state: Callable          # (init key, frozen params) -> boxed TrainState
+  abstract: TrainState          # unboxed ShapeDtypeStructs
+  state_sh: TrainState
+  batch_spec: dict[str, jax.ShapeDtypeStruct]
+  batch_sh: dict[str, Any]
+  frozen_sh: dict[str, Any]
+  steps: "_Steps"
+
+
+def build_program(config, objective, frozen: dict[str, objectives.Frozen], mesh) -> Program:
+  """The training programs of ``config``'s ``objective`` on ``mesh`` (under ``jax.set_mesh`` and
+  the logical axis rules). ``frozen``'s parameters may be abstract (``jax.ShapeDtypeStruct``s): only
+  their shapes are read here."""
+  tcfg = config.train
+  networks, phases = objective.networks(), objective.phases()
+  settings = {n: optim.settings(tcfg, net.optimizer) for n, net in networks.items()}
+  txs = {n: optim.optimizer(s) for n, s in settings.items()}
+
+  def init_state(rng, frozen_params):
+    params = objective.init(rng)
+    for n, net in networks.items():
+      if net.start_from:
+        params[n] = sh.replace_values(params[n], frozen_params[net.start_from])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema={n: params[n] for n, net in networks.items() if net.ema},
+                      opt_state={n: txs[n].init(params[n]) for n in networks})
+
+  frozen_sh = {k: sh.frozen_shardings(f.params, mesh) for k, f in frozen.items()}
+  frozen_abstract = jax.eval_shape(lambda: {k: sh.unbox(f.params) for k, f in frozen.items()})
+  init_key = jax.eval_shape(lambda: run_keys(tcfg.seed)[0])
+  boxed = jax.eval_shape(init_state, init_key, frozen_abstract)
+  state_sh = sh.tree_shardings(boxed, mesh)
+  batch_spec = objective.batch_spec(tcfg.batch_size)
+  batch_sh = {k: sh.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
+  frozen_modules = {k: f.module for k, f in frozen.items()}
+  steps = _Steps(phases, networks, txs, frozen_modules, config, (state_sh, batch_sh, frozen_sh))
+  return Program(settings=settings, txs=txs, init_state=init_state, abstract=sh.unbox(boxed),
+                 state_sh=state_sh, batch_spec=batch_spec, batch_sh=batch_sh,
+                 frozen_sh=frozen_sh, steps=steps)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           make_data: Callable | None = None, max_steps: int | None = None) -> Result:
   """Trains ``config``'s objective in ``workdir``, resuming from its latest complete checkpoint.
@@ -420,30 +482,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   mesh = sh.make_mesh(config.mesh)
   tcfg = config.train
-  settings = {n: optim.settings(tcfg, net.optimizer) for n, net in networks.items()}
-  txs = {n: optim.optimizer(s) for n, s in settings.items()}
-  batch_spec = objective.batch_spec(tcfg.batch_size)
-  flops = {p.name: objective.train_flops_per_example(p.name) for p in phases}
-
-  def init_state(rng, frozen_params):
-    params = objective.init(rng)
-    for n, net in networks.items():
-      if net.start_from:
-        params[n] = sh.replace_values(params[n], frozen_params[net.start_from])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema={n: params[n] for n, net in networks.items() if net.ema},
-                      opt_state={n: txs[n].init(params[n]) for n in networks})
-
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
-    frozen_sh = {k: sh.frozen_shardings(f.params, mesh) for k, f in frozen.items()}
-    frozen_params = jax.device_put({k: sh.unbox(f.params) for k, f in frozen.items()}, frozen_sh)
-    frozen_modules = {k: f.module for k, f in frozen.items()}
-    init_key, _ = run_keys(tcfg.seed)
-    abstract = jax.eval_shape(init_state, init_key, frozen_params)
-    state_sh = sh.tree_shardings(abstract, mesh)
-    abstract = sh.unbox(abstract)
-    _write_partitioning(workdir, dict(state=(abstract, state_sh),
-                                      frozen=(jax.eval_shape(lambda: frozen_params), frozen_sh)))
+    program = build_program(config, objective, frozen, mesh)
+    frozen_params = jax.device_put({k: sh.unbox(f.params) for k, f in frozen.items()},
+                                   program.frozen_sh)
+    _write_partitioning(workdir, dict(state=(program.abstract, program.state_sh),
+                                      frozen=(jax.eval_shape(lambda: frozen_params),
+                                              program.frozen_sh)))
 
     local_batch = tcfg.batch_size // process_count
     data_iter = (make_data or objective.make_data)(
@@ -454,7 +499,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         workdir, keep=tcfg.keep_checkpoints,
         best_metric=tcfg.best_metric or None, async_save=tcfg.async_checkpointing)
     start, state = checkpointer.restore_newest_readable(
-        lambda step: _restore(checkpointer, step, abstract, state_sh, txs))
+        lambda step: _restore(checkpointer, step, program.abstract, program.state_sh,
+                              program.txs))
     if start is not None:
       # Batch s of every process is its share of global batch s, whatever the process count
       # (data/pipeline.py), and each step draws one batch (gradient accumulation splits it on
@@ -464,15 +510,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         metrics_lib.console(f"resumed from step {start} of {tcfg.steps} ({workdir})")
     else:
       start = 0
-      state = runtime.run_once(lambda k, f: sh.unbox(init_state(k, f)), init_key, frozen_params,
-                               out_shardings=state_sh)
+      init_key, _ = run_keys(tcfg.seed)
+      state = runtime.run_once(lambda k, f: sh.unbox(program.init_state(k, f)), init_key,
+                               frozen_params, out_shardings=program.state_sh)
 
-    batch_sh = {k: sh.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
-    steps = _Steps(phases, networks, txs, frozen_modules, config, (state_sh, batch_sh, frozen_sh))
-    lrs = {n: optim.learning_rate(s) for n, s in settings.items()}
+    lrs = {n: optim.learning_rate(s) for n, s in program.settings.items()}
+    flops = {p.name: objective.train_flops_per_example(p.name) for p in phases}
     loop = _Loop(config, workdir, objective, phases, frozen, frozen_params, flops, lrs, mesh,
-                 batch_spec)
-    result = loop.run(state, steps, data_iter, checkpointer, start, max_steps)
+                 program.batch_spec)
+    result = loop.run(state, program.steps, data_iter, checkpointer, start, max_steps)
   return result
 
 
