@@ -31,6 +31,11 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# The TPU compiler, for `ldm-scaling plan` on any host (ahead-of-time compiles for a named slice,
+# launch/plan.py) and the runtime on TPU VMs. CPU training never needs it; with it installed CPU
+# runs skip the TPU probe (runtime.configure_jax). The version verified with jax 0.10.2.
+TPU_REQUIRES = ["libtpu==0.0.52"]
+
 # Test/benchmark-only references. torch is pinned to the CPU build that ships on the machines here;
 # an unpinned `torch` would pull a multi-GB CUDA build.
 TEST_REQUIRES = [
@@ -52,7 +57,7 @@ TEST_REQUIRES = [
     "nbclient==0.11.0",
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
-]
+] + TPU_REQUIRES  # CI plans a small model for a 4-chip v5e slice (tests/test_plan.py)
 
 setuptools.setup(
     name="ldm-scaling",
@@ -63,6 +68,6 @@ setuptools.setup(
     package_data={"ldm_scaling.data": ["assets/*.gz", "assets/*.md"]},
     python_requires=">=3.11",  # jax 0.10.2, flax, orbax, grain, numpy need it
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "tpu": TPU_REQUIRES},
     entry_points={"console_scripts": ["ldm-scaling=ldm_scaling.cli:main"]},
 )

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   fid.add_parsers(sub)         # fid, fid-weights, swd-premise
   data.add_parsers(sub)        # prepare-data
   components.add_parsers(sub)  # train-clip, train-vae
-  launch.add_parsers(sub)      # sweep
+  launch.add_parsers(sub)      # plan, sweep
   analysis.add_parsers(sub)    # analyze, advise
   diffusers.add_parsers(sub)   # import-diffusers, export-diffusers
   return parser

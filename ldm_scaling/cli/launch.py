@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Sequence
 
@@ -227,7 +228,33 @@ def cmd_sweep(args) -> int:
   return run_command(args, args.launcher, "ldm-scaling sweep")
 
 
+def cmd_plan(args) -> int:
+  from ldm_scaling.launch import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  config = common.load_config(args, example="configs/t2i.py:width=768")
+  plan = plan_lib.plan_train(config, args.topology, batch=args.batch, log=common.log)
+  if args.json:
+    print(json.dumps(plan.to_json()))
+  else:
+    print(plan_lib.format_plan(plan))
+  return 0 if plan.fits else 2
+
+
 def add_parsers(sub) -> None:
+  p = sub.add_parser(
+      "plan", help="compile the training step for a TPU slice here and check it fits",
+      description="Compiles the config's training programs (the trainer's own: loss, optimiser, "
+      "EMA, shardings, donation) ahead of time for a TPU slice with the TPU compiler, on this "
+      "host (no TPU needed; needs libtpu: pip install 'ldm-scaling[tpu]'), and prints per chip "
+      "the argument, output, temporary and code bytes against the chip's HBM, the FLOPs and the "
+      "collectives. Exit status 2 when it does not fit. See docs/tpu_plan.md.")
+  common.add_config_arg(p, required=True, example="configs/t2i.py:width=768")
+  p.add_argument("--topology", required=True,
+                 help="the slice as the launcher names it: v5litepod-16 (or v5e-16), v5p-256, "
+                      "v4-32, v6e-8 (the number counts TensorCores: v5p-256 is 128 chips)")
+  p.add_argument("--batch", type=int, help="global batch (default: train.batch_size)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.set_defaults(func=cmd_plan)
+
   p = sub.add_parser("sweep", help="launch a sweep's runs here or on a TPU VM slice (or print "
                      "them with --dry-run)", description=DESCRIPTION)
   add_arguments(p)

@@ -1,0 +1,300 @@
+"""Plans before launch: the trainer's real step compiled ahead of time for a TPU slice, here.
+
+With ``libtpu`` installed (``pip install 'ldm-scaling[tpu]'``), ``jax.experimental.topologies``
+describes the chips of a named slice on any host, CPU included, and ``jax.jit(...).lower(abstract
+args).compile()`` runs the TPU compiler on them. The executable's ``memory_analysis()`` is what each
+chip must hold (arguments, outputs not aliased to donated arguments, temporaries, code) and its
+``cost_analysis()`` the FLOPs per chip; its HLO names the collectives. This is how large JAX
+trainers check a launch (MaxText's ahead-of-time compile). The programs are
+``trainer.build_program``'s: the objective's loss, optimisers, EMA, shardings and donation, as
+``ldm-scaling train`` jits them.
+
+Slices are named as the launcher names them (``v5litepod-16`` or ``v5e-16``, ``v5p-256``: the
+number counts TensorCores, so ``v5p-256`` is 128 chips, ``v5p:4x4x8``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import os
+import re
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import numpy as np
+
+from ldm_scaling import sharding as sh
+from ldm_scaling.errors import ConfigError
+from ldm_scaling.launch import topology as topo_lib
+
+LIBTPU_PIN = "libtpu==0.0.52"   # the version this was verified with (jax 0.10.2); setup.py's extra
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+GIB = 2**30
+
+
+def slice_shape(topo: topo_lib.Topology) -> str:
+  """The chip grid of a slice as libtpu names it: v5e/v6e are 2-D (``v5litepod-16`` -> ``4x4``),
+  v4/v5p 3-D (``v5p-256`` = 128 chips -> ``4x4x8``). Grids grow from 2x2(x1) by doubling their
+  smallest side, the shapes of the Cloud TPU docs' slice tables."""
+  dims = [2, 2, 1] if topo.generation in ("v4", "v5p") else [2, 2]
+  chips = topo.chips
+  if chips == 1 and len(dims) == 2:
+    return "1x1"
+  if chips < 4 or chips & (chips - 1):
+    raise ConfigError(f"{topo.accelerator_type}: {chips} chips; plans know slices of 4 x 2^k "
+                      f"chips (e.g. {topo.generation}-{4 * topo_lib.CORES_PER_CHIP[topo.generation]})")
+  while int(np.prod(dims)) < chips:
+    i = min(range(len(dims)), key=lambda k: (dims[k], -k))
+    dims[i] *= 2
+  return "x".join(str(d) for d in dims)
+
+
+def parse_topology(name: str) -> topo_lib.Topology:
+  """``v5e-4`` (an alias of the launcher's ``v5litepod-4``), ``v5p-256``, ..."""
+  return topo_lib.topology(re.sub(r"^v5e-", "v5litepod-", name))
+
+
+def tpu_devices(topo: topo_lib.Topology) -> list:
+  """The slice's devices (``jax.experimental.topologies``; no TPU needed, libtpu is)."""
+  if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    raise ConfigError(f"planning for TPU needs the TPU compiler: pip install 'ldm-scaling[tpu]' "
+                      f"(or {LIBTPU_PIN}) on this host; training on CPU does not need it")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu otherwise probes this host for the slice it runs on (a GCE metadata lookup).
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
+  name = f"{topo.generation}:{slice_shape(topo)}"
+  # v4 and v5p chips have two TensorCores that JAX runs as one device (megacore), as on the VMs.
+  kw = dict(chip_config_name="megacore") if topo_lib.CORES_PER_CHIP[topo.generation] == 2 else {}
+  return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
+
+
+# -------------------------------------------------------------------------------------------------
+# What a compiled program needs.
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+# The TPU compiler fuses a reduce-scatter as an all-reduce + slice: a fusion calling a computation
+# named all-reduce-scatter*.
+_FUSED = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scatter")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """``{kind: {"count", "bytes", "largest"}}`` of the collectives in an HLO module's text: async
+  pairs counted once, at their start; the TPU compiler's fused reduce-scatters (a fusion calling
+  ``all-reduce-scatter*``) as reduce-scatter, not as the all-reduce inside them; copies of one
+  collective (one ``channel_id``) once. An op's bytes are
+  those of its results (all buffers of a combined collective; a reduce-scatter's scattered
+  pieces); ``largest`` is the largest op."""
+  out: dict[str, dict[str, int]] = {}
+  fused_bodies = set(re.findall(r"^%(all-reduce-scatter[\w.\-]*) ", hlo_text, re.M))
+  body, seen = None, set()
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      name = re.match(r"(?:ENTRY )?%([\w.\-]+)", line)
+      body = name.group(1) if name else None
+    if body in fused_bodies:
+      continue  # the all-reduce of a fused reduce-scatter: counted at its call
+    fused = _FUSED.search(line)
+    m = None if fused else _OP.search(line)
+    if not (fused or m):
+      continue
+    kind = "reduce-scatter" if fused else m.group(2)
+    channel = re.search(r"channel_id=(\d+)", line)
+    if channel and (kind, channel.group(1)) in seen:
+      continue  # a copy of the same collective (the TPU compiler clones them into async fusions)
+    if channel:
+      seen.add((kind, channel.group(1)))
+    result = (fused or m).group(1)
+    sizes = [_DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+             for d, dims in _SHAPE.findall(result)]
+    if m and m.group(3):  # an async start's result: (operands, results)
+      sizes = sizes[len(sizes) // 2:]
+    size = sum(sizes)  # a combined collective's result is a tuple of buffers
+    entry = out.setdefault(kind, dict(count=0, bytes=0, largest=0))
+    entry["count"] += 1
+    entry["bytes"] += size
+    entry["largest"] = max(entry["largest"], size)
+  return out
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One compiled program's needs per chip (bytes) and FLOPs."""
+  name: str
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int          # outputs written into donated arguments (counted once)
+  temp_bytes: int
+  code_bytes: int
+  flops: float              # per chip (XLA cost_analysis of the partitioned program)
+  collectives: dict[str, dict[str, int]]
+  lower_s: float
+  compile_s: float
+
+  @property
+  def total_bytes(self) -> int:
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  @classmethod
+  def of(cls, name: str, lowered, log: Callable[[str], None] = lambda _: None) -> "Compiled":
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out = cls(name=name, argument_bytes=int(mem.argument_size_in_bytes),
+              output_bytes=int(mem.output_size_in_bytes),
+              alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+              code_bytes=int(mem.generated_code_size_in_bytes),
+              flops=float(cost.get("flops", float("nan"))),
+              collectives=collectives(compiled.as_text()), lower_s=0.0, compile_s=compile_s)
+    log(f"compiled {name} in {compile_s:.1f} s")
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: str             # accelerator type
+  slice_shape: str
+  chips: int
+  hbm_bytes_per_device: int
+  mesh: dict[str, int]
+  batch: int
+  programs: list[Compiled]
+  state_bytes_per_device: int   # the training state's shards, from its shardings
+  state_bytes: int              # the whole training state
+  notes: list[str]
+  overrides: list[str]
+  abstract_state: Any = dataclasses.field(default=None, repr=False)    # the trainer's, unboxed
+  state_shardings: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def bytes_per_device(self) -> int:
+    return max(p.total_bytes for p in self.programs)
+
+  @property
+  def fits(self) -> bool:
+    return self.bytes_per_device <= self.hbm_bytes_per_device
+
+  @property
+  def flops_per_step(self) -> float:
+    """FLOPs of the heaviest training program, all chips together."""
+    return max(p.flops for p in self.programs) * self.chips
+
+  def to_json(self) -> dict[str, Any]:
+    return dict(fits=self.fits, bytes_per_device=self.bytes_per_device,
+                hbm_bytes_per_device=self.hbm_bytes_per_device,
+                flops_per_step=self.flops_per_step, mesh=self.mesh, overrides=self.overrides,
+                topology=self.topology, slice_shape=self.slice_shape, chips=self.chips,
+                batch=self.batch, state_bytes_per_device=self.state_bytes_per_device,
+                state_bytes=self.state_bytes, notes=self.notes,
+                programs=[dict(dataclasses.asdict(p), total_bytes=p.total_bytes)
+                          for p in self.programs],
+                libtpu=_libtpu_version())
+
+
+def _libtpu_version() -> str:
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    return metadata.version("libtpu")
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def shard_bytes(abstract_tree, shardings) -> tuple[int, int]:
+  """(bytes of one device's shards, bytes of the whole tree)."""
+  per, total = 0, 0
+  for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    item = np.dtype(a.dtype).itemsize
+    total += item * int(np.prod(a.shape))
+    per += item * int(np.prod(s.shard_shape(a.shape)))
+  return per, total
+
+
+def plannable(config) -> tuple[Any, list[str]]:
+  """The config the plan compiles and what it changed. Frozen networks whose weights would be read
+  from disk (the text tower and VAE of ``objective.inputs=pipeline``) are left out: the plan
+  compiles the step on precomputed embeddings, the latent-cache path of large runs."""
+  notes = []
+  config = copy.deepcopy(config)
+  if config.objective.get("inputs") == "pipeline":
+    with config.unlocked():
+      config.objective.inputs = "embeddings"
+    notes.append("planned on precomputed embeddings and latents (objective.inputs=embeddings): "
+                 "the frozen text tower and VAE of inputs=pipeline are not in these figures")
+  return config, notes
+
+
+def plan_train(config, accelerator_type: str, *, batch: int | None = None,
+               log: Callable[[str], None] = lambda _: None, devices=None) -> Plan:
+  """Compiles every training program of ``config`` (one per phase and choice) for the slice
+  ``accelerator_type`` (``devices``: other devices, e.g. this host's CPUs) and reports its needs."""
+  from ldm_scaling.train import objectives, trainer  # pylint: disable=g-import-not-at-top
+  topo = parse_topology(accelerator_type)
+  config, notes = plannable(config)
+  if batch is not None:
+    with config.unlocked():
+      config.train.batch_size = int(batch)
+  hosts = topo.hosts if devices is None else 1
+  devices = tpu_devices(topo) if devices is None else list(devices)
+  trainer.check_batch_layout(config, len(devices), hosts)
+  objective = objectives.build(config)
+  mesh = sh.make_mesh(config.mesh, devices)
+  # A teacher is read (on the host) for its shapes; the plan compiles with abstract values.
+  frozen = {k: objectives.Frozen(f.module, jax.eval_shape(lambda p=f.params: p))
+            for k, f in objective.frozen().items()}
+  programs = []
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
+    program = trainer.build_program(config, objective, frozen, mesh)
+    state = _abstract(program.abstract, program.state_sh)
+    batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sh[k])
+                  for k, v in program.batch_spec.items()}
+    frozen_args = {k: _abstract(sh.unbox(f.params), program.frozen_sh[k])
+                   for k, f in frozen.items()}
+    for key, fn in program.steps.each(config.train.steps):
+      start = time.perf_counter()
+      lowered = fn.lower(state, batch_args, frozen_args)
+      lower_s = time.perf_counter() - start
+      compiled = Compiled.of(f"train/{key}", lowered, log)
+      programs.append(dataclasses.replace(compiled, lower_s=lower_s))
+  per, total = shard_bytes(program.abstract, program.state_sh)
+  sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
+  return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
+              hbm_bytes_per_device=int(topo.hbm_gib_per_chip * GIB), mesh=sizes,
+              batch=int(config.train.batch_size), programs=programs,
+              state_bytes_per_device=per, state_bytes=total, notes=notes,
+              abstract_state=program.abstract, state_shardings=program.state_sh,
+              overrides=[f"--config.mesh.{a}={v}" for a, v in sizes.items()])
+
+
+def format_plan(plan: Plan) -> str:
+  g = lambda b: f"{b / GIB:.2f} GiB"
+  lines = [f"plan for {plan.topology} ({plan.chips} chips, {plan.slice_shape}), mesh "
+           f"{plan.mesh}, batch {plan.batch}, per chip:"]
+  for p in plan.programs:
+    lines.append(f"  {p.name}: arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - "
+                 f"donated {g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} + code "
+                 f"{g(p.code_bytes)} = {g(p.total_bytes)} of {g(plan.hbm_bytes_per_device)} HBM; "
+                 f"{p.flops / 1e12:.3f} TFLOP; compiled in {p.compile_s:.1f} s")
+    for kind, c in sorted(p.collectives.items()):
+      lines.append(f"    {kind}: {c['count']} ops, {g(c['bytes'])} (largest {g(c['largest'])})")
+  lines.append(f"  training state: {g(plan.state_bytes_per_device)} per chip of "
+               f"{g(plan.state_bytes)}")
+  lines += [f"  note: {n}" for n in plan.notes]
+  verdict = "fits" if plan.fits else "does NOT fit"
+  lines.append(f"{verdict}: needs {g(plan.bytes_per_device)} per chip, has "
+               f"{g(plan.hbm_bytes_per_device)}; settings: {' '.join(plan.overrides)}")
+  return "\n".join(lines)

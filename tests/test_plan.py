@@ -1,0 +1,153 @@
+"""Plans before launch (ldm_scaling/launch/plan.py): the trainer's step compiled ahead of time for a
+TPU slice by libtpu's compiler on this CPU host, its memory, FLOPs and collectives."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_scaling import sharding as sh
+from ldm_scaling.errors import ConfigError
+from ldm_scaling.launch import plan as plan_lib
+
+# Slice grids of the Cloud TPU docs' tables (v4/v5p: 3-D, v5e/v6e: 2-D; names count cores).
+SLICES = {"v4-8": "2x2x1", "v4-32": "2x2x4", "v5p-8": "2x2x1", "v5p-16": "2x2x2",
+          "v5p-32": "2x2x4", "v5p-64": "2x4x4", "v5p-128": "4x4x4", "v5p-256": "4x4x8",
+          "v5p-512": "4x8x8", "v5litepod-1": "1x1", "v5e-4": "2x2", "v5litepod-8": "2x4",
+          "v5e-16": "4x4", "v5e-32": "4x8", "v5e-64": "8x8", "v5e-128": "8x16",
+          "v5e-256": "16x16", "v6e-8": "2x4", "v6e-256": "16x16"}
+
+
+def test_slice_shapes_are_the_cloud_tpu_tables_and_libtpu_knows_them():
+  for name, shape in SLICES.items():
+    topo = plan_lib.parse_topology(name)
+    assert plan_lib.slice_shape(topo) == shape, name
+    assert int(np.prod([int(d) for d in shape.split("x")])) == topo.chips
+  for name in ("v5p-256", "v5e-4", "v4-32", "v6e-16"):  # the compiler's own device count
+    topo = plan_lib.parse_topology(name)
+    assert len(plan_lib.tpu_devices(topo)) == topo.chips
+  with pytest.raises(ConfigError, match="4 x 2\\^k chips"):
+    plan_lib.slice_shape(plan_lib.parse_topology("v5p-12"))
+  with pytest.raises(ConfigError, match="unknown TPU accelerator type"):
+    plan_lib.parse_topology("v7-8")
+
+
+_HLO = """HloModule m
+
+%all-reduce-scatter.1 (input_0: f32[8,16]) -> f32[2,16] {
+  %input_0 = f32[8,16]{1,0} parameter(0)
+  %all-reduce.9 = f32[8,16]{1,0} all-reduce(%input_0), channel_id=1, to_apply=%add
+  ROOT %ds = f32[2,16]{1,0} dynamic-slice(%all-reduce.9, %c, %c), dynamic_slice_sizes={2,16}
+}
+
+ENTRY %main (p0: f32[2,16], p1: bf16[4]) -> f32[] {
+  %p0 = f32[2,16]{1,0} parameter(0)
+  %all-gather.1 = f32[8,16]{1,0:T(8,128)} all-gather(%p0), channel_id=2, dimensions={0}
+  %ags = (bf16[4]{0}, bf16[16]{0}) all-gather-start(%p1), channel_id=3, dimensions={0}
+  %agd = bf16[16]{0} all-gather-done(%ags)
+  %all-reduce.2 = (f32[]{:T(128)}, f32[3,5]{1,0}) all-reduce(%a, %b), channel_id=4
+  %fusion.7 = f32[2,16]{1,0:T(8,128)S(1)} fusion(%x), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+
+
+def test_collectives_of_a_hand_written_module():
+  """Sizes by hand: all-gathers 8*16*4 and 16*2 bytes (the async one counted once, its result
+  half), the tuple all-reduce 4 + 15*4, the fused reduce-scatter once (2*16*4), not as the
+  all-reduce in its body."""
+  got = plan_lib.collectives(_HLO)
+  assert got == {"all-gather": dict(count=2, bytes=512 + 32, largest=512),
+                 "all-reduce": dict(count=1, bytes=64, largest=64),
+                 "reduce-scatter": dict(count=1, bytes=128, largest=128)}
+
+
+def _small_config():
+  """A one-level UNet (every layer kind but attention) whose weights all shard over fsdp = 4 (only
+  the 1-D norm scales and biases stay whole); the TPU compile takes under a minute here."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(width=64)
+  config.model.update(channel_mult=(1,), attn_levels=(False,), layers_per_block=1, norm_groups=8)
+  config.objective.inputs = "embeddings"
+  config.mesh.update(data=1, fsdp=4)
+  config.train.update(batch_size=8, seed=5)
+  config.text.max_length = 8
+  return config
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+  return plan_lib.plan_train(_small_config(), "v5e-4")
+
+
+@pytest.mark.slow
+def test_small_unet_planned_for_v5e_4_with_fsdp(small_plan):
+  """The real train step on a 4-chip v5e slice, mesh (1, 4, 1): each chip holds a quarter of the
+  training state (within 5 %: the 1-D norm and bias parameters stay whole), the step gathers
+  parameters and reduce-scatters gradients (FSDP; at batch 8 the compiler may gather activations
+  for some weight gradients instead), and no all-gather is larger than the largest parameter (the
+  full set is never gathered at once)."""
+  plan = small_plan
+  assert plan.chips == 4 and plan.slice_shape == "2x2"
+  assert plan.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert plan.state_bytes_per_device == pytest.approx(plan.state_bytes / 4, rel=0.05)
+  whole = [a.shape for a, s in zip(jax.tree.leaves(plan.abstract_state),
+                                   jax.tree.leaves(plan.state_shardings))
+           if s.shard_shape(a.shape) == a.shape]
+  assert whole and all(len(shape) <= 1 for shape in whole)  # every weight matrix/kernel shards
+  (step,) = plan.programs
+  assert step.name == "train/denoise" and step.flops > 0
+  assert step.argument_bytes > 0 and step.temp_bytes > 0 and step.alias_bytes > 0  # donated
+  c = step.collectives
+  assert c["all-gather"]["count"] > 0 and c["reduce-scatter"]["count"] > 0
+  from ldm_scaling.train import objectives  # pylint: disable=g-import-not-at-top
+  params = jax.eval_shape(objectives.build(_small_config()).init, jax.random.key(0))
+  leaves = [np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+            for x in jax.tree.leaves(sh.unbox(params))]
+  assert c["all-gather"]["largest"] <= max(leaves) < sum(leaves)
+  assert plan.fits and plan.bytes_per_device == step.total_bytes
+  keys = plan.to_json()
+  assert {"fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "mesh",
+          "overrides"} <= set(keys)
+  assert keys["flops_per_step"] == pytest.approx(4 * step.flops)
+  assert "--config.mesh.fsdp=4" in keys["overrides"]
+
+
+@pytest.mark.slow
+def test_a_plan_that_does_not_fit_is_refused_with_need_and_hbm(small_plan, monkeypatch, capsys):
+  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
+  tight = dataclasses.replace(small_plan, hbm_bytes_per_device=small_plan.bytes_per_device - 1)
+  assert not tight.fits
+  monkeypatch.setattr(plan_lib, "plan_train", lambda *a, **k: tight)
+  assert cli.main(["plan", "--config", "configs/t2i.py:width=64", "--topology", "v5e-4"]) == 2
+  out = capsys.readouterr().out
+  assert "does NOT fit: needs" in out and "per chip, has" in out
+
+
+def test_the_planned_step_is_the_objectives_loss_on_one_cpu():
+  """``trainer.build_program``'s step (what ``train`` and ``plan`` both jit) on this host's one
+  CPU device: its loss is the objective's loss evaluated directly with the step's key, and the
+  parameters it returns are one AdamW step away (not the same)."""
+  from ldm_scaling.train import objectives, trainer  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  config = _small_config()
+  config.mesh.update(data=-1, fsdp=1)
+  config.train.warmup_steps = 0  # (a warmup's first step has learning rate 0)
+  objective = objectives.build(config)
+  mesh = sh.make_mesh(config.mesh, jax.devices()[:1])
+  rng = np.random.RandomState(0)
+  batch = {"latents": rng.randn(8, 8, 8, 4).astype(np.float32),
+           "context": rng.randn(8, 8, config.model.cross_attn_dim).astype(np.float32)}
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
+    program = trainer.build_program(config, objective, {}, mesh)
+    init_key, step_key = trainer.run_keys(config.train.seed)
+    state = jax.jit(lambda k: sh.unbox(program.init_state(k, {})))(init_key)
+    params = jax.tree.map(np.asarray, state.params)  # the step donates the state
+    (phase,) = objective.phases()
+    want, _ = jax.jit(phase.loss)(params, {}, state.ema, batch, jax.random.fold_in(step_key, 0))
+    new, metrics = program.steps.at(0)[1](state, batch, {})
+  np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-6)
+  assert int(new.step) == 1
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a - b)).max()),
+                                       new.params, params))
+  assert max(moved) > 0
