@@ -10,6 +10,7 @@ is the fast tier (minutes); ``pytest`` runs everything (CI).
 import ast
 import inspect
 import os
+import pathlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +76,10 @@ class Offline:
 def offline_components(tmp_path_factory):
   """Embedded data + small CLIP (150 steps) + small VAE (200 steps), shared by every test that
   needs conditioning (quality tests, trainer, sampling, evaluation, the study)."""
-  return Offline(tmp_path_factory.mktemp("offline"))
+  # LDM_SCALING_TEST_OFFLINE_DIR: a root an earlier session trained (components are only trained
+  # where absent), to iterate on the tests that use it without the ~8 min setup.
+  root = os.environ.get("LDM_SCALING_TEST_OFFLINE_DIR")
+  return Offline(pathlib.Path(root) if root else tmp_path_factory.mktemp("offline"))
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +101,32 @@ def tiny_run(offline_components, tmp_path_factory):
   return workdir, result
 
 
+SMALL_TEACHER_STEPS = 2
+
+
+@pytest.fixture(scope="session")
+def small_teacher(offline_components, tmp_path_factory):
+  """A VP teacher run (2 steps, 8x8 latents) on the offline components with the smallest UNet
+  that has the mid block (SwD's features come from it): one level, width 16, attention in the
+  middle only. Distillation tests train students from it: their programs (student, teacher, fake
+  net and losses) compile 2-3x faster than on tiny_run's two-level UNet."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.train import trainer  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(offline_components.config)
+  config.model.update(width=16, head_dim=16, num_heads=0, channel_mult=(1,), attn_levels=(False,),
+                      layers_per_block=1, norm_groups=8)
+  config.train.update(steps=SMALL_TEACHER_STEPS, batch_size=8, lr=1e-3, warmup_steps=0,
+                      log_every=1, checkpoint_every=SMALL_TEACHER_STEPS,
+                      async_checkpointing=False, sample_every=0)
+  workdir = tmp_path_factory.mktemp("small_teacher")
+  trainer.train(config, str(workdir))
+  return workdir
+
+
 # -------------------------------------------------------------------------------------------------
 # Test tiers.
 
-SLOW_FIXTURES = {"offline_components", "tiny_run"}
+SLOW_FIXTURES = {"offline_components", "tiny_run", "small_teacher"}
 _SPAWN_CALLS = {"run", "Popen", "check_call", "check_output", "call"}
 
 

@@ -180,8 +180,8 @@ def _student_config(teacher_dir):
 
 
 @pytest.mark.parametrize("guidance_embed", [False, True], ids=["fixed_cfg", "w_conditioned"])
-def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path, guidance_embed):
-  """Two steps at lr 1e-6 from the session's tiny teacher: the student's parameters are the
+def test_student_starts_as_the_teacher_and_trains(small_teacher, tmp_path, guidance_embed):
+  """Two steps at lr 1e-6 from the session's small teacher: the student's parameters are the
   teacher's EMA plus at most two AdamW updates (|update| <= lr (1 + wd |w|) each), and the loss
   is finite. The fixed-cfg student trains on embedding batches (``objective.inputs=embeddings``:
   zero unconditional context, no encoders in the step, no preview); the w-conditioned one
@@ -192,7 +192,7 @@ def test_student_starts_as_the_teacher_and_trains(tiny_run, tmp_path, guidance_e
   from ldm_scaling.models import unet  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
   import train_toy  # pylint: disable=g-import-not-at-top
-  teacher_dir, _ = tiny_run
+  teacher_dir = small_teacher
   config = _student_config(teacher_dir)
   make_data = None
   if guidance_embed:

@@ -19,6 +19,7 @@ from ldm_scaling.diffusion.samplers import Options, build_grid
 from ldm_scaling.diffusion.schedules import Schedule
 from ldm_scaling.errors import ConfigError
 
+from conftest import SMALL_TEACHER_STEPS
 import diffusion_refs as refs
 
 SIDES = (4, 8, 12, 16)
@@ -531,8 +532,8 @@ def test_bad_scale_wise_settings_are_clear_errors(change, match):
     objectives.validate(config)
 
 
-def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_path, capsys):
-  """The whole SwD pipeline at CI size on the session's tiny teacher (8x8 latents, VP schedule):
+def test_scale_wise_student_trains_resumes_exactly_and_evaluates(small_teacher, tmp_path, capsys):
+  """The whole SwD pipeline at CI size on the small VP teacher (8x8 latents):
   2 steps (the fake net, then the student, at scale 4: each phase program compiles once, and
   compiles dominate; the cycle through scales is test_scale_wise_phases_cycle_..., scale 8's
   losses are compiled there). Resumed from its step-1 checkpoint (what a SIGKILL after it
@@ -546,7 +547,7 @@ def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_p
   from ldm_scaling.eval import results  # pylint: disable=g-import-not-at-top
   from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
-  teacher_dir, _ = tiny_run
+  teacher_dir = small_teacher
   config = copy.deepcopy(checkpoint.load_run_config(str(teacher_dir)))
   config.unlock()
   config.objective.update(name="scale_wise", teacher=str(teacher_dir), scales=(4, 8),
@@ -588,20 +589,21 @@ def test_scale_wise_student_trains_resumes_exactly_and_evaluates(tiny_run, tmp_p
   # backward 3, discriminator's real pass with backward 3) and 1 student step (forward + backward
   # 3, guided teacher 2, fake net 1 for DMD, 3 for GAN, 4 for MMD), at the scales' mean share of a
   # full forward (the average over whole cycles through the scales, which long runs are; these 2
-  # steps were both at scale 4), in units of 3 forwards; the teacher's own 3 steps apart.
+  # steps were both at scale 4), in units of 3 forwards; the teacher's own steps apart.
   share = (relative[0] + relative[1]) / 2
   passes = (1 + 3 + 3) + (3 + 2 + 1 + 3 + 4)
   assert row["train_compute"] == pytest.approx(row["norm_cost"] * share * passes / 3, rel=1e-6)
-  assert row["teacher_train_compute"] == pytest.approx(row["norm_cost"] * 3, rel=1e-6)
+  assert row["teacher_train_compute"] == pytest.approx(
+      row["norm_cost"] * SMALL_TEACHER_STEPS, rel=1e-6)
 
 
-def test_premise_experiment_runs_on_the_tiny_teacher(tiny_run, tmp_path, capsys):
+def test_premise_experiment_runs_on_the_small_teacher(small_teacher, tmp_path, capsys):
   """E0's pipeline at CI size (n = 8, 2 seeds, one level): every (seed, kind) row is a finite FID
   against the same seed's true inputs; the CSV has them; bad settings are clear errors."""
   from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
   from ldm_scaling.eval import scalewise_premise as premise  # pylint: disable=g-import-not-at-top
   out = tmp_path / "premise.csv"
-  assert cli.main(["swd-premise", "--teacher", str(tiny_run[0]), "--scales", "4,8",
+  assert cli.main(["swd-premise", "--teacher", str(small_teacher), "--scales", "4,8",
                    "--sigmas", "0.6", "--n", "8", "--seeds", "2", "--finish-steps", "2",
                    "--batch-size", "8", "--out", str(out)]) == 0
   import pandas as pd  # pylint: disable=g-import-not-at-top
