@@ -151,3 +151,19 @@ def test_the_planned_step_is_the_objectives_loss_on_one_cpu():
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a - b)).max()),
                                        new.params, params))
   assert max(moved) > 0
+
+
+def test_cpu_runs_skip_the_tpu_probe_with_libtpu_installed():
+  """libtpu is installed here (the test extra). A CPU process configured by the package sees its
+  CPU only, and libtpu's host probe (its errors about TPU worker hostnames) does not run; the TPU
+  compiler is still reachable for plans."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  script = ("from ldm_scaling import runtime; runtime.configure_jax()\n"
+            "import jax; print(jax.default_backend(), jax.device_count())\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300, check=True)
+  assert proc.stdout.split() == ["cpu", "1"]
+  assert "TPU" not in proc.stderr, proc.stderr[-2000:]

@@ -45,8 +45,9 @@ def slice_shape(topo: topo_lib.Topology) -> str:
   if chips == 1 and len(dims) == 2:
     return "1x1"
   if chips < 4 or chips & (chips - 1):
+    example = f"{topo.generation}-{4 * topo_lib.CORES_PER_CHIP[topo.generation]}"
     raise ConfigError(f"{topo.accelerator_type}: {chips} chips; plans know slices of 4 x 2^k "
-                      f"chips (e.g. {topo.generation}-{4 * topo_lib.CORES_PER_CHIP[topo.generation]})")
+                      f"chips (e.g. {example})")
   while int(np.prod(dims)) < chips:
     i = min(range(len(dims)), key=lambda k: (dims[k], -k))
     dims[i] *= 2
