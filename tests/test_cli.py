@@ -66,6 +66,7 @@ BAD_INPUTS = {
                       "is already a latent cache"),
     "import-diffusers": (["{tmp}/no_pipeline", "--workdir", "{tmp}/w"], "does not exist"),
     "export-diffusers": (["{tmp}", "--out", "{tmp}/out"], "is not a training workdir"),
+    "plan": (["--config", "configs/t2i.py", "--topology", "v5p-12"], "plans know slices of"),
     "sweep": (["--config", "configs/sweeps/model_size.py", "--only", "nomatch", "--dry-run"],
               "matches none of the runs"),
     "analyze": (["--results", "{tmp}/no_table", "--out", "{tmp}/a"], "no_table"),

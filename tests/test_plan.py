@@ -2,6 +2,7 @@
 TPU slice by libtpu's compiler on this CPU host, its memory, FLOPs and collectives."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -27,6 +28,9 @@ def test_slice_shapes_are_the_cloud_tpu_tables_and_libtpu_knows_them():
   for name in ("v5p-256", "v5e-4", "v4-32", "v6e-16"):  # the compiler's own device count
     topo = plan_lib.parse_topology(name)
     assert len(plan_lib.tpu_devices(topo)) == topo.chips
+  # The variable that quiets libtpu's probe is not left behind: it would make later processes
+  # believe they run on a TPU VM (distributed.on_tpu_vm).
+  assert "TPU_ACCELERATOR_TYPE" not in os.environ
   with pytest.raises(ConfigError, match="4 x 2\\^k chips"):
     plan_lib.slice_shape(plan_lib.parse_topology("v5p-12"))
   with pytest.raises(ConfigError, match="unknown TPU accelerator type"):
@@ -159,7 +163,6 @@ def test_cpu_runs_skip_the_tpu_probe_with_libtpu_installed():
   compiler is still reachable for plans."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   script = ("from ldm_scaling import runtime; runtime.configure_jax()\n"
             "import jax; print(jax.default_backend(), jax.device_count())\n")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")}

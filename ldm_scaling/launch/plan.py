@@ -65,12 +65,19 @@ def tpu_devices(topo: topo_lib.Topology) -> list:
     raise ConfigError(f"planning for TPU needs the TPU compiler: pip install 'ldm-scaling[tpu]' "
                       f"(or {LIBTPU_PIN}) on this host; training on CPU does not need it")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  # libtpu otherwise probes this host for the slice it runs on (a GCE metadata lookup).
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
   name = f"{topo.generation}:{slice_shape(topo)}"
   # v4 and v5p chips have two TensorCores that JAX runs as one device (megacore), as on the VMs.
   kw = dict(chip_config_name="megacore") if topo_lib.CORES_PER_CHIP[topo.generation] == 2 else {}
-  return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
+  # TPU_ACCELERATOR_TYPE spares libtpu its probe of this host (a GCE metadata lookup) while it
+  # describes the slice; only then: the variable also says "this is a TPU VM" (to JAX's cluster
+  # detection, to distributed.on_tpu_vm and to every process started from here).
+  previous = os.environ.get("TPU_ACCELERATOR_TYPE")
+  os.environ["TPU_ACCELERATOR_TYPE"] = previous or topo.accelerator_type
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
+  finally:
+    if previous is None:
+      del os.environ["TPU_ACCELERATOR_TYPE"]
 
 
 # -------------------------------------------------------------------------------------------------
