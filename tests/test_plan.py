@@ -170,3 +170,19 @@ def test_cpu_runs_skip_the_tpu_probe_with_libtpu_installed():
                         timeout=300, check=True)
   assert proc.stdout.split() == ["cpu", "1"]
   assert "TPU" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plans_build_the_tpu_programs_not_this_hosts():
+  """The model's CPU-only choices (attention in query chunks, weight gradients split by example)
+  follow the platform being built for: a plan's TPU programs keep attention dense, as on the VMs;
+  nothing changes outside the block."""
+  from ldm_scaling.models import layers  # pylint: disable=g-import-not-at-top
+  shapes = ((8, 64, 64, 320), (3, 3, 320, 320))
+  assert layers.query_chunk_for(-1, 4096) == layers.CPU_QUERY_CHUNK
+  assert layers.split_weight_grad_pieces(*shapes) == 8
+  with layers.building_for("tpu"):
+    assert layers.target_backend() == "tpu"
+    assert layers.query_chunk_for(-1, 4096) == 0
+    assert layers.split_weight_grad_pieces(*shapes) == 1
+    assert layers.query_chunk_for(256, 4096) == 256  # an explicit setting is kept
+  assert layers.target_backend() == "cpu"

@@ -30,6 +30,7 @@ import numpy as np
 from ldm_scaling import sharding as sh
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.launch import topology as topo_lib
+from ldm_scaling.models import layers
 
 LIBTPU_PIN = "libtpu==0.0.52"   # the version this was verified with (jax 0.10.2); setup.py's extra
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -265,7 +266,9 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
   frozen = {k: objectives.Frozen(f.module, jax.eval_shape(lambda p=f.params: p))
             for k, f in objective.frozen().items()}
   programs = []
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
+  platform = devices[0].platform  # "tpu": the model's CPU-only choices are off, as on the VMs
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES), \
+       layers.building_for(platform):
     program = trainer.build_program(config, objective, frozen, mesh)
     state = _abstract(program.abstract, program.state_sh)
     batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sh[k])

@@ -6,6 +6,7 @@ PyTorch state dict maps onto these parameters by renaming alone (see ``models.co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Sequence
@@ -51,6 +52,25 @@ def dense(features: int, *, name: str, axes=(sh.EMBED, sh.MLP), use_bias: bool =
       bias_init=_partitioned(nn.initializers.zeros_init(), (axes[1],)), name=name)
 
 
+_TARGET: list[str] = []  # the platform being built for, when not this process's (plans)
+
+
+def target_backend() -> str:
+  """The platform the programs being traced will run on: this process's backend, or the one a
+  :func:`building_for` block names (``ldm-scaling plan`` compiles TPU programs on a CPU host; the
+  CPU-only choices below must not follow it there)."""
+  return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
+@contextlib.contextmanager
+def building_for(platform: str):
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
 # On XLA:CPU the weight gradient of a 3x3 convolution over many pixels runs several times slower
 # than its forward pass, and faster one example at a time: at 32x32, 8 examples, 128 -> 128
 # channels, 42 ms batched vs 14 ms as 8 per-example gradients summed (forward 10 ms); at 64x64,
@@ -69,7 +89,7 @@ def split_weight_grad_pieces(lhs_shape, rhs_shape) -> int:
   the batch."""
   b, h, w, _ = lhs_shape
   kh, kw, cin, cout = rhs_shape
-  if (jax.default_backend() != "cpu" or kh * kw == 1 or h * w < CPU_SPLIT_WEIGHT_GRAD_MIN_PIXELS
+  if (target_backend() != "cpu" or kh * kw == 1 or h * w < CPU_SPLIT_WEIGHT_GRAD_MIN_PIXELS
       or min(cin, cout) < CPU_SPLIT_WEIGHT_GRAD_MIN_CHANNELS):
     return 1
   return max(d for d in range(1, min(b, CPU_SPLIT_WEIGHT_GRAD_MAX_PIECES) + 1) if b % d == 0)
@@ -179,7 +199,7 @@ def query_chunk_for(setting: int, length: int) -> int:
   ``-1`` (auto) chunks by :data:`CPU_QUERY_CHUNK` on CPU, where it is faster (measured in
   ``benchmarks/train_step.py``), and keeps TPUs/GPUs dense."""
   if setting < 0:
-    setting = CPU_QUERY_CHUNK if jax.default_backend() == "cpu" else 0
+    setting = CPU_QUERY_CHUNK if target_backend() == "cpu" else 0
   if setting <= 0 or length <= setting or length % setting:
     return 0
   return setting
