@@ -3,6 +3,8 @@ TPU slice by libtpu's compiler on this CPU host, its memory, FLOPs and collectiv
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -31,6 +33,12 @@ def test_slice_shapes_are_the_cloud_tpu_tables_and_libtpu_knows_them():
   # The variable that quiets libtpu's probe is not left behind: it would make later processes
   # believe they run on a TPU VM (distributed.on_tpu_vm).
   assert "TPU_ACCELERATOR_TYPE" not in os.environ
+  # A second process planning at the same time (CI's other worker, a user's second shell).
+  script = ("from ldm_scaling.launch import plan as p\n"
+            "print(len(p.tpu_devices(p.parse_topology('v5e-4'))))\n")
+  other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, check=True)
+  assert other.stdout.split() == ["4"]
   with pytest.raises(ConfigError, match="4 x 2\\^k chips"):
     plan_lib.slice_shape(plan_lib.parse_topology("v5p-12"))
   with pytest.raises(ConfigError, match="unknown TPU accelerator type"):
@@ -161,8 +169,6 @@ def test_cpu_runs_skip_the_tpu_probe_with_libtpu_installed():
   """libtpu is installed here (the test extra). A CPU process configured by the package sees its
   CPU only, and libtpu's host probe (its errors about TPU worker hostnames) does not run; the TPU
   compiler is still reachable for plans."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   script = ("from ldm_scaling import runtime; runtime.configure_jax()\n"
             "import jax; print(jax.default_backend(), jax.device_count())\n")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")}

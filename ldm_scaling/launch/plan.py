@@ -15,6 +15,7 @@ number counts TensorCores, so ``v5p-256`` is 128 chips, ``v5p:4x4x8``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -69,16 +70,29 @@ def tpu_devices(topo: topo_lib.Topology) -> list:
   name = f"{topo.generation}:{slice_shape(topo)}"
   # v4 and v5p chips have two TensorCores that JAX runs as one device (megacore), as on the VMs.
   kw = dict(chip_config_name="megacore") if topo_lib.CORES_PER_CHIP[topo.generation] == 2 else {}
-  # TPU_ACCELERATOR_TYPE spares libtpu its probe of this host (a GCE metadata lookup) while it
-  # describes the slice; only then: the variable also says "this is a TPU VM" (to JAX's cluster
-  # detection, to distributed.on_tpu_vm and to every process started from here).
-  previous = os.environ.get("TPU_ACCELERATOR_TYPE")
-  os.environ["TPU_ACCELERATOR_TYPE"] = previous or topo.accelerator_type
-  try:
+  # While libtpu loads and describes the slice: TPU_ACCELERATOR_TYPE spares it its probe of this
+  # host (a GCE metadata lookup), and ALLOW_MULTIPLE_LIBTPU_LOAD its lock on the chips (a plan
+  # drives none; two planning processes at once would otherwise fail on /tmp/libtpu_lockfile).
+  # Only then: TPU_ACCELERATOR_TYPE also says "this is a TPU VM" (to JAX's cluster detection, to
+  # distributed.on_tpu_vm and to every process started from here).
+  with _environment(TPU_ACCELERATOR_TYPE=os.environ.get("TPU_ACCELERATOR_TYPE")
+                    or topo.accelerator_type, ALLOW_MULTIPLE_LIBTPU_LOAD="1"):
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+  """Environment variables set for the block, then restored (or removed)."""
+  previous = {k: os.environ.get(k) for k in values}
+  os.environ.update(values)
+  try:
+    yield
   finally:
-    if previous is None:
-      del os.environ["TPU_ACCELERATOR_TYPE"]
+    for k, v in previous.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 # -------------------------------------------------------------------------------------------------
