@@ -74,11 +74,11 @@ def test_collectives_of_a_hand_written_module():
                  "reduce-scatter": dict(count=1, bytes=128, largest=128)}
 
 
-def _small_config():
+def _small_config(width=64):
   """A one-level UNet (every layer kind but attention) whose weights all shard over fsdp = 4 (only
   the 1-D norm scales and biases stay whole); the TPU compile takes under a minute here."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config(width=64)
+  config = tiny_config(width=width)
   config.model.update(channel_mult=(1,), attn_levels=(False,), layers_per_block=1, norm_groups=8)
   config.objective.inputs = "embeddings"
   config.mesh.update(data=1, fsdp=4)
@@ -142,7 +142,7 @@ def test_the_planned_step_is_the_objectives_loss_on_one_cpu():
   parameters it returns are one AdamW step away (not the same)."""
   from ldm_scaling.train import objectives, trainer  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
-  config = _small_config()
+  config = _small_config(width=16)
   config.mesh.update(data=-1, fsdp=1)
   config.train.warmup_steps = 0  # (a warmup's first step has learning rate 0)
   objective = objectives.build(config)
