@@ -32,13 +32,14 @@ def test_slice_shapes_are_the_cloud_tpu_tables_and_libtpu_knows_them():
     assert len(plan_lib.tpu_devices(topo)) == topo.chips
   # The variable that quiets libtpu's probe is not left behind: it would make later processes
   # believe they run on a TPU VM (distributed.on_tpu_vm).
-  assert "TPU_ACCELERATOR_TYPE" not in os.environ
+  assert "TPU_ACCELERATOR_TYPE" not in os.environ and "TPU_WORKER_HOSTNAMES" not in os.environ
   # A second process planning at the same time (CI's other worker, a user's second shell).
   script = ("from ldm_scaling.launch import plan as p\n"
             "print(len(p.tpu_devices(p.parse_topology('v5e-4'))))\n")
   other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, check=True)
   assert other.stdout.split() == ["4"]
+  assert "TPU worker hostnames" not in other.stderr, other.stderr[-2000:]  # no probe errors
   with pytest.raises(ConfigError, match="4 x 2\\^k chips"):
     plan_lib.slice_shape(plan_lib.parse_topology("v5p-12"))
   with pytest.raises(ConfigError, match="unknown TPU accelerator type"):

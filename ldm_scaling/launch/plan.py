@@ -70,13 +70,16 @@ def tpu_devices(topo: topo_lib.Topology) -> list:
   name = f"{topo.generation}:{slice_shape(topo)}"
   # v4 and v5p chips have two TensorCores that JAX runs as one device (megacore), as on the VMs.
   kw = dict(chip_config_name="megacore") if topo_lib.CORES_PER_CHIP[topo.generation] == 2 else {}
-  # While libtpu loads and describes the slice: TPU_ACCELERATOR_TYPE spares it its probe of this
-  # host (a GCE metadata lookup), and ALLOW_MULTIPLE_LIBTPU_LOAD its lock on the chips (a plan
-  # drives none; two planning processes at once would otherwise fail on /tmp/libtpu_lockfile).
-  # Only then: TPU_ACCELERATOR_TYPE also says "this is a TPU VM" (to JAX's cluster detection, to
-  # distributed.on_tpu_vm and to every process started from here).
+  # While libtpu loads and describes the slice: TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES
+  # spare it its probe of this host (GCE metadata lookups, logged as errors off GCE), and
+  # ALLOW_MULTIPLE_LIBTPU_LOAD its lock on the chips (a plan drives none; two planning processes
+  # at once would otherwise fail on /tmp/libtpu_lockfile). Only then: the first two also say
+  # "this is a TPU VM" (to JAX's cluster detection, to distributed.on_tpu_vm and to every
+  # process started from here).
   with _environment(TPU_ACCELERATOR_TYPE=os.environ.get("TPU_ACCELERATOR_TYPE")
-                    or topo.accelerator_type, ALLOW_MULTIPLE_LIBTPU_LOAD="1"):
+                    or topo.accelerator_type,
+                    TPU_WORKER_HOSTNAMES=os.environ.get("TPU_WORKER_HOSTNAMES") or "localhost",
+                    ALLOW_MULTIPLE_LIBTPU_LOAD="1"):
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
 
 
