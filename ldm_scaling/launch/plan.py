@@ -169,7 +169,8 @@ class Compiled:
             + self.code_bytes)
 
   @classmethod
-  def of(cls, name: str, lowered, log: Callable[[str], None] = lambda _: None) -> "Compiled":
+  def of(cls, name: str, lowered, lower_s: float = 0.0,
+         log: Callable[[str], None] = lambda _: None) -> "Compiled":
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -181,7 +182,7 @@ class Compiled:
               alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
               code_bytes=int(mem.generated_code_size_in_bytes),
               flops=float(cost.get("flops", float("nan"))),
-              collectives=collectives(compiled.as_text()), lower_s=0.0, compile_s=compile_s)
+              collectives=collectives(compiled.as_text()), lower_s=lower_s, compile_s=compile_s)
     log(f"compiled {name} in {compile_s:.1f} s")
     return out
 
@@ -235,11 +236,6 @@ def _libtpu_version() -> str:
     return "unknown"
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
-
-
 def shard_bytes(abstract_tree, shardings) -> tuple[int, int]:
   """(bytes of one device's shards, bytes of the whole tree)."""
   per, total = 0, 0
@@ -268,6 +264,7 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
                log: Callable[[str], None] = lambda _: None, devices=None) -> Plan:
   """Compiles every training program of ``config`` (one per phase and choice) for the slice
   ``accelerator_type`` (``devices``: other devices, e.g. this host's CPUs) and reports its needs."""
+  from ldm_scaling.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import objectives, trainer  # pylint: disable=g-import-not-at-top
   topo = parse_topology(accelerator_type)
   config, notes = plannable(config)
@@ -287,17 +284,16 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES), \
        layers.building_for(platform):
     program = trainer.build_program(config, objective, frozen, mesh)
-    state = _abstract(program.abstract, program.state_sh)
+    state = ckpt_lib.abstract_with_shardings(program.abstract, program.state_sh)
     batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sh[k])
                   for k, v in program.batch_spec.items()}
-    frozen_args = {k: _abstract(sh.unbox(f.params), program.frozen_sh[k])
+    frozen_args = {k: ckpt_lib.abstract_with_shardings(sh.unbox(f.params), program.frozen_sh[k])
                    for k, f in frozen.items()}
     for key, fn in program.steps.each(config.train.steps):
       start = time.perf_counter()
       lowered = fn.lower(state, batch_args, frozen_args)
       lower_s = time.perf_counter() - start
-      compiled = Compiled.of(f"train/{key}", lowered, log)
-      programs.append(dataclasses.replace(compiled, lower_s=lower_s))
+      programs.append(Compiled.of(f"train/{key}", lowered, lower_s, log))
   per, total = shard_bytes(program.abstract, program.state_sh)
   sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
   return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
