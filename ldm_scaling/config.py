@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",                 # none | block (rematerialise every res/transformer block)
       attn_query_chunk=-1,          # self-attention queries per chunk: -1 auto (128 on CPU, dense
                                     # on TPU/GPU), 0 dense, n > 0 chunks of n (same values)
+      attn_kernel="xla",            # self-attention: xla (as attn_query_chunk says) | splash (the
+                                    # Pallas TPU kernel at >= 512 tokens, no logits held; the XLA
+                                    # path off TPU; same values)
       guidance_embed=False,         # True: the UNet also takes the CFG scale w (LCM's w embedding;
                                     # a consistency student with objective.cfg_range)
   ))

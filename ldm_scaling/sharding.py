@@ -89,7 +89,7 @@ def make_mesh(mesh_cfg, devices=None):
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def _fit(spec, shape, mesh):
+def fit_spec(spec, shape, mesh):
   """Drops mesh axes that do not divide a dimension (that dimension is then replicated), so any
   width runs on any mesh; the big, divisible weights stay sharded."""
   out = []
@@ -132,7 +132,7 @@ def tree_shardings(abstract_boxed, mesh, rules=LOGICAL_RULES):
   shapes = unbox(abstract_boxed)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   return jax.tree.map(
-      lambda spec, leaf: jax.sharding.NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+      lambda spec, leaf: jax.sharding.NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
       mesh_specs, shapes, is_leaf=is_spec)
 
 

@@ -86,7 +86,7 @@ def count_params(params: Any) -> int:
 def _key(model_cfg, cost_cfg) -> str:
   # FLOPs are counted on dense attention: chunked attention computes the same thing under a loop
   # (whose body XLA's cost analysis would count once) and rematerialises it.
-  model = dict(model_cfg.to_dict(), attn_query_chunk=0)
+  model = dict(model_cfg.to_dict(), attn_query_chunk=0, attn_kernel="xla")
   return json.dumps([model, cost_cfg.to_dict()], sort_keys=True, default=list)
 
 

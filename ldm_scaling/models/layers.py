@@ -233,16 +233,105 @@ def attention(q, k, v, query_chunk: int = 0):
   return out.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
 
 
+# -------------------------------------------------------------------------------------------------
+# Splash attention: the Pallas TPU kernel (jax.experimental.pallas.ops.tpu) that computes softmax
+# attention block by block (flash attention) without holding the (queries x keys) logits.
+
+ATTN_KERNELS = ("xla", "splash")
+SPLASH_BLOCK = 512        # query/key block of the kernel (a multiple of 128, dividing the length)
+SPLASH_MIN_TOKENS = 512   # shorter self-attention stays dense: its logits are small
+_INTERPRET: list[bool] = []
+_KERNEL_FLOPS: list[list[float]] = []
+
+
+@contextlib.contextmanager
+def splash_interpret():
+  """Runs splash attention in Pallas' interpreter off TPU (tests: the kernel's own code on CPU)
+  instead of falling back to the XLA path."""
+  _INTERPRET.append(True)
+  try:
+    yield
+  finally:
+    _INTERPRET.pop()
+
+
+@contextlib.contextmanager
+def counting_kernel_flops():
+  """Collects the forward FLOPs of the attention kernels traced in the block (``[total]``): XLA's
+  ``cost_analysis`` does not see inside a Pallas call, so a plan adds these (dense-equivalent:
+  ``4 t^2 h`` per head and example, as XLA counts dense attention)."""
+  box = [0.0]
+  _KERNEL_FLOPS.append(box)
+  try:
+    yield box
+  finally:
+    _KERNEL_FLOPS.pop()
+
+
+def splash_block(length: int) -> int:
+  """The kernel's block for ``length`` tokens, 0 when splash does not apply (fewer than
+  :data:`SPLASH_MIN_TOKENS`, or no multiple of 128 up to :data:`SPLASH_BLOCK` divides it)."""
+  if length < SPLASH_MIN_TOKENS:
+    return 0
+  return next((b for b in range(SPLASH_BLOCK, 0, -128) if length % b == 0), 0)
+
+
+def uses_splash(kernel: str, length: int) -> bool:
+  """Whether :class:`Attention` with ``kernel`` runs the Pallas kernel at ``length`` tokens: on TPU
+  (or in :func:`splash_interpret`), for self-attention with a :func:`splash_block`."""
+  return (kernel == "splash" and bool(splash_block(length))
+          and (target_backend() == "tpu" or bool(_INTERPRET)))
+
+
+def splash_attention(q, k, v, interpret: bool = False):
+  """:func:`attention` (no chunking) by the splash kernel: ``(batch, length, heads, head_dim)``
+  self-attention, softmax in f32 inside the kernel. Under a mesh (``jax.set_mesh``) it runs per
+  shard (``shard_map``): batch over the mesh axes the logical rules give ``batch``, heads over
+  those of ``heads``, where they divide; a Pallas call is not partitioned by XLA itself."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  b, t, n, h = q.shape
+  block = splash_block(t)
+  if not block or k.shape[1] != t:
+    raise ValueError(f"splash attention needs self-attention over a multiple of 128 tokens "
+                     f">= {SPLASH_MIN_TOKENS}, got {t} queries and {k.shape[1]} keys")
+  if _KERNEL_FLOPS:
+    _KERNEL_FLOPS[-1][0] += 4.0 * b * n * t * t * h
+  sizes = dict.fromkeys(("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq",
+                         "block_kv_dq"), block)
+  scale = h ** -0.5
+
+  def local(q, k, v):  # one shard: (b', t, n', h)
+    heads = q.shape[2]
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([sa.FullMask((t, t))] * heads), head_shards=1,
+                                q_seq_shards=1, block_sizes=sa.BlockSizes(**sizes),
+                                interpret=interpret)
+    tr = lambda a: a.transpose(0, 2, 1, 3)
+    out = jax.vmap(kernel)(tr(q * jnp.asarray(scale, q.dtype)), tr(k), tr(v))
+    return tr(out)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  spec = nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.HEADS, None))
+  spec = sh.fit_spec(spec, q.shape, mesh)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
 class Attention(nn.Module):
   """Multi-head attention with bias-free q/k/v and a biased output projection (``to_out.0``).
 
-  ``query_chunk``: as ``model.attn_query_chunk`` (see :func:`query_chunk_for`)."""
+  ``query_chunk``: as ``model.attn_query_chunk`` (see :func:`query_chunk_for`). ``kernel``: as
+  ``model.attn_kernel``: ``"xla"``, or ``"splash"`` (the Pallas TPU kernel for self-attention
+  where :func:`uses_splash`; elsewhere the XLA path, the same values)."""
   heads: int
   head_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   query_chunk: int = 0
+  kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None, deterministic=True):
@@ -254,7 +343,12 @@ class Attention(nn.Module):
     k = dense(inner, use_bias=False, axes=(ctx_axis, sh.HEADS), name="to_k", **kw)(context)
     v = dense(inner, use_bias=False, axes=(ctx_axis, sh.HEADS), name="to_v", **kw)(context)
     split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
-    out = attention(split(q), split(k), split(v), query_chunk_for(self.query_chunk, x.shape[1]))
+    if context is x and uses_splash(self.kernel, x.shape[1]):
+      out = splash_attention(split(q), split(k), split(v),
+                             interpret=target_backend() != "tpu")
+    else:
+      out = attention(split(q), split(k), split(v),
+                      query_chunk_for(self.query_chunk, x.shape[1]))
     out = out.reshape(out.shape[:2] + (inner,))
     out = dense(x.shape[-1], axes=(sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
     return nn.Dropout(self.dropout, deterministic=deterministic)(out)

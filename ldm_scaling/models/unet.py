@@ -94,12 +94,13 @@ class BasicTransformerBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   query_chunk: int = 0
+  attn_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, head_dim=self.head_dim, dropout=self.dropout, **kw)
-    chunked = dict(attn, query_chunk=self.query_chunk)
+    chunked = dict(attn, query_chunk=self.query_chunk, kernel=self.attn_kernel)
     d = self.deterministic
     x = x + layers.Attention(**chunked, name="attn1")(layers.layer_norm(name="norm1", **kw)(x),
                                                    deterministic=d)
@@ -122,6 +123,7 @@ class Transformer2D(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   query_chunk: int = 0
+  attn_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
@@ -134,7 +136,8 @@ class Transformer2D(nn.Module):
     block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.depth):
       h = block(self.heads, self.head_dim, self.dropout, self.deterministic,
-                query_chunk=self.query_chunk, name=f"transformer_blocks_{i}", **kw)(h, context)
+                query_chunk=self.query_chunk, attn_kernel=self.attn_kernel,
+                name=f"transformer_blocks_{i}", **kw)(h, context)
     h = layers.dense(ch, name="proj_out", axes=(sh.MLP, sh.EMBED), **kw)(h)
     return x + h.reshape(b, hgt, wid, ch)
 
@@ -179,6 +182,7 @@ class _Blocks:
   dtype: Any
   param_dtype: Any
   query_chunk: int = 0
+  attn_kernel: str = "xla"
 
   def resnet(self, out_channels, name):
     cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
@@ -188,7 +192,7 @@ class _Blocks:
   def transformer(self, heads, name):
     return Transformer2D(heads[0], heads[1], heads[2], self.groups, self.dropout,
                          self.deterministic, self.remat, self.dtype, self.param_dtype,
-                         self.query_chunk, name=name)
+                         self.query_chunk, self.attn_kernel, name=name)
 
   def conv(self, features, name, **kw):
     return layers.conv(features, name=name, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
@@ -290,6 +294,7 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
   remat: str = "none"
   attn_query_chunk: int = -1
+  attn_kernel: str = "xla"
   guidance_embed: bool = False
 
   def heads(self, channels: int) -> tuple[int, int, int]:
@@ -301,7 +306,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, context, train: bool = False, w=None):
     blocks = _Blocks(self.norm_groups, self.dropout, not train, self.remat == "block",
-                     self.dtype, self.param_dtype, self.attn_query_chunk)
+                     self.dtype, self.param_dtype, self.attn_query_chunk, self.attn_kernel)
     widths = [self.width * m for m in self.channel_mult]
     levels = len(widths)
     x = x.astype(self.dtype)
@@ -353,7 +358,8 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
       cross_attn_dim=cfg.cross_attn_dim, norm_groups=cfg.norm_groups,
       in_channels=cfg.in_channels, out_channels=cfg.out_channels, dropout=cfg.dropout,
       dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
-      attn_query_chunk=cfg.attn_query_chunk, guidance_embed=bool(cfg.get("guidance_embed", False)))
+      attn_query_chunk=cfg.attn_query_chunk, attn_kernel=cfg.get("attn_kernel", "xla"),
+      guidance_embed=bool(cfg.get("guidance_embed", False)))
 
 
 def without_guidance(params):
@@ -402,6 +408,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.attn_query_chunk < -1:
     raise ConfigError(f"model.attn_query_chunk must be -1 (auto), 0 (dense) or a chunk size, got "
                       f"{cfg.attn_query_chunk}")
+  if cfg.get("attn_kernel", "xla") not in layers.ATTN_KERNELS:
+    raise ConfigError(f"model.attn_kernel must be one of {', '.join(layers.ATTN_KERNELS)}, got "
+                      f"{cfg.attn_kernel!r}")
   if cfg.remat not in ("none", "block"):
     raise ConfigError(f"model.remat must be 'none' or 'block', got {cfg.remat!r}")
   for key in ("dtype", "param_dtype"):

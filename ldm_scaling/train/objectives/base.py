@@ -81,7 +81,8 @@ class Objective(abc.ABC):
   # Config sections whose change makes an existing workdir's checkpoints another experiment.
   structural: tuple[str, ...] = ("model", "objective", "diffusion")
   # Keys of those sections that change how the same numbers are computed, not what is trained.
-  how_not_what: Mapping[str, tuple[str, ...]] = {"model": ("remat", "attn_query_chunk")}
+  how_not_what: Mapping[str, tuple[str, ...]] = {
+      "model": ("remat", "attn_query_chunk", "attn_kernel")}
   # The trainable network evaluation and previews sample from (None: not a generator).
   sample_network: str | None = None
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # Teacher and student must agree on these (the student starts as the teacher, and both see the
 # same latents, timesteps and text embeddings). Keys that change how, not what, are ignored.
 _MATCH = ("model", "diffusion", "text", "vae")
-_HOW_NOT_WHAT = ("remat", "attn_query_chunk", "dtype", "dir")
+_HOW_NOT_WHAT = ("remat", "attn_query_chunk", "attn_kernel", "dtype", "dir")
 _STUDENT_ONLY = ("guidance_embed",)  # the student's w input (the teacher has none)
 
 
