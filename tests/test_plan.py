@@ -2,6 +2,7 @@
 TPU slice by libtpu's compiler on this CPU host, its memory, FLOPs and collectives."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,12 @@ def test_small_unet_planned_for_v5e_4_with_fsdp(small_plan):
           "overrides"} <= set(keys)
   assert keys["flops_per_step"] == pytest.approx(4 * step.flops)
   assert "--config.mesh.fsdp=4" in keys["overrides"]
+  # The estimate's training state is the trainer's, sharded by the same rules: the compiler's
+  # figure to the byte; the gradients are the parameters' share of it (params, EMA, Adam m, v).
+  from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
+  state, grads, total = est.state_bytes(_small_config(), (1, 4, 1))
+  assert (state, total) == (plan.state_bytes_per_device, plan.state_bytes)
+  assert grads == pytest.approx(state / 4, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -193,3 +200,38 @@ def test_plans_build_the_tpu_programs_not_this_hosts():
     assert layers.split_weight_grad_pieces(*shapes) == 1
     assert layers.query_chunk_for(256, 4096) == 256  # an explicit setting is kept
   assert layers.target_backend() == "cpu"
+
+
+def test_residuals_per_example_by_hand():
+  """The estimate's activations: what the backward of ``sum((x @ W)^2)`` keeps per example is x
+  (16 floats, for dW) and x @ W (8 floats, for the square's derivative); W itself, which does not
+  grow with the batch, cancels. A bf16 cast of x halves its part."""
+  from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  w = jax.ShapeDtypeStruct((16, 8), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, 16), jnp.float32)
+  assert est._residuals(lambda w, x: ((x @ w) ** 2).sum(), w, x) == 4 * (16 + 8)
+  half = lambda w, x: ((x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
+                       ** 2).sum()
+  assert est._residuals(half, w, x) == 2 * 16 + 4 * 8
+
+
+@pytest.mark.slow
+def test_plan_estimate_and_search_from_the_command_line(capsys):
+  """``plan --estimate --json``: one JSON object (no libtpu, no compile); ``--search --estimate``
+  ranks candidates and names the cheapest that fits as overrides; a batch no setting fits exits
+  2 and says so."""
+  from ldm_scaling import cli  # pylint: disable=g-import-not-at-top
+  base = ["plan", "--config", "configs/cpu_t2i.py:width=32", "--topology", "v5e-4", "--estimate"]
+  assert cli.main(base + ["--batch", "8", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["fits"] and out["bytes_per_device"] < out["hbm_bytes_per_device"] == 16 * 2**30
+  assert out["setting"] == dict(fsdp=1, tensor=1, remat="none", attn_kernel="xla",
+                                dtype="float32")
+  assert out["chip_hours_500k"] == pytest.approx(out["step_seconds"] * 500_000 * 4 / 3600)
+  assert cli.main(base + ["--batch", "8", "--search"]) == 0
+  text = capsys.readouterr().out
+  assert "candidates estimated" in text and "cheapest setting that fits by the estimate: " \
+      "--config.mesh.data=4 --config.mesh.fsdp=1" in text
+  assert cli.main(base + ["--batch", str(2**20), "--search"]) == 2
+  assert "no candidate fits by the estimate" in capsys.readouterr().out

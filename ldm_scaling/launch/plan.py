@@ -16,7 +16,6 @@ number counts TensorCores, so ``v5p-256`` is 128 chips, ``v5p:4x4x8``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import importlib.util
 import os
@@ -30,12 +29,15 @@ import numpy as np
 
 from ldm_scaling import sharding as sh
 from ldm_scaling.errors import ConfigError
+from ldm_scaling.launch import estimate as est
 from ldm_scaling.launch import topology as topo_lib
+from ldm_scaling.launch.estimate import plannable, shard_bytes  # pylint: disable=unused-import
 from ldm_scaling.models import layers
 
 LIBTPU_PIN = "libtpu==0.0.52"   # the version this was verified with (jax 0.10.2); setup.py's extra
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 GIB = 2**30
+TRAIN_FLOPS_PER_FORWARD = 3   # a training step's forward + backward, in forwards
 
 
 def slice_shape(topo: topo_lib.Topology) -> str:
@@ -58,7 +60,7 @@ def slice_shape(topo: topo_lib.Topology) -> str:
 
 def parse_topology(name: str) -> topo_lib.Topology:
   """``v5e-4`` (an alias of the launcher's ``v5litepod-4``), ``v5p-256``, ..."""
-  return topo_lib.topology(re.sub(r"^v5e-", "v5litepod-", name))
+  return topo_lib.parse(name)
 
 
 def tpu_devices(topo: topo_lib.Topology) -> list:
@@ -158,7 +160,8 @@ class Compiled:
   alias_bytes: int          # outputs written into donated arguments (counted once)
   temp_bytes: int
   code_bytes: int
-  flops: float              # per chip (XLA cost_analysis of the partitioned program)
+  flops: float              # per chip: XLA's cost_analysis of the partitioned program, plus
+  kernel_flops: float       # the Pallas attention kernels' (which XLA does not count), per chip
   collectives: dict[str, dict[str, int]]
   lower_s: float
   compile_s: float
@@ -170,7 +173,7 @@ class Compiled:
 
   @classmethod
   def of(cls, name: str, lowered, lower_s: float = 0.0,
-         log: Callable[[str], None] = lambda _: None) -> "Compiled":
+         log: Callable[[str], None] = lambda _: None, kernel_flops: float = 0.0) -> "Compiled":
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -181,7 +184,8 @@ class Compiled:
               output_bytes=int(mem.output_size_in_bytes),
               alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
               code_bytes=int(mem.generated_code_size_in_bytes),
-              flops=float(cost.get("flops", float("nan"))),
+              flops=float(cost.get("flops", float("nan"))) + kernel_flops,
+              kernel_flops=kernel_flops,
               collectives=collectives(compiled.as_text()), lower_s=lower_s, compile_s=compile_s)
     log(f"compiled {name} in {compile_s:.1f} s")
     return out
@@ -200,6 +204,7 @@ class Plan:
   state_bytes: int              # the whole training state
   notes: list[str]
   overrides: list[str]
+  estimate: Any = None          # launch.estimate.Estimate of the same setting, when searched
   abstract_state: Any = dataclasses.field(default=None, repr=False)    # the trainer's, unboxed
   state_shardings: Any = dataclasses.field(default=None, repr=False)
 
@@ -225,7 +230,8 @@ class Plan:
                 state_bytes=self.state_bytes, notes=self.notes,
                 programs=[dict(dataclasses.asdict(p), total_bytes=p.total_bytes)
                           for p in self.programs],
-                libtpu=_libtpu_version())
+                libtpu=_libtpu_version(),
+                estimate=self.estimate.to_json() if self.estimate is not None else None)
 
 
 def _libtpu_version() -> str:
@@ -234,30 +240,6 @@ def _libtpu_version() -> str:
     return metadata.version("libtpu")
   except Exception:  # pylint: disable=broad-except
     return "unknown"
-
-
-def shard_bytes(abstract_tree, shardings) -> tuple[int, int]:
-  """(bytes of one device's shards, bytes of the whole tree)."""
-  per, total = 0, 0
-  for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-    item = np.dtype(a.dtype).itemsize
-    total += item * int(np.prod(a.shape))
-    per += item * int(np.prod(s.shard_shape(a.shape)))
-  return per, total
-
-
-def plannable(config) -> tuple[Any, list[str]]:
-  """The config the plan compiles and what it changed. Frozen networks whose weights would be read
-  from disk (the text tower and VAE of ``objective.inputs=pipeline``) are left out: the plan
-  compiles the step on precomputed embeddings, the latent-cache path of large runs."""
-  notes = []
-  config = copy.deepcopy(config)
-  if config.objective.get("inputs") == "pipeline":
-    with config.unlocked():
-      config.objective.inputs = "embeddings"
-    notes.append("planned on precomputed embeddings and latents (objective.inputs=embeddings): "
-                 "the frozen text tower and VAE of inputs=pipeline are not in these figures")
-  return config, notes
 
 
 def plan_train(config, accelerator_type: str, *, batch: int | None = None,
@@ -291,9 +273,12 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
                    for k, f in frozen.items()}
     for key, fn in program.steps.each(config.train.steps):
       start = time.perf_counter()
-      lowered = fn.lower(state, batch_args, frozen_args)
+      with layers.counting_kernel_flops() as kernel:
+        lowered = fn.lower(state, batch_args, frozen_args)
       lower_s = time.perf_counter() - start
-      programs.append(Compiled.of(f"train/{key}", lowered, lower_s, log))
+      # Forward + backward of the kernels' attention, dense-equivalent (as XLA counts dense).
+      programs.append(Compiled.of(f"train/{key}", lowered, lower_s, log,
+                                  kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices)))
   per, total = shard_bytes(program.abstract, program.state_sh)
   sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
   return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
@@ -302,6 +287,66 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
               state_bytes_per_device=per, state_bytes=total, notes=notes,
               abstract_state=program.abstract, state_shardings=program.state_sh,
               overrides=[f"--config.mesh.{a}={v}" for a, v in sizes.items()])
+
+
+@dataclasses.dataclass
+class Search:
+  """``--search``: every candidate's estimate (cheapest first) and the compiler's plans of the
+  best ones, in the order tried; ``plan`` is the first that fits (None: none did)."""
+  ranked: list  # [estimate.Estimate]
+  compiled: list[Plan]
+
+  @property
+  def plan(self) -> Plan | None:
+    return next((p for p in self.compiled if p.fits), None)
+
+
+def search(config, accelerator_type: str, *, batch: int | None = None, compile_top: int = 1,
+           log: Callable[[str], None] = lambda _: None) -> Search:
+  """Ranks meshes, remat, attention kernel and dtype by the estimate (``launch.estimate``), then
+  compiles the best fitting candidates, one after another, until the compiler agrees one fits
+  (at most ``compile_top``; 0 = estimates only)."""
+  topo = parse_topology(accelerator_type)
+  ranked = est.rank(config, accelerator_type, batch=batch, log=log)
+  compiled = []
+  for e in [e for e in ranked if e.fits][:compile_top]:
+    log(f"compiling the candidate {' '.join(e.setting.overrides(topo.chips))} (estimated "
+        f"{e.bytes_per_device / GIB:.1f} GiB per chip)")
+    plan = plan_train(e.setting.apply(config, topo.chips), accelerator_type, batch=batch, log=log)
+    plan.overrides = e.setting.overrides(topo.chips)
+    plan.estimate = e
+    compiled.append(plan)
+    if plan.fits:
+      break
+  return Search(ranked=ranked, compiled=compiled)
+
+
+def format_search(result: Search, top: int = 8) -> str:
+  g = lambda b: f"{b / GIB:.1f} GiB"
+  lines = [f"{len(result.ranked)} candidates estimated; the {min(top, len(result.ranked))} "
+           f"cheapest (per chip; step time at {_mfu()} of the bf16 peak):"]
+  for e in result.ranked[:top]:
+    s = e.setting
+    lines.append(f"  {'fits' if e.fits else 'no  '} {g(e.bytes_per_device):>9} mesh "
+                 f"({e.chips // (s.fsdp * s.tensor)}, {s.fsdp}, {s.tensor}) remat={s.remat} "
+                 f"attn_kernel={s.attn_kernel} dtype={s.dtype}: {e.step_seconds:.3f} s/step")
+  for plan in result.compiled:
+    lines.append(format_plan(plan))
+  best = result.plan
+  if best is not None:
+    lines.append(f"cheapest setting that fits: {' '.join(best.overrides)}")
+  elif result.compiled:
+    lines.append("no compiled candidate fits; see the figures above")
+  else:
+    fitting = [e for e in result.ranked if e.fits]
+    lines.append(f"cheapest setting that fits by the estimate: "
+                 f"{' '.join(fitting[0].setting.overrides(fitting[0].chips))}" if fitting else
+                 "no candidate fits by the estimate: a bigger slice, or a smaller batch")
+  return "\n".join(lines)
+
+
+def _mfu() -> str:
+  return f"{est.ASSUMED_MFU:.0%} (assumed)"
 
 
 def format_plan(plan: Plan) -> str:
@@ -313,6 +358,9 @@ def format_plan(plan: Plan) -> str:
                  f"donated {g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} + code "
                  f"{g(p.code_bytes)} = {g(p.total_bytes)} of {g(plan.hbm_bytes_per_device)} HBM; "
                  f"{p.flops / 1e12:.3f} TFLOP; compiled in {p.compile_s:.1f} s")
+    if p.kernel_flops:
+      lines.append(f"    of the FLOPs, {p.kernel_flops / 1e12:.3f} TFLOP are the attention "
+                   f"kernels' (counted as dense attention: XLA does not see inside them)")
     for kind, c in sorted(p.collectives.items()):
       lines.append(f"    {kind}: {c['count']} ops, {g(c['bytes'])} (largest {g(c['largest'])})")
   lines.append(f"  training state: {g(plan.state_bytes_per_device)} per chip of "

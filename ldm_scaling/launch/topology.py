@@ -109,3 +109,8 @@ def default_mesh(topo: Topology, params: float) -> dict[str, int]:
       f"{topo.hbm_gib_per_chip:g} GiB, of which {STATE_HBM_FRACTION:.0%} is budgeted for state "
       f"({topo.chips * budget / 2**30:.0f} GiB): use a larger slice, or set --config.mesh.* "
       f"yourself (and --no-auto-mesh) if you know it fits")
+
+
+def parse(name: str) -> Topology:
+  """:func:`topology`, also accepting ``v5e-N`` for ``v5litepod-N`` (plans, estimates)."""
+  return topology(re.sub(r"^v5e-", "v5litepod-", name))

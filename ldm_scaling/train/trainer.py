@@ -420,6 +420,7 @@ class Program:
   init_state: Callable          # (init key, frozen params) -> boxed TrainState
   abstract: TrainState          # unboxed ShapeDtypeStructs
   state_sh: TrainState
+  boxed: TrainState             # ShapeDtypeStructs in their logical-axis boxes (shard on any mesh)
   batch_spec: dict[str, jax.ShapeDtypeStruct]
   batch_sh: dict[str, Any]
   frozen_sh: dict[str, Any]
@@ -454,7 +455,7 @@ def build_program(config, objective, frozen: dict[str, objectives.Frozen], mesh)
   frozen_modules = {k: f.module for k, f in frozen.items()}
   steps = _Steps(phases, networks, txs, frozen_modules, config, (state_sh, batch_sh, frozen_sh))
   return Program(settings=settings, txs=txs, init_state=init_state, abstract=sh.unbox(boxed),
-                 state_sh=state_sh, batch_spec=batch_spec, batch_sh=batch_sh,
+                 state_sh=state_sh, boxed=boxed, batch_spec=batch_spec, batch_sh=batch_sh,
                  frozen_sh=frozen_sh, steps=steps)
 
 
