@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from ldm_scaling import experiment
 from ldm_scaling.errors import ConfigError
 from ldm_scaling.cli import launch as commands
 from ldm_scaling.launch import local, sweeps, topology, tpu
@@ -255,19 +256,20 @@ GOLDEN_CASES = {
         "--zone", "us-central2-b", "--project", "my-project", "--accelerator-type", "v4-32",
         "--bucket", "gs://my-bucket", "--source-tarball", "dist/ldm-scaling.tar.gz",
         "--jax-spec", "jax[tpu]==0.10.2", "--env", "TFDS_DATA_DIR=gs://my-bucket/tfds",
-        "--env", "HF_HOME=~/hf-cache", "--log-every", "30", "--dry-run"],
+        "--env", "HF_HOME=~/hf-cache", "--log-every", "30", "--dry-run", "--plan", "off"],
     "tpu_cfg_v6e-8_queued.txt": [
         "--config", "configs/sweeps/cfg.py:widths=(128,),per_scale=false", "--tpu-name",
         "ldm-eval", "--zone", "europe-west4-a", "--accelerator-type", "v6e-8", "--queued",
         "--spot", "--bucket", "gs://my-bucket", "--source-git",
         "https://github.com/example/ldm-scaling.git", "--source-ref", "v0.1",
-        "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+        "--jax-spec", "jax[tpu]==0.10.2", "--dry-run", "--plan", "off"],
     # The image has a Python >= 3.11: install into it and run with it, no uv.
     "tpu_t2i_v5litepod-8_remote_python.txt": [
         "--config", "configs/t2i.py:width=64", "--workdir", "gs://my-bucket/t2i/w64",
         "--tpu-name", "ldm-one", "--zone", "us-west4-a", "--accelerator-type", "v5litepod-8",
         "--skip-create", "--source-tarball", "dist/ldm-scaling.tar.gz", "--remote-python",
-        "/opt/python3.12/bin/python3", "--jax-spec", "jax[tpu]==0.10.2", "--dry-run"],
+        "/opt/python3.12/bin/python3", "--jax-spec", "jax[tpu]==0.10.2", "--dry-run", "--plan",
+        "off"],
     "tpu_teardown_queued.txt": [
         "--teardown", "--tpu-name", "ldm-v5p", "--zone", "us-east5-a", "--accelerator-type",
         "v5p-32", "--queued", "--best-effort", "--dry-run"],
@@ -289,7 +291,7 @@ def test_tpu_dry_run_matches_golden(name, capsys, monkeypatch):
 
 
 def _opts(**kw):
-  base = dict(tpu_name="t", zone="z", accelerator_type="v4-32", jax_spec="jax[tpu]==1")
+  base = dict(tpu_name="t", zone="z", accelerator_type="v4-32", jax_spec="jax[tpu]==1", plan="off")
   base.update(kw)
   return tpu.TpuOptions(**base)
 
@@ -308,7 +310,8 @@ def test_multi_host_slice_refuses_a_host_local_workdir():
 def test_missing_gcloud_is_a_clear_error_but_dry_run_works(monkeypatch, tmp_path, capsys):
   monkeypatch.setenv("PATH", str(tmp_path))
   args = ["--config", "configs/sweeps/model_size.py:widths=(64,)", "--tpu-name", "t", "--zone",
-          "z", "--accelerator-type", "v4-8", "--bucket", "gs://b", "--source-tarball", "x.tgz"]
+          "z", "--accelerator-type", "v4-8", "--bucket", "gs://b", "--source-tarball", "x.tgz",
+          "--plan", "off"]
   assert commands.main(args + ["--dry-run"], launcher="tpu", prog="p") == 0
   assert "gcloud compute tpus tpu-vm create t" in capsys.readouterr().out
   assert commands.main(args, launcher="tpu", prog="p") == 2
@@ -849,8 +852,9 @@ def test_setup_python_requires_is_the_workers_python():
   assert requires == tpu.PYTHON_VERSION == "3.11"
 
 
+# The memory check (--plan) has its own tests below; these test everything else.
 _TPU_ARGS = ["--tpu-name", "t", "--zone", "z", "--accelerator-type", "v4-8", "--source-tarball",
-             "x.tgz", "--dry-run"]
+             "x.tgz", "--dry-run", "--plan", "off"]
 _EXPERIMENT = ["--config", "configs/t2i.py", "--workdir", "gs://b/w"]
 
 
@@ -1040,3 +1044,38 @@ def test_local_launcher_puts_logs_of_remote_workdirs_under_log_root(tmp_path):
                    workdir="gs://b/s/r", logdir="gs://b/s/r")
   outcome = local.run_one(run, log_root=str(tmp_path), python=_stub_python(tmp_path))
   assert outcome.status == "done" and outcome.log == str(tmp_path / "s" / "r" / "launch.log")
+
+
+@pytest.mark.slow
+def test_the_launcher_plans_each_train_run_records_it_and_refuses_what_does_not_fit():
+  """--plan estimate (the default): a train run that fits has its estimate written to
+  <workdir>/plan.json by the start script; one that does not is refused before any step exists,
+  with its need against the chip's HBM."""
+  from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
+  opts = _opts(accelerator_type="v5litepod-8", plan="estimate")
+  fits = [sweeps.single_run("configs/cpu_t2i.py:width=32", ["train.batch_size=64"],
+                            "gs://b/w64")]
+  steps = tpu.plan(fits, opts)
+  (start,) = [s for s in steps if s.comment.startswith("start ")]
+  words = shlex.split(start.argv[start.argv.index("--command") + 1])
+  script = words[words.index("-c") + 1]  # nohup bash -c SCRIPT
+  (line,) = [l for l in script.splitlines() if l.startswith("printf ")]
+  words = shlex.split(line)
+  recorded = json.loads(words[2])
+  assert words[-1] == "gs://b/w64/plan.json" and words[-2].endswith("/w64.plan.json")
+  config = experiment.load("configs/cpu_t2i.py:width=32", ["train.batch_size=64"])
+  want = est.estimate(config, "v5litepod-8").to_json()
+  assert recorded == dict(want, method="estimate") and recorded["fits"]
+  assert recorded["bytes_per_device"] < 16 * 2**30 == recorded["hbm_bytes_per_device"]
+
+  huge = ["train.batch_size=1048576"]  # 131,072 examples per chip
+  with pytest.raises(tpu.LaunchError) as e:
+    tpu.plan([sweeps.single_run("configs/cpu_t2i.py:width=32", huge, "gs://b/w64")], opts)
+  message = str(e.value)
+  assert "run w64 does not fit on v5litepod-8: it needs" in message
+  assert "the chip has 16 GiB of HBM" in message and "nothing was created" in message
+  assert "no mesh, remat, attention kernel or dtype fits by the estimate" in message
+  need = float(re.search(r"needs ([\d.]+) GiB", message).group(1))
+  config = experiment.load("configs/cpu_t2i.py:width=32", huge)
+  assert need == pytest.approx(est.estimate(config, "v5litepod-8").bytes_per_device / 2**30,
+                               abs=0.06)

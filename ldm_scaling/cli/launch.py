@@ -97,6 +97,11 @@ def add_arguments(p: argparse.ArgumentParser, launcher: str | None = None) -> No
                  "metadata server (default), or leave detection to the trainer")
   g.add_argument("--no-auto-mesh", action="store_true",
                  help="do not add mesh.fsdp for models that need FSDP on the slice")
+  g.add_argument("--plan", choices=("estimate", "compile", "off"), default="estimate",
+                 help="before creating anything, check that each train run fits the chips' HBM: "
+                 "by the analytic estimate (default, seconds), by the TPU compiler (needs "
+                 "libtpu here; minutes per config) or not at all; the plan is recorded as "
+                 "<workdir>/plan.json. See docs/tpu_plan.md")
   g.add_argument("--log-every", type=int, default=60, metavar="SECONDS",
                  help="copy each running run's log to <logdir>/logs/<host>.log this often "
                  "(default: 60; and once more at its end)")
@@ -114,7 +119,7 @@ def _tpu_options(args):
       source_tarball=args.source_tarball, remote_dir=args.remote_dir, python=args.remote_python,
       jax_spec=args.jax_spec, skip_create=args.skip_create,
       workdir_is_shared=args.workdir_is_shared, distributed=args.distributed,
-      auto_mesh=not args.no_auto_mesh, env=local.parse_env(args.env),
+      auto_mesh=not args.no_auto_mesh, plan=args.plan, env=local.parse_env(args.env),
       compilation_cache=_compilation_cache(args) or "", log_every=args.log_every)
 
 
@@ -206,7 +211,7 @@ def run_command(args, launcher: str, prog: str) -> int:
   print(sweeps.describe(runs))
 
   if launcher == "tpu":
-    steps = tpu.plan(runs, opts)  # adding the mesh again is a no-op
+    steps = tpu.plan(runs, opts, log=common.log)  # adding the mesh again is a no-op
     text = tpu.format_plan(steps, tpu.teardown(opts, runs), tpu.monitor_commands(opts, runs))
     if args.dry_run:
       print(text)
@@ -229,8 +234,39 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plan(args) -> int:
+  from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
   from ldm_scaling.launch import plan as plan_lib  # pylint: disable=g-import-not-at-top
   config = common.load_config(args, example="configs/t2i.py:width=768")
+  if args.table:
+    from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
+    widths = ([int(w) for w in args.widths.split(",")] if args.widths
+              else sorted(cost.PAPER_TABLE1))
+    print(est.table(config, widths, args.topology.split(","), batch=args.batch or
+                    config.train.batch_size, log=common.log))
+    return 0
+  if args.search:
+    result = plan_lib.search(config, args.topology, batch=args.batch,
+                             compile_top=0 if args.estimate else args.compile_top, log=common.log)
+    best = result.plan
+    fitting = [e for e in result.ranked if e.fits]
+    if args.json:
+      if best:
+        out = best.to_json()
+      else:  # estimates only (or no compiled candidate fit): the best estimate
+        out = (fitting or result.ranked)[0].to_json()
+        out["fits"] = bool(fitting) and not result.compiled
+      out["candidates"] = [e.to_json() for e in result.ranked]
+      print(json.dumps(out))
+    else:
+      print(plan_lib.format_search(result))
+    return 0 if best or (fitting and not result.compiled) else 2
+  if args.estimate:
+    e = est.estimate(config, args.topology, batch=args.batch)
+    if args.json:
+      print(json.dumps(e.to_json()))
+    else:
+      print(est.format_estimate(e))
+    return 0 if e.fits else 2
   plan = plan_lib.plan_train(config, args.topology, batch=args.batch, log=common.log)
   if args.json:
     print(json.dumps(plan.to_json()))
@@ -253,6 +289,21 @@ def add_parsers(sub) -> None:
                       "v4-32, v6e-8 (the number counts TensorCores: v5p-256 is 128 chips)")
   p.add_argument("--batch", type=int, help="global batch (default: train.batch_size)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--search", action="store_true",
+                 help="try meshes (data/fsdp/tensor), remat, attention kernel and dtype: rank "
+                      "them by the estimate, compile the best, print the cheapest that fits as "
+                      "--config overrides")
+  p.add_argument("--estimate", action="store_true",
+                 help="the analytic estimate only (seconds, no libtpu needed); with --search: "
+                      "rank without compiling")
+  p.add_argument("--table", action="store_true",
+                 help="estimates only: for each width (--widths, default Table 1's 11) and each "
+                      "slice in --topology (comma-separated), the first setting that fits, as a "
+                      "markdown table (docs/tpu_plan.md)")
+  p.add_argument("--widths", default="", help="--table: comma-separated widths")
+  p.add_argument("--compile-top", type=int, default=1,
+                 help="--search: compile at most this many candidates, best first, until one "
+                      "fits (default 1)")
   p.set_defaults(func=cmd_plan)
 
   p = sub.add_parser("sweep", help="launch a sweep's runs here or on a TPU VM slice (or print "

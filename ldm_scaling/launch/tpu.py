@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import posixpath
 import re
 import shlex
@@ -50,7 +51,7 @@ import time
 from typing import Callable, Sequence
 
 from ldm_scaling import experiment
-from ldm_scaling.errors import ConfigError, UserError
+from ldm_scaling.errors import ConfigError, UserError, WeightsError
 from ldm_scaling.launch import topology as topo_lib
 from ldm_scaling.launch.local import SUCCESS
 from ldm_scaling.launch.sweeps import Run
@@ -100,6 +101,8 @@ class TpuOptions:
   workdir_is_shared: bool = False  # a non-gs:// workdir that all workers share (NFS, gcsfuse)
   distributed: str = "metadata"  # metadata | auto (see the module docstring)
   auto_mesh: bool = True         # add mesh.fsdp when the model needs it (topology.default_mesh)
+  plan: str = "estimate"         # estimate | compile | off: check that each train run fits the
+                                 # slice's HBM before creating it (launch.estimate / launch.plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,24 +519,32 @@ export LDM_SCALING_COORDINATOR LDM_SCALING_NUM_PROCESSES LDM_SCALING_PROCESS_ID"
     "PORT", str(COORDINATOR_PORT))
 
 
-def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
-  """The bash script every worker runs (under nohup): the runs one after another."""
+def remote_script(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology,
+                  plans: dict[str, dict] | None = None) -> str:
+  """The bash script every worker runs (under nohup): the runs one after another, each run's plan
+  (``plans``, by run name) first written to its workdir as ``plan.json``."""
   lines = [f"cd {dquote(opts.remote_dir)} || exit 1", f'mkdir -p "$HOME/{LOG_DIR}"']
   lines += [f"export {name}={_shell_value(value)}" for name, value in worker_env(opts)]
   lines += [f"log_every={int(opts.log_every)}", _HELPERS]
   if topo.multi_host and opts.distributed == "metadata":
     lines.append(_METADATA_ENV)
   for run in runs:
+    if plans and run.name in plans and run.workdir:
+      local = f"$HOME/{LOG_DIR}/{run.name}.{PLAN_FILE}"
+      lines.append(f"printf '%s\\n' {shlex.quote(json.dumps(plans[run.name]))} > \"{local}\" && "
+                   f"put \"{local}\" {dquote(posixpath.join(run.workdir, PLAN_FILE))}")
     lines.append(" ".join([dquote_join(["run_one", run.name, run.logdir, run.command]),
                            run_python(opts), dquote_join(["-m", "ldm_scaling", *run.args])]))
   lines.append('echo "all runs ended $(date -u +%FT%TZ)"')
   return "\n".join(lines)
 
 
-def start_command(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology) -> str:
+def start_command(runs: Sequence[Run], opts: TpuOptions, topo: topo_lib.Topology,
+                  plans: dict[str, dict] | None = None) -> str:
   """The ``--command`` of the start step: the script in the background, logging per worker."""
   sweep_log = f"{LOG_DIR}/{runs[0].sweep}.log"
-  return (f"mkdir -p {LOG_DIR} && nohup bash -c {shlex.quote(remote_script(runs, opts, topo))} "
+  script = remote_script(runs, opts, topo, plans)
+  return (f"mkdir -p {LOG_DIR} && nohup bash -c {shlex.quote(script)} "
           f"> {dquote(sweep_log)} 2>&1 < /dev/null &")
 
 
@@ -577,6 +588,59 @@ def with_mesh(runs: Sequence[Run], topo: topo_lib.Topology) -> list[Run]:
   return out
 
 
+PLAN_MODES = ("estimate", "compile", "off")
+PLAN_FILE = "plan.json"
+
+
+def plan_runs(runs: Sequence[Run], opts: TpuOptions,
+              log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
+  """Each train run's memory plan on the slice (``opts.plan``: the analytic estimate, or the TPU
+  compiler's plan, which needs libtpu here), as JSON by run name; recorded in the run's workdir as
+  ``plan.json`` by the start step. A run that does not fit is refused here, before any VM exists:
+  the error gives the need against the HBM per chip and the settings a search finds."""
+  from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.launch import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  if opts.plan not in PLAN_MODES:
+    raise ConfigError(f"--plan must be one of {', '.join(PLAN_MODES)}, got {opts.plan!r}")
+  if opts.plan == "off":
+    return {}
+  plans = {}
+  for run in runs:
+    if run.command != "train":
+      continue
+    config = experiment.load(run.config, run.overrides)
+    log(f"planning run {run.name} on {opts.accelerator_type} ({opts.plan})")
+    try:
+      if opts.plan == "compile":
+        result = plan_lib.plan_train(config, opts.accelerator_type, log=log)
+        need, fits, record = result.bytes_per_device, result.fits, result.to_json()
+      else:
+        result = est.estimate(config, opts.accelerator_type)
+        need, fits, record = result.bytes_per_device, result.fits, result.to_json()
+    except WeightsError as e:  # e.g. a teacher that an earlier run of the sweep trains
+      log(f"run {run.name} not planned: {e}")
+      continue
+    record["method"] = opts.plan
+    if not fits:
+      hbm = plan_lib.parse_topology(opts.accelerator_type).hbm_gib_per_chip
+      found = plan_lib.search(config, opts.accelerator_type, compile_top=0).ranked
+      fitting = [e for e in found if e.fits]
+      if fitting:
+        hint = ("settings that fit by the estimate: "
+                + " ".join(fitting[0].setting.overrides(fitting[0].chips)))
+      else:
+        hint = ("no mesh, remat, attention kernel or dtype fits by the estimate: use a bigger "
+                "slice or a smaller train.batch_size")
+      how = "the TPU compiler" if opts.plan == "compile" else "the estimate"
+      raise LaunchError(
+          f"run {run.name} does not fit on {opts.accelerator_type}: it needs "
+          f"{need / 2**30:.1f} GiB per chip by {how}, the chip has {hbm:.0f} GiB of HBM; "
+          f"{hint} (ldm-scaling plan --config ... --topology {opts.accelerator_type} --search "
+          f"asks the compiler); nothing was created")
+    plans[run.name] = record
+  return plans
+
+
 def prepare_runs(runs: Sequence[Run], opts: TpuOptions) -> list[Run]:
   """The runs as the slice will run them: checked (:func:`plan` refuses the same), with the mesh
   added where the model needs FSDP (``auto_mesh``)."""
@@ -585,7 +649,8 @@ def prepare_runs(runs: Sequence[Run], opts: TpuOptions) -> list[Run]:
   return with_mesh(runs, topo) if opts.auto_mesh else list(runs)
 
 
-def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
+def plan(runs: Sequence[Run], opts: TpuOptions,
+         log: Callable[[str], None] = lambda _: None) -> list[Step]:
   """Every step from creating the slice(s) to starting the runs (teardown: :func:`teardown`)."""
   topo = check_options(opts)
   if not runs:
@@ -593,6 +658,7 @@ def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
   warnings = _check_runs(runs, opts, topo)
   if opts.auto_mesh:
     runs = with_mesh(runs, topo)
+  plans = plan_runs(runs, opts, log)  # refuses a run that does not fit, before any VM exists
   groups: dict[str, list[Run]] = {}
   for run in runs:
     groups.setdefault(slice_name(opts, run), []).append(run)
@@ -604,7 +670,7 @@ def plan(runs: Sequence[Run], opts: TpuOptions) -> list[Step]:
     if not opts.skip_create:
       steps += create_steps(opts, name, topo)
     steps += install_steps(opts, name)
-    steps.append(Step(tuple(_ssh(opts, name, start_command(group, opts, topo))),
+    steps.append(Step(tuple(_ssh(opts, name, start_command(group, opts, topo, plans))),
                       f"start {len(group)} run(s) on every worker of {name} "
                       f"(one after another, in the background)"))
   return steps
