@@ -1075,6 +1075,13 @@ def test_the_launcher_plans_each_train_run_records_it_and_refuses_what_does_not_
   assert "run w64 does not fit on v5litepod-8: it needs" in message
   assert "the chip has 16 GiB of HBM" in message and "nothing was created" in message
   assert "no mesh, remat, attention kernel or dtype fits by the estimate" in message
+  # The estimate models the denoising UNet: a distillation run is left to --plan compile (its
+  # teacher may be an earlier run of the same sweep), not refused.
+  student = sweeps.single_run("configs/cpu_t2i.py:width=32", [
+      "objective.name=consistency", "objective.teacher=gs://b/teacher"], "gs://b/cd")
+  logged = []
+  assert tpu.plan_runs([student], opts, logged.append) == {}
+  assert "not planned" in logged[0] and "--plan compile" in logged[0]
   need = float(re.search(r"needs ([\d.]+) GiB", message).group(1))
   config = experiment.load("configs/cpu_t2i.py:width=32", huge)
   assert need == pytest.approx(est.estimate(config, "v5litepod-8").bytes_per_device / 2**30,

@@ -51,7 +51,7 @@ import time
 from typing import Callable, Sequence
 
 from ldm_scaling import experiment
-from ldm_scaling.errors import ConfigError, UserError, WeightsError
+from ldm_scaling.errors import ConfigError, UserError
 from ldm_scaling.launch import topology as topo_lib
 from ldm_scaling.launch.local import SUCCESS
 from ldm_scaling.launch.sweeps import Run
@@ -609,6 +609,10 @@ def plan_runs(runs: Sequence[Run], opts: TpuOptions,
     if run.command != "train":
       continue
     config = experiment.load(run.config, run.overrides)
+    if opts.plan == "estimate" and config.objective.name != "denoising":
+      log(f"run {run.name} not planned: the estimate models the denoising UNet, not objective "
+          f"{config.objective.name!r} (its teacher, fake-score network); --plan compile plans it")
+      continue
     log(f"planning run {run.name} on {opts.accelerator_type} ({opts.plan})")
     try:
       if opts.plan == "compile":
@@ -617,7 +621,7 @@ def plan_runs(runs: Sequence[Run], opts: TpuOptions,
       else:
         result = est.estimate(config, opts.accelerator_type)
         need, fits, record = result.bytes_per_device, result.fits, result.to_json()
-    except WeightsError as e:  # e.g. a teacher that an earlier run of the sweep trains
+    except UserError as e:  # e.g. a teacher that an earlier run of the sweep trains
       log(f"run {run.name} not planned: {e}")
       continue
     record["method"] = opts.plan
