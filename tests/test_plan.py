@@ -130,7 +130,7 @@ def test_small_unet_planned_for_v5e_4_with_fsdp(small_plan):
   from ldm_scaling.launch import estimate as est  # pylint: disable=g-import-not-at-top
   state, grads, total = est.state_bytes(_small_config(), (1, 4, 1))
   assert (state, total) == (plan.state_bytes_per_device, plan.state_bytes)
-  assert grads == pytest.approx(state / 4, rel=1e-6)
+  assert grads == pytest.approx(state / 4, rel=1e-4)  # (the state also holds its step counter)
 
 
 @pytest.mark.slow

@@ -575,7 +575,8 @@ def components_identity(config, e) -> dict:
 # stay current (a non-default value is part of the key).
 _ADDED_OPTIONS = {"swd_scales": (), "swd_sigmas": ()}
 _ADDED_CONFIG = {("objective", "scales"): (), ("objective", "sigmas"): (),
-                 ("objective", "swd"): None}  # None: the base config's value
+                 ("objective", "swd"): None,  # None: the base config's value
+                 ("model", "attn_kernel"): "xla"}
 
 
 def _sampler_options(options) -> dict:
