@@ -615,15 +615,12 @@ def plan_runs(runs: Sequence[Run], opts: TpuOptions,
       continue
     log(f"planning run {run.name} on {opts.accelerator_type} ({opts.plan})")
     try:
-      if opts.plan == "compile":
-        result = plan_lib.plan_train(config, opts.accelerator_type, log=log)
-        need, fits, record = result.bytes_per_device, result.fits, result.to_json()
-      else:
-        result = est.estimate(config, opts.accelerator_type)
-        need, fits, record = result.bytes_per_device, result.fits, result.to_json()
+      result = (plan_lib.plan_train(config, opts.accelerator_type, log=log)
+                if opts.plan == "compile" else est.estimate(config, opts.accelerator_type))
     except UserError as e:  # e.g. a teacher that an earlier run of the sweep trains
       log(f"run {run.name} not planned: {e}")
       continue
+    need, fits, record = result.bytes_per_device, result.fits, result.to_json()
     record["method"] = opts.plan
     if not fits:
       hbm = plan_lib.parse_topology(opts.accelerator_type).hbm_gib_per_chip
