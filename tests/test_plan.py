@@ -233,5 +233,45 @@ def test_plan_estimate_and_search_from_the_command_line(capsys):
   text = capsys.readouterr().out
   assert "candidates estimated" in text and "cheapest setting that fits by the estimate: " \
       "--config.mesh.data=4 --config.mesh.fsdp=1" in text
+  assert "--config.mesh.data=4 --config.mesh.fsdp=1 --config.mesh.tensor=1" in text
+  # A batch of 2 cannot split over 4 chips: only a tensor axis of 2 (or more) uses them all.
+  assert cli.main(base + ["--batch", "2", "--search"]) == 0
+  assert "cheapest setting that fits by the estimate: --config.mesh.data=2 " \
+      "--config.mesh.fsdp=1 --config.mesh.tensor=2" in capsys.readouterr().out
   assert cli.main(base + ["--batch", str(2**20), "--search"]) == 2
   assert "no candidate fits by the estimate" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_eval_samplers_program_planned_on_one_vm():
+  """The eval grid's sampling program (the whole guided DDIM trajectory, one ``lax.scan``) for one
+  v5e VM's chips: 6 images round up to 8 rows over 4 chips; XLA counts the loop body once, so the
+  FLOPs are those of one step whatever the step count, and one guided step is two UNet forwards
+  per image (the cost model's count, measured apart) give or take the sampler's elementwise
+  arithmetic; bfloat16 weights save at least half the per-chip parameter bytes; each weight is gathered where used (FSDP), never the whole set at once."""
+  from ldm_scaling import data  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.diffusion import generate  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.models import cost  # pylint: disable=g-import-not-at-top
+  config = _small_config()
+  config.eval.update(batch_size=6, steps=(4,), samplers=("ddim",), cfg_scales=(3.0,))
+  config.cost.update(latent_size=data.latent_size(config), text_len=config.cost.text_len)
+  devices = plan_lib.tpu_devices(plan_lib.parse_topology("v5e-4"))
+  f32 = plan_lib.plan_sample(config, devices)
+  assert f32.name.startswith("sample/ddim-4 (8 images, guided") and f32.chips == 4
+  _, gflops = cost.measure(config.model, config.cost)
+  assert f32.flops * 4 == pytest.approx(2 * 8 * gflops * 1e9, rel=0.05)
+  config.eval.steps = (8,)
+  assert plan_lib.plan_sample(config, devices).flops == f32.flops
+  config.eval.update(steps=(4,), param_dtype="bfloat16")
+  bf16 = plan_lib.plan_sample(config, devices)
+  mesh = sh.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
+  model = generate.models.build(config.model)
+  abstract = sh.unbox(jax.eval_shape(generate._init_fn(model), jax.random.key(0),  # pylint: disable=protected-access
+                                     *generate._init_inputs(model))["params"])  # pylint: disable=protected-access
+  per_chip, whole = plan_lib.shard_bytes(abstract, generate.unet_shardings(config, mesh))
+  # The TPU pads small arrays to its tiles (f32 8x128, bf16 16x128), and this UNet's are small:
+  # the saving is at least half the unpadded f32 bytes, at most all of them.
+  saved = f32.argument_bytes - bf16.argument_bytes
+  assert per_chip / 2 <= saved <= per_chip
+  c = f32.collectives["all-gather"]
+  assert c["count"] > 0 and c["largest"] < whole / 2

@@ -246,7 +246,8 @@ def cmd_plan(args) -> int:
     return 0
   if args.search:
     result = plan_lib.search(config, args.topology, batch=args.batch,
-                             compile_top=0 if args.estimate else args.compile_top, log=common.log)
+                             compile_top=0 if args.estimate else args.compile_top, log=common.log,
+                             sample=not args.no_sample)
     best = result.plan
     fitting = [e for e in result.ranked if e.fits]
     if args.json:
@@ -267,7 +268,8 @@ def cmd_plan(args) -> int:
     else:
       print(est.format_estimate(e))
     return 0 if e.fits else 2
-  plan = plan_lib.plan_train(config, args.topology, batch=args.batch, log=common.log)
+  plan = plan_lib.plan_train(config, args.topology, batch=args.batch, log=common.log,
+                             sample=not args.no_sample)
   if args.json:
     print(json.dumps(plan.to_json()))
   else:
@@ -279,7 +281,8 @@ def add_parsers(sub) -> None:
   p = sub.add_parser(
       "plan", help="compile the training step for a TPU slice here and check it fits",
       description="Compiles the config's training programs (the trainer's own: loss, optimiser, "
-      "EMA, shardings, donation) ahead of time for a TPU slice with the TPU compiler, on this "
+      "EMA, shardings, donation) and the eval grid's sampling program ahead of time for a TPU "
+      "slice with the TPU compiler, on this "
       "host (no TPU needed; needs libtpu: pip install 'ldm-scaling[tpu]'), and prints per chip "
       "the argument, output, temporary and code bytes against the chip's HBM, the FLOPs and the "
       "collectives. Exit status 2 when it does not fit. See docs/tpu_plan.md.")
@@ -301,6 +304,10 @@ def add_parsers(sub) -> None:
                       "slice in --topology (comma-separated), the first setting that fits, as a "
                       "markdown table (docs/tpu_plan.md)")
   p.add_argument("--widths", default="", help="--table: comma-separated widths")
+  p.add_argument("--no-sample", action="store_true",
+                 help="compile the training programs only, not also the eval grid's sampling "
+                      "program (eval.samplers[0] at eval.steps[0], eval.batch_size images, "
+                      "eval.param_dtype weights, on one TPU VM's chips)")
   p.add_argument("--compile-top", type=int, default=1,
                  help="--search: compile at most this many candidates, best first, until one "
                       "fits (default 1)")

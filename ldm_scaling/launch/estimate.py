@@ -13,7 +13,8 @@ compiles only the best. Per chip:
   runs (``layers.building_for("tpu")``: dense attention unless ``attn_kernel=splash``). With
   ``remat=block`` add the largest block's own residuals, alive while it is recomputed.
   Times :data:`ACTIVATION_FACTOR` of the remat mode, fitted on the compiler (docs/tpu_plan.md
-  states the fits and the error on other plans);
+  states the fits and the error on other plans), and on a mesh with a tensor axis by the share of
+  them a chip keeps (:data:`TENSOR_SHARE`, measured on a small UNet);
 - **code**: :data:`CODE_BYTES`.
 
 FLOPs are the cost model's (``models.cost``: XLA's count of the forward at the config's latent
@@ -52,6 +53,12 @@ CODE_BYTES = int(0.75 * GIB)  # generated code (the compiler's: 0.65 GiB for wid
 # - block: 0.752 on width 768, v5p-256, batch 2048, fsdp 16, splash, f32 (18.24 GiB - 1.14 over
 #   22.73 GiB); checked on width 320 in docs/tpu_plan.md.
 ACTIVATION_FACTOR = {"none": 0.52, "block": 0.75}
+# What a chip keeps of its batch's activations on a mesh with a tensor axis of that size: the
+# axis splits the weights' output features and heads, not every activation. Measured on the
+# compiler's plans of one small UNet (width 64, 2 levels with attention, batch 8, v5e-4): the
+# temporaries less the gradients at meshes (1, 2, 2) and (1, 1, 4) over (1, 4, 1), divided by the
+# batch ratio (docs/tpu_plan.md). Not checked on a large model; other sizes are not searched.
+TENSOR_SHARE = {1: 1.0, 2: 0.79, 4: 0.45}
 PAPER_STEPS = 500_000
 REMATS = ("none", "block")
 DTYPES = ("float32", "bfloat16")
@@ -264,7 +271,7 @@ def estimate(config, accelerator_type: str, *, batch: int | None = None,
   per_chip = -(-config.train.batch_size // batch_shards)
   # With remat, the block being recomputed holds its own residuals too (for the chip's batch).
   act = per_chip * (whole + (largest if setting.remat == "block" else 0))
-  act = int(ACTIVATION_FACTOR[setting.remat] * act / sizes["tensor"])
+  act = int(ACTIVATION_FACTOR[setting.remat] * act * tensor_share(sizes["tensor"]))
   forwards = 3 + (1 if setting.remat == "block" else 0)
   model = copy.deepcopy(config.model)
   with model.unlocked():  # the same forward FLOPs; one measurement per model
@@ -277,14 +284,20 @@ def estimate(config, accelerator_type: str, *, batch: int | None = None,
                   flops_per_step=forwards * gflops * 1e9 * config.train.batch_size)
 
 
+def tensor_share(tensor: int) -> float:
+  """:data:`TENSOR_SHARE` (a config's own tensor axis of another size: ``1 / tensor``, an
+  optimistic guess)."""
+  return TENSOR_SHARE.get(tensor, 1.0 / tensor)
+
+
 def candidates(config, chips: int, batch: int) -> Iterable[Setting]:
-  """Meshes (fsdp a power of two dividing the chips, the rest data; the batch must split over
-  them), remat, attention kernel and dtype. The tensor axis stays 1 (the config's when it sets
-  one): the rules shard weights over it, but this estimate does not model how activations lay
-  out over it, so it could not rank it honestly."""
-  tensor = max(1, int(config.mesh.tensor))
+  """Meshes (fsdp a power of two, tensor 1, 2 or 4 (:data:`TENSOR_SHARE`), the rest data; the
+  batch must split over data x fsdp), remat, attention kernel and dtype. By the estimate a tensor
+  axis costs more activations than an fsdp axis of the same size (the measured shares times the
+  larger batch per chip exceed 1), so it wins only where the batch cannot split over every chip."""
   sizes = [2**k for k in range(int(np.log2(chips)) + 1)]
-  for fsdp in sizes:
+  tensors = sorted({t for t in TENSOR_SHARE if t <= chips} | {max(1, int(config.mesh.tensor))})
+  for tensor, fsdp in itertools.product(tensors, sizes):
     if chips % (fsdp * tensor) or batch % (chips // tensor):
       continue
     for remat, kernel, dtype in itertools.product(REMATS, layers.ATTN_KERNELS, DTYPES):
@@ -294,8 +307,8 @@ def candidates(config, chips: int, batch: int) -> Iterable[Setting]:
 def rank(config, accelerator_type: str, *, batch: int | None = None,
          log=lambda _: None) -> list[Estimate]:
   """Every candidate's estimate, cheapest first: fitting before not, then by step time (remat
-  costs a forward), then the fewest changes to the config (its own dtype and attention kernel),
-  then the smallest fsdp (the least communication)."""
+  costs a forward), then the fewest changes to the config (its own dtype, attention kernel and
+  tensor axis), then the smallest fsdp (the least communication)."""
   topo = topo_lib.parse(accelerator_type)
   batch = int(batch or config.train.batch_size)
   own = Setting.of(config, topo.chips)
@@ -304,7 +317,8 @@ def rank(config, accelerator_type: str, *, batch: int | None = None,
     out.append(estimate(config, accelerator_type, batch=batch, setting=setting))
     log(f"estimated {setting}: {out[-1].bytes_per_device / GIB:.1f} GiB per chip")
   key = lambda e: (not e.fits, round(e.step_seconds, 6), e.setting.dtype != own.dtype,
-                   e.setting.attn_kernel != own.attn_kernel, e.setting.fsdp)
+                   e.setting.attn_kernel != own.attn_kernel, e.setting.tensor != own.tensor,
+                   e.setting.fsdp)
   return sorted(out, key=key)
 
 
@@ -327,10 +341,10 @@ def format_estimate(e: Estimate) -> str:
 
 def preference(config, chips: int, batch: int) -> list[Setting]:
   """The candidates in :func:`rank`'s order without their estimates: no remat first (a step costs
-  3 forwards, not 4), then the config's dtype and kernel, then the smallest fsdp."""
+  3 forwards, not 4), then the config's dtype, kernel and tensor axis, then the smallest fsdp."""
   own = Setting.of(config, chips)
   key = lambda s: (s.remat != "none", s.dtype != own.dtype, s.attn_kernel != own.attn_kernel,
-                   s.fsdp)
+                   s.tensor != own.tensor, s.fsdp)
   return sorted(candidates(config, chips, batch), key=key)
 
 

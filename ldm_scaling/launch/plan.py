@@ -160,11 +160,13 @@ class Compiled:
   alias_bytes: int          # outputs written into donated arguments (counted once)
   temp_bytes: int
   code_bytes: int
-  flops: float              # per chip: XLA's cost_analysis of the partitioned program, plus
+  flops: float              # per chip: XLA's cost_analysis of the partitioned program (of a
+                            # loop, its body once: a sampler's per step), plus
   kernel_flops: float       # the Pallas attention kernels' (which XLA does not count), per chip
   collectives: dict[str, dict[str, int]]
   lower_s: float
   compile_s: float
+  chips: int = 0            # the chips it runs on when not the whole slice (sampling: one host's)
 
   @property
   def total_bytes(self) -> int:
@@ -219,7 +221,7 @@ class Plan:
   @property
   def flops_per_step(self) -> float:
     """FLOPs of the heaviest training program, all chips together."""
-    return max(p.flops for p in self.programs) * self.chips
+    return max(p.flops for p in self.programs if p.name.startswith("train/")) * self.chips
 
   def to_json(self) -> dict[str, Any]:
     return dict(fits=self.fits, bytes_per_device=self.bytes_per_device,
@@ -243,9 +245,12 @@ def _libtpu_version() -> str:
 
 
 def plan_train(config, accelerator_type: str, *, batch: int | None = None,
-               log: Callable[[str], None] = lambda _: None, devices=None) -> Plan:
+               log: Callable[[str], None] = lambda _: None, devices=None,
+               sample: bool = False, sample_batch: int | None = None) -> Plan:
   """Compiles every training program of ``config`` (one per phase and choice) for the slice
-  ``accelerator_type`` (``devices``: other devices, e.g. this host's CPUs) and reports its needs."""
+  ``accelerator_type`` (``devices``: other devices, e.g. this host's CPUs) and reports its needs;
+  with ``sample``, also the eval grid's sampling program on one TPU VM's chips
+  (:func:`plan_sample`)."""
   from ldm_scaling.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from ldm_scaling.train import objectives, trainer  # pylint: disable=g-import-not-at-top
   topo = parse_topology(accelerator_type)
@@ -279,6 +284,9 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
       # Forward + backward of the kernels' attention, dense-equivalent (as XLA counts dense).
       programs.append(Compiled.of(f"train/{key}", lowered, lower_s, log,
                                   kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices)))
+  if sample:  # one VM's chips (each process samples its own cells on its own devices)
+    programs.append(plan_sample(config, devices[:len(devices) // hosts], batch=sample_batch,
+                                log=log))
   per, total = shard_bytes(program.abstract, program.state_sh)
   sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
   return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
@@ -287,6 +295,64 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
               state_bytes_per_device=per, state_bytes=total, notes=notes,
               abstract_state=program.abstract, state_shardings=program.state_sh,
               overrides=[f"--config.mesh.{a}={v}" for a, v in sizes.items()])
+
+
+def plan_sample(config, devices, *, batch: int | None = None,
+                log: Callable[[str], None] = lambda _: None) -> Compiled:
+  """Compiles the eval grid's sampling program (``diffusion.sampling.program``: the whole
+  trajectory of ``eval.samplers[0]`` at ``eval.steps[0]`` steps, guided at ``eval.cfg_scales``)
+  for ``devices``, one TPU VM's chips: as ``eval.grid`` / ``ldm-scaling sample`` run it there, the
+  UNet's parameters in ``eval.param_dtype`` are sharded over them (``eval.parallel.model_mesh``,
+  the trainer's logical-axis rules) and ``batch`` rows (default ``eval.batch_size``, rounded up to
+  a multiple of the chips) are split over them. The noise, prompts' context, empty prompt's
+  context, guidance scales and keys are abstract (no weights are read)."""
+  from ldm_scaling import data, diffusion, models  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.diffusion import generate, sampling  # pylint: disable=g-import-not-at-top
+  from ldm_scaling.eval import parallel  # pylint: disable=g-import-not-at-top
+  devices = list(devices)
+  e = config.eval
+  sampler, steps = e.samplers[0], int(e.steps[0])
+  mesh = sh.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
+  n = len(devices)
+  rows = -(-int(batch or e.batch_size) // n) * n
+  row = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sh.batch_sharding(mesh, len(shape)))
+  whole = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh.replicated(mesh))
+  model = models.build(config.model)
+  side = data.latent_size(config)
+  text = (rows, int(config.cost.text_len), int(config.model.cross_attn_dim))
+  dtype = parallel.param_dtype(e.param_dtype)
+  # Shapes, shardings and the sampler's grid first, on this host (nothing runs on the slice).
+  shardings = generate.unet_shardings(config, mesh)
+  abstract = sh.unbox(jax.eval_shape(generate._init_fn(model), jax.random.key(0),  # pylint: disable=protected-access
+                                     *generate._init_inputs(model))["params"])  # pylint: disable=protected-access
+  floating = lambda a: jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+      a.shape, dtype if floating(a) else a.dtype, sharding=s), abstract, shardings)
+  apply_fn = generate.unet_apply(model)
+  embedded = generate.guidance_embedded(config)
+  none = whole((0,), jax.numpy.float32)
+  if embedded:  # the scales are an input of the UNet: one unguided forward per step
+    apply_fn = generate.scale_input_apply(apply_fn)
+    params = {"unet": params, "w": row((rows,), jax.numpy.float32)}
+  prog, _ = sampling.program(apply_fn, diffusion.schedule_from_config(config.diffusion),
+                             config.diffusion.prediction, sampler, steps,
+                             diffusion.options_from_config(config), guided=not embedded)
+  key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+  args = (params, row((rows, side, side, config.model.in_channels), jax.numpy.float32),
+          row(text, jax.numpy.float32), none if embedded else whole(text, jax.numpy.float32),
+          none if embedded else row((rows,), jax.numpy.float32), row(key.shape, key.dtype))
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(sh.LOGICAL_RULES), \
+       layers.building_for(devices[0].platform):
+    start = time.perf_counter()
+    with layers.counting_kernel_flops() as kernel:
+      lowered = prog.lower(*args)
+    lower_s = time.perf_counter() - start
+  guided = "" if embedded else ", guided"
+  out = Compiled.of(f"sample/{sampler}-{steps} ({rows} images{guided}, {e.param_dtype} weights)",
+                    lowered, lower_s, log, kernel_flops=kernel[0] / n)
+  out.chips = n
+  return out
 
 
 @dataclasses.dataclass
@@ -302,7 +368,7 @@ class Search:
 
 
 def search(config, accelerator_type: str, *, batch: int | None = None, compile_top: int = 1,
-           log: Callable[[str], None] = lambda _: None) -> Search:
+           log: Callable[[str], None] = lambda _: None, sample: bool = False) -> Search:
   """Ranks meshes, remat, attention kernel and dtype by the estimate (``launch.estimate``), then
   compiles the best fitting candidates, one after another, until the compiler agrees one fits
   (at most ``compile_top``; 0 = estimates only)."""
@@ -312,7 +378,8 @@ def search(config, accelerator_type: str, *, batch: int | None = None, compile_t
   for e in [e for e in ranked if e.fits][:compile_top]:
     log(f"compiling the candidate {' '.join(e.setting.overrides(topo.chips))} (estimated "
         f"{e.bytes_per_device / GIB:.1f} GiB per chip)")
-    plan = plan_train(e.setting.apply(config, topo.chips), accelerator_type, batch=batch, log=log)
+    plan = plan_train(e.setting.apply(config, topo.chips), accelerator_type, batch=batch, log=log,
+                      sample=sample)
     plan.overrides = e.setting.overrides(topo.chips)
     plan.estimate = e
     compiled.append(plan)
@@ -354,10 +421,13 @@ def format_plan(plan: Plan) -> str:
   lines = [f"plan for {plan.topology} ({plan.chips} chips, {plan.slice_shape}), mesh "
            f"{plan.mesh}, batch {plan.batch}, per chip:"]
   for p in plan.programs:
-    lines.append(f"  {p.name}: arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - "
-                 f"donated {g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} + code "
-                 f"{g(p.code_bytes)} = {g(p.total_bytes)} of {g(plan.hbm_bytes_per_device)} HBM; "
-                 f"{p.flops / 1e12:.3f} TFLOP; compiled in {p.compile_s:.1f} s")
+    where = f" on one VM's {p.chips} chips" if p.chips else ""
+    per = " per sampler step" if p.name.startswith("sample/") else ""
+    lines.append(f"  {p.name}{where}: arguments {g(p.argument_bytes)} + outputs "
+                 f"{g(p.output_bytes)} - donated {g(p.alias_bytes)} + temporaries "
+                 f"{g(p.temp_bytes)} + code {g(p.code_bytes)} = {g(p.total_bytes)} of "
+                 f"{g(plan.hbm_bytes_per_device)} HBM; {p.flops / 1e12:.3f} TFLOP{per}; "
+                 f"compiled in {p.compile_s:.1f} s")
     if p.kernel_flops:
       lines.append(f"    of the FLOPs, {p.kernel_flops / 1e12:.3f} TFLOP are the attention "
                    f"kernels' (counted as dense attention: XLA does not see inside them)")
