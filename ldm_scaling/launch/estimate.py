@@ -243,7 +243,13 @@ def state_bytes(config, mesh_shape: tuple[int, ...]) -> tuple[int, int, int]:
   with config.unlocked():  # what does not change the state's shapes
     config.mesh.update(data=1, fsdp=1, tensor=1)
     config.model.update(remat="none", attn_kernel="xla", dtype="float32", attn_query_chunk=0)
-  boxed = _boxed_state(json.dumps(config.to_dict(), sort_keys=True, default=list))
+  return _state_bytes(json.dumps(config.to_dict(), sort_keys=True, default=list),
+                      tuple(mesh_shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _state_bytes(config_json: str, mesh_shape: tuple[int, ...]) -> tuple[int, int, int]:
+  boxed = _boxed_state(config_json)
   with flax.linen.logical_axis_rules(sh.LOGICAL_RULES):
     shardings = sh.tree_shardings(boxed, _abstract_mesh(mesh_shape))
   abstract = sh.unbox(boxed)
