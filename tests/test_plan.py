@@ -275,3 +275,30 @@ def test_the_eval_samplers_program_planned_on_one_vm():
   assert per_chip / 2 <= saved <= per_chip
   c = f32.collectives["all-gather"]
   assert c["count"] > 0 and c["largest"] < whole / 2
+
+
+def test_a_program_the_compiler_refuses_for_want_of_hbm_is_reported_not_raised():
+  """The TPU compiler refuses a program whose temporaries exceed a chip's HBM before it has a
+  memory analysis. The plan keeps its figure: ``cumsum(outer(x, x))`` over n = 98,304 floats
+  holds the n x n product and its running sum, 2 x 36 GiB, on a 16 GiB v5e chip; the argument
+  is x, replicated (n x 4 bytes). Such a plan does not fit and says why; other compile errors
+  are raised."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 3 * 2**15
+  mesh = jax.sharding.Mesh(np.array(plan_lib.tpu_devices(plan_lib.parse_topology("v5e-4"))),
+                           ("x",))
+  x = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sh.replicated(mesh))
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(lambda x: jnp.cumsum(jnp.outer(x, x), axis=0)[-1]).lower(x)
+  big = plan_lib.Compiled.of("train/big", lowered, args=(x,))
+  assert big.out_of_memory.startswith("RESOURCE_EXHAUSTED")
+  assert big.temp_bytes == pytest.approx(2 * n * n * 4, rel=0.01)
+  assert big.argument_bytes == 4 * n and big.total_bytes == big.temp_bytes + 4 * n
+  plan = plan_lib.Plan(topology="v5litepod-4", slice_shape="2x2", chips=4,
+                       hbm_bytes_per_device=16 * 2**30, mesh={"data": 1, "fsdp": 4, "tensor": 1},
+                       batch=8, programs=[big], state_bytes_per_device=0, state_bytes=0,
+                       notes=[], overrides=[])
+  assert not plan.fits
+  assert "does NOT compile: the TPU compiler ran out of HBM" in plan_lib.format_plan(plan)
+  assert json.loads(json.dumps(plan.to_json()))["programs"][0]["out_of_memory"]
+  assert plan_lib.out_of_memory_bytes("INTERNAL: something else") is None

@@ -167,6 +167,9 @@ class Compiled:
   lower_s: float
   compile_s: float
   chips: int = 0            # the chips it runs on when not the whole slice (sampling: one host's)
+  # The compiler's message when it refused the program for want of HBM (then temp_bytes is the
+  # figure it names, argument_bytes the arguments' shards, the rest 0: the total is a lower bound).
+  out_of_memory: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -175,9 +178,24 @@ class Compiled:
 
   @classmethod
   def of(cls, name: str, lowered, lower_s: float = 0.0,
-         log: Callable[[str], None] = lambda _: None, kernel_flops: float = 0.0) -> "Compiled":
+         log: Callable[[str], None] = lambda _: None, kernel_flops: float = 0.0,
+         args: Any = None) -> "Compiled":
+    """Compiles ``lowered``; ``args``: its abstract arguments (with shardings), whose bytes per
+    chip stand in for the executable's when the compiler runs out of HBM."""
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+      needed = out_of_memory_bytes(str(err))
+      if needed is None:
+        raise
+      compile_s = time.perf_counter() - start
+      message = next((line for line in str(err).splitlines() if "memory" in line), str(err))
+      log(f"{name}: the TPU compiler ran out of HBM after {compile_s:.1f} s: {message}")
+      return cls(name=name, argument_bytes=_arg_bytes(args), output_bytes=0, alias_bytes=0,
+                 temp_bytes=needed, code_bytes=0, flops=0.0, kernel_flops=kernel_flops,
+                 collectives={}, lower_s=lower_s, compile_s=compile_s,
+                 out_of_memory=message.strip())
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -191,6 +209,37 @@ class Compiled:
               collectives=collectives(compiled.as_text()), lower_s=lower_s, compile_s=compile_s)
     log(f"compiled {name} in {compile_s:.1f} s")
     return out
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# The TPU compiler's refusals: "... the total memory required for HLO temporaries (15.90G) exceeds
+# available HBM (15.75G)" (libtpu 0.0.52), or older "Used 20.5G of 15.48G hbm".
+_OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm"))
+
+
+def out_of_memory_bytes(message: str) -> int | None:
+  """The bytes a TPU compiler's out-of-HBM error says it needed (None: not such an error)."""
+  if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+    return None
+  for pattern in _OOM:
+    m = pattern.search(message)
+    if m:
+      return int(float(m.group(1)) * _UNITS[m.group(2)])
+  return None
+
+
+def _arg_bytes(args) -> int:
+  """Bytes per chip of abstract arguments (their shardings' shards; the largest device's)."""
+  if args is None:
+    return 0
+  total = 0
+  for a in jax.tree.leaves(args):
+    item = jax.numpy.dtype(a.dtype).itemsize if not jax.dtypes.issubdtype(
+        a.dtype, jax.dtypes.prng_key) else 8
+    shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) else a.shape
+    total += item * int(np.prod(shape))
+  return total
 
 
 @dataclasses.dataclass
@@ -216,7 +265,8 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return self.bytes_per_device <= self.hbm_bytes_per_device
+    return (self.bytes_per_device <= self.hbm_bytes_per_device
+            and not any(p.out_of_memory for p in self.programs))
 
   @property
   def flops_per_step(self) -> float:
@@ -283,7 +333,8 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
       lower_s = time.perf_counter() - start
       # Forward + backward of the kernels' attention, dense-equivalent (as XLA counts dense).
       programs.append(Compiled.of(f"train/{key}", lowered, lower_s, log,
-                                  kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices)))
+                                  kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices),
+                                  args=(state, batch_args, frozen_args)))
   if sample:  # one VM's chips (each process samples its own cells on its own devices)
     programs.append(plan_sample(config, devices[:len(devices) // hosts], batch=sample_batch,
                                 log=log))
@@ -350,7 +401,7 @@ def plan_sample(config, devices, *, batch: int | None = None,
     lower_s = time.perf_counter() - start
   guided = "" if embedded else ", guided"
   out = Compiled.of(f"sample/{sampler}-{steps} ({rows} images{guided}, {e.param_dtype} weights)",
-                    lowered, lower_s, log, kernel_flops=kernel[0] / n)
+                    lowered, lower_s, log, kernel_flops=kernel[0] / n, args=args)
   out.chips = n
   return out
 
@@ -423,6 +474,12 @@ def format_plan(plan: Plan) -> str:
   for p in plan.programs:
     where = f" on one VM's {p.chips} chips" if p.chips else ""
     per = " per sampler step" if p.name.startswith("sample/") else ""
+    if p.out_of_memory:
+      lines.append(f"  {p.name}{where}: does NOT compile: the TPU compiler ran out of HBM "
+                   f"({p.out_of_memory}); arguments {g(p.argument_bytes)} + temporaries "
+                   f"{g(p.temp_bytes)} = {g(p.total_bytes)} at least, of "
+                   f"{g(plan.hbm_bytes_per_device)} HBM; compiler ran {p.compile_s:.1f} s")
+      continue
     lines.append(f"  {p.name}{where}: arguments {g(p.argument_bytes)} + outputs "
                  f"{g(p.output_bytes)} - donated {g(p.alias_bytes)} + temporaries "
                  f"{g(p.temp_bytes)} + code {g(p.code_bytes)} = {g(p.total_bytes)} of "
