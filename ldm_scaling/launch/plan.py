@@ -85,6 +85,17 @@ def tpu_devices(topo: topo_lib.Topology) -> list:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
 
 
+def one_vm(topo: topo_lib.Topology) -> list:
+  """The devices of a one-VM slice of ``topo``'s generation (``v5litepod-8``, ``v5p-8``): what a
+  process of ``topo`` has locally. libtpu does not compile a program for part of a v5e slice
+  ("device assignment should include all slice devices" on platforms with limited ICI routing),
+  so a per-VM program is planned on a slice of one VM; its per-chip figures are the same."""
+  generation = topo.generation
+  prefix = {"v5e": "v5litepod"}.get(generation, generation)
+  cores = topo_lib.CHIPS_PER_HOST[generation] * topo_lib.CORES_PER_CHIP[generation]
+  return tpu_devices(parse_topology(f"{prefix}-{cores}"))
+
+
 @contextlib.contextmanager
 def _environment(**values: str):
   """Environment variables set for the block, then restored (or removed)."""
@@ -336,8 +347,8 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
                                   kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices),
                                   args=(state, batch_args, frozen_args)))
   if sample:  # one VM's chips (each process samples its own cells on its own devices)
-    programs.append(plan_sample(config, devices[:len(devices) // hosts], batch=sample_batch,
-                                log=log))
+    programs.append(plan_sample(config, one_vm(topo) if hosts > 1 else devices,
+                                batch=sample_batch, log=log))
   per, total = shard_bytes(program.abstract, program.state_sh)
   sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
   return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
