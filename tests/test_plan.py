@@ -255,6 +255,9 @@ def test_the_eval_samplers_program_planned_on_one_vm():
   config = _small_config()
   config.eval.update(batch_size=6, steps=(4,), samplers=("ddim",), cfg_scales=(3.0,))
   config.cost.update(latent_size=data.latent_size(config), text_len=config.cost.text_len)
+  # A process of a 256-chip slice has one VM's chips: 8 on v5e, 4 on v5p.
+  assert len(plan_lib.one_vm(plan_lib.parse_topology("v5e-256"))) == 8
+  assert len(plan_lib.one_vm(plan_lib.parse_topology("v5p-256"))) == 4
   devices = plan_lib.tpu_devices(plan_lib.parse_topology("v5e-4"))
   f32 = plan_lib.plan_sample(config, devices)
   assert f32.name.startswith("sample/ddim-4 (8 images, guided") and f32.chips == 4
