@@ -307,7 +307,7 @@ def _libtpu_version() -> str:
 
 def plan_train(config, accelerator_type: str, *, batch: int | None = None,
                log: Callable[[str], None] = lambda _: None, devices=None,
-               sample: bool = False, sample_batch: int | None = None) -> Plan:
+               sample: bool = False) -> Plan:
   """Compiles every training program of ``config`` (one per phase and choice) for the slice
   ``accelerator_type`` (``devices``: other devices, e.g. this host's CPUs) and reports its needs;
   with ``sample``, also the eval grid's sampling program on one TPU VM's chips
@@ -347,8 +347,7 @@ def plan_train(config, accelerator_type: str, *, batch: int | None = None,
                                   kernel_flops=TRAIN_FLOPS_PER_FORWARD * kernel[0] / len(devices),
                                   args=(state, batch_args, frozen_args)))
   if sample:  # one VM's chips (each process samples its own cells on its own devices)
-    programs.append(plan_sample(config, one_vm(topo) if hosts > 1 else devices,
-                                batch=sample_batch, log=log))
+    programs.append(plan_sample(config, one_vm(topo) if hosts > 1 else devices, log=log))
   per, total = shard_bytes(program.abstract, program.state_sh)
   sizes = {a: int(mesh.shape[a]) for a in sh.MESH_AXES}
   return Plan(topology=topo.accelerator_type, slice_shape=slice_shape(topo), chips=topo.chips,
