@@ -269,8 +269,7 @@ def test_the_eval_samplers_program_planned_on_one_vm():
   bf16 = plan_lib.plan_sample(config, devices)
   mesh = sh.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
   model = generate.models.build(config.model)
-  abstract = sh.unbox(jax.eval_shape(generate._init_fn(model), jax.random.key(0),  # pylint: disable=protected-access
-                                     *generate._init_inputs(model))["params"])  # pylint: disable=protected-access
+  abstract = sh.unbox(generate.abstract_params(model))
   per_chip, whole = plan_lib.shard_bytes(abstract, generate.unet_shardings(config, mesh))
   # The TPU pads small arrays to its tiles (f32 8x128, bf16 16x128), and this UNet's are small:
   # the saving is at least half the unpadded f32 bytes, at most all of them.

@@ -170,6 +170,12 @@ def _init_fn(model):
   return model.init
 
 
+def abstract_params(model):
+  """The UNet's parameters as shapes and dtypes (``jax.eval_shape`` of its init; nothing is
+  computed), with their logical-axis boxes."""
+  return jax.eval_shape(_init_fn(model), jax.random.key(0), *_init_inputs(model))["params"]
+
+
 def random_init(config, seed: int):
   """A random-init UNet: (apply_fn(params, x, t, context), params). Parameter shapes do not depend
   on the input size, so init runs on the smallest valid input."""
@@ -188,8 +194,7 @@ def unet_shardings(config, mesh) -> dict:
   key = (repr(sorted(config.model.to_dict().items())), mesh)
   if key not in _SHARDINGS:
     model = models.build(config.model)
-    abstract = jax.eval_shape(_init_fn(model), jax.random.key(0), *_init_inputs(model))["params"]
-    _SHARDINGS[key] = sh.tree_shardings(abstract, mesh)
+    _SHARDINGS[key] = sh.tree_shardings(abstract_params(model), mesh)
   return _SHARDINGS[key]
 
 

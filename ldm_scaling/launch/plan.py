@@ -244,13 +244,8 @@ def _arg_bytes(args) -> int:
   """Bytes per chip of abstract arguments (their shardings' shards; the largest device's)."""
   if args is None:
     return 0
-  total = 0
-  for a in jax.tree.leaves(args):
-    item = jax.numpy.dtype(a.dtype).itemsize if not jax.dtypes.issubdtype(
-        a.dtype, jax.dtypes.prng_key) else 8
-    shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) else a.shape
-    total += item * int(np.prod(shape))
-  return total
+  shape = lambda a: a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) else a.shape
+  return sum(est.itemsize(a.dtype) * int(np.prod(shape(a))) for a in jax.tree.leaves(args))
 
 
 @dataclasses.dataclass
@@ -385,8 +380,7 @@ def plan_sample(config, devices, *, batch: int | None = None,
   dtype = parallel.param_dtype(e.param_dtype)
   # Shapes, shardings and the sampler's grid first, on this host (nothing runs on the slice).
   shardings = generate.unet_shardings(config, mesh)
-  abstract = sh.unbox(jax.eval_shape(generate._init_fn(model), jax.random.key(0),  # pylint: disable=protected-access
-                                     *generate._init_inputs(model))["params"])  # pylint: disable=protected-access
+  abstract = sh.unbox(generate.abstract_params(model))
   floating = lambda a: jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
       a.shape, dtype if floating(a) else a.dtype, sharding=s), abstract, shardings)
