@@ -134,18 +134,11 @@ class Estimate:
                 overrides=self.setting.overrides(self.chips))
 
 
-def itemsize(dtype) -> int:
-  """Bytes per element; a typed PRNG key is its data's (threefry: 2 x uint32)."""
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return 8
-  return np.dtype(dtype).itemsize
-
-
 def shard_bytes(abstract_tree, shardings) -> tuple[int, int]:
   """(bytes of one device's shards, bytes of the whole tree)."""
   per, total = 0, 0
   for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-    item = itemsize(a.dtype)
+    item = a.dtype.itemsize  # a typed PRNG key's dtype has its data's (threefry: 8)
     total += item * int(np.prod(a.shape))
     per += item * int(np.prod(s.shard_shape(a.shape)))
   return per, total

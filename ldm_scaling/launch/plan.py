@@ -245,7 +245,7 @@ def _arg_bytes(args) -> int:
   if args is None:
     return 0
   shape = lambda a: a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) else a.shape
-  return sum(est.itemsize(a.dtype) * int(np.prod(shape(a))) for a in jax.tree.leaves(args))
+  return sum(a.dtype.itemsize * int(np.prod(shape(a))) for a in jax.tree.leaves(args))
 
 
 @dataclasses.dataclass
