@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 17's E1 (docs/swd/e1.md): train the 64 px teacher and its students, evaluate every cell at
+# three seeds, draw the analysis. Resumable: rerun after an interruption (finished runs are
+# skipped by the trainer, evaluated cells by eval). QUICK=1: the CI-sized variant.
+#   bash docs/swd/e1.sh [ROOT]        (default runs/e1; QUICK=1 default runs/e1-quick)
+set -euo pipefail
+QUICK=${QUICK:-0}
+ROOT=${1:-$([ "$QUICK" = 1 ] && echo runs/e1-quick || echo runs/e1)}
+RUNS=${RUNS:-"swd full lcm noise_then_upscale mmd_only no_gan"}
+SEEDS=${SEEDS:-"0 1 2"}
+ARG=""; [ "$QUICK" = 1 ] && ARG=",quick" && SEEDS=${SEEDS_QUICK:-"0"}
+CFG=configs/swd_e1.py
+stamp() { echo "[e1 $(date -u +%H:%M:%S)] $*"; }
+
+stamp "components"
+ldm-scaling train-clip --config "$CFG:run=teacher$ARG"
+ldm-scaling train-vae --config "$CFG:run=teacher$ARG"
+stamp "teacher"
+ldm-scaling train --config "$CFG:run=teacher$ARG" --workdir "$ROOT/teacher"
+for seed in $SEEDS; do
+  stamp "eval teacher seed $seed"
+  ldm-scaling eval --config "$CFG:run=teacher$ARG" --config.eval.seed="$seed" \
+      --workdir "$ROOT/teacher" --results "$ROOT/results"
+done
+for run in $RUNS; do
+  stamp "train $run"
+  ldm-scaling train --config "$CFG:run=$run$ARG" --workdir "$ROOT/$run" \
+      --config.objective.teacher="$ROOT/teacher"
+  for seed in $SEEDS; do
+    stamp "eval $run seed $seed"
+    ldm-scaling eval --config "$CFG:run=$run$ARG" --config.eval.seed="$seed" \
+        --config.objective.teacher="$ROOT/teacher" --workdir "$ROOT/$run" \
+        --results "$ROOT/results"
+  done
+done
+stamp "analysis"
+ldm-scaling analyze --results "$ROOT/results" --out "$ROOT/analysis"
+python -m ldm_scaling.analysis.seeds "$ROOT/results" --out "$ROOT/e1_summary.md"
+stamp "done"
