@@ -7,11 +7,12 @@ and the teacher, on FID vs sampling cost, at 64 px (16x16x4 latents) on 2 CPU co
 One config, one ``run`` per training run; each carries its own eval grid, and ``e1.sh`` evaluates
 it at three seeds (``--config.eval.seed``):
 
-* ``teacher``: the CPU-scale SD-2.x UNet (configs/cpu_t2i.py) at 64 px, **VP / eps** (SD-2.x's
-  scaled-linear schedule). VP, not rectified flow: one teacher has to serve both students, and the
-  consistency objective follows LCM's discrete-time recipe (it refuses a flow schedule); the swd
-  sampler takes VP levels as t/T fractions (SwD's SD-XL students: 1000 x (1, .8, .6, .4)).
-  Evaluated with DPM-Solver++ at 2, 4 and 20 steps over CFG 3 / 4.5 / 6.
+* ``teacher``: the CPU-scale SD-2.x UNet (configs/cpu_t2i.py) at width 16 and 64 px, 1,000 steps
+  (1.5 s a step here: the 2-core budget), **VP / eps** (SD-2.x's scaled-linear schedule). VP, not
+  rectified flow: one teacher has to serve both students, and the consistency objective follows
+  LCM's discrete-time recipe (it refuses a flow schedule); the swd sampler takes VP levels as t/T
+  fractions (SwD's SD-XL students: 1000 x (1, .8, .6, .4)). Evaluated with DPM-Solver++ at 2, 4
+  and 20 steps over CFG 3 / 4.5 / 6.
 * ``swd``: SwD at scales (8, 12, 16) and levels t/T (1, .8, .6): SwD's first three SD-XL levels,
   each step to the next side 1.5x / 1.33x (SwD's SD3.5 steps are 1.25-1.33x; E0 measured that a
   2x step at 0.6 costs quality here). Sampling cost ~(1/4 + 9/16 + 1) = 1.81 full steps.
@@ -24,7 +25,7 @@ number of student updates: an SwD student updates every ``fake_updates + 1`` = 6
 trains 6x the steps of the consistency student (which updates every step); MMD only has no fake
 network, so it updates every step.
 
-Arguments: run, width (32), steps (0: the run's default), quick (CI-sized components and runs).
+Arguments: run, width (16), steps (0: the run's default), quick (CI-sized components and runs).
 """
 
 from ldm_scaling import config as cfglib
@@ -37,12 +38,12 @@ RUNS = ("teacher", *SWD_RUNS, "lcm")
 SCALES = (8, 12, 16)
 SIGMAS = (1.0, 0.8, 0.6)
 CFG = 4.5
-TEACHER_STEPS = 1500
-STUDENT_UPDATES = 100   # the consistency student's steps; an SwD student's student updates
+TEACHER_STEPS = 1000
+STUDENT_UPDATES = 80   # the consistency student's steps; an SwD student's student updates
 
 
 def get_config(arg=None):
-  arg = cfglib.parse_arg(arg, run="teacher", width=32, steps=0, quick=False)
+  arg = cfglib.parse_arg(arg, run="teacher", width=16, steps=0, quick=False)
   if arg.run not in RUNS:
     raise cfglib.ConfigError(f"configs/swd_e1.py: run must be one of {', '.join(RUNS)}, "
                              f"got {arg.run!r}")
@@ -50,8 +51,8 @@ def get_config(arg=None):
   config.model.update(CPU_UNET)
   config.model.update(unet.preset(arg.width, CPU_UNET["channel_mult"]))
   config.cost.update(latent_size=16, text_len=config.text.max_length)
-  config.clip.steps = 300           # 64 px components: 11 min (CLIP) + VAE on a 0.19 TFLOP/s host
-  config.vae.steps = 600
+  config.clip.steps = 300           # 64 px components on a 0.19 TFLOP/s host: 669 s
+  config.vae.steps = 600            # 577 s
   config.train.update(
       steps=TEACHER_STEPS, batch_size=64, lr=1e-3, warmup_steps=100, schedule="cosine",
       end_lr_factor=0.1, ema_decay=0.995, log_every=50, checkpoint_every=250, sample_every=0,

@@ -20,11 +20,14 @@ import sys
 import time
 
 from etils import epath
+from flax import linen as nn
 import jax
 import numpy as np
 import pytest
 
 from ldm_scaling.errors import ConfigError
+from ldm_scaling import sharding as sh
+from ldm_scaling.train import objectives
 from ldm_scaling.train import checkpoint as ckpt_lib
 from ldm_scaling.train import metrics as metrics_lib
 from ldm_scaling.train import trainer
@@ -161,6 +164,38 @@ def test_no_readable_checkpoint_is_an_error_that_loses_nothing(runs, tmp_path):
   with pytest.raises(ckpt_lib.UnreadableCheckpointError, match=r"steps \[6, 3\] are damaged"):
     _train(workdir, 9)
   assert len(glob.glob(str(workdir / "checkpoints" / "*.corrupt-*"))) == 2
+
+
+@objectives.register("toy_regression_wider")
+class _ToyWider(train_toy.ToyRegression):
+  """The toy regression with a bias of another shape: another model's checkpoint."""
+
+  def init(self, rng):
+    params = super().init(rng)
+    params["linear"]["b"] = nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), (sh.MLP,))(rng, (2 * train_toy.OUT,))
+    return params
+
+  def loss(self, params, frozen, ema, batch, rng):
+    cut = {"linear": dict(params["linear"], b=params["linear"]["b"][:train_toy.OUT])}
+    return super().loss(cut, frozen, {"linear": dict(ema["linear"],
+                                                     b=ema["linear"]["b"][:train_toy.OUT])},
+                        batch, rng)
+
+
+def test_another_models_checkpoint_is_refused_and_nothing_is_moved_aside(runs, tmp_path):
+  """A workdir whose config.json is gone (deleted while its trainer still saved on SIGTERM):
+  the structural check cannot see the old model, so restoring meets arrays of other shapes.
+  That is another model's run, not damage: a clear error, every step left where it was."""
+  workdir = tmp_path / "run"
+  shutil.copytree(runs / "six", workdir)
+  os.remove(workdir / "config.json")
+  config = train_toy.toy_config(steps=9, checkpoint_every=3, async_checkpointing=False)
+  config.objective.name = "toy_regression_wider"
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r"checkpoint 6 in .* holds another model's arrays .*new --workdir"):
+    trainer.train(config, str(workdir), make_data=train_toy.make_data())
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
 
 
 def test_a_failed_save_is_one_error_naming_step_and_directory_and_metrics_survive(

@@ -63,6 +63,14 @@ class UnreadableCheckpointError(UserError):
   """A checkpoint step that exists but cannot be restored."""
 
 
+class IncompatibleCheckpointError(UserError):
+  """A readable checkpoint of another model (its arrays have other shapes): not damage."""
+
+
+# orbax / tensorstore's words for an array stored with another shape than the one restored.
+_OTHER_SHAPE = "not compatible with the stored shape"
+
+
 def reason(error: BaseException, limit: int = 300) -> str:
   """One line of an exception (tensorstore's run to dozens of lines): its innermost cause's
   type and first line."""
@@ -213,6 +221,11 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if _OTHER_SHAPE in str(e):  # the same on every process: all raise, nothing is moved
+          raise IncompatibleCheckpointError(
+              f"checkpoint {step} in {self.directory} holds another model's arrays ({reason(e)}):"
+              f" this workdir has a run of a different model (config.json missing or replaced?)."
+              f" Use a new --workdir, or the settings that run was trained with.") from e
         out, why = None, reason(e)
       if _all_processes(why is None):
         if bad:
