@@ -66,13 +66,13 @@ def get_config(arg=None):
     config.data.shapes_sizes = (2000, 256)
     config.clip.update(steps=20, batch_size=64, layers=1, vision_layers=1, warmup_steps=4)
     config.vae.update(steps=8, batch_size=8)
-    config.train.update(steps=4, warmup_steps=1, log_every=2, checkpoint_every=0)
+    config.train.update(steps=4, warmup_steps=1, log_every=2)
     config.eval.update(steps=(2,), cfg_scales=(4.5,), num_samples=8, fid_reference_n=32,
                        batch_size=8, grid_images=4)
     updates = 1
   if arg.run != "teacher":
     config.data.caption_dropout = 0.0  # on empty captions CFG does nothing
-    config.train.update(lr=1e-4, warmup_steps=0, schedule="constant", checkpoint_every=0)
+    config.train.update(lr=1e-4, warmup_steps=0, schedule="constant")
     config.objective.cfg_scale = CFG
   if arg.run in SWD_RUNS:
     swd = config.objective.swd
@@ -96,4 +96,6 @@ def get_config(arg=None):
     config.eval.steps = config.eval.steps[:1]
   if arg.steps:
     config.train.steps = arg.steps
+  if arg.quick or arg.run != "teacher":  # minutes-long runs: one checkpoint, at the end
+    config.train.checkpoint_every = config.train.steps
   return config
