@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17's E1 (docs/swd/e1.md): train the 64 px teacher and its students, evaluate every cell at
 # three seeds, draw the analysis. Resumable: rerun after an interruption (finished runs are
-# skipped by the trainer, evaluated cells by eval). QUICK=1: the CI-sized variant.
+# skipped by the trainer, evaluated cells by eval). Every run trains first, then the cells are
+# evaluated seed by seed, so an interrupted experiment has whole seeds. QUICK=1: CI-sized.
 #   bash docs/swd/e1.sh [ROOT]        (default runs/e1; QUICK=1 default runs/e1-quick)
 set -euo pipefail
 QUICK=${QUICK:-0}
@@ -15,22 +16,19 @@ stamp() { echo "[e1 $(date -u +%H:%M:%S)] $*"; }
 stamp "components"
 ldm-scaling train-clip --config "$CFG:run=teacher$ARG"
 ldm-scaling train-vae --config "$CFG:run=teacher$ARG"
-stamp "teacher"
+stamp "train teacher"
 ldm-scaling train --config "$CFG:run=teacher$ARG" --workdir "$ROOT/teacher"
-for seed in $SEEDS; do
-  stamp "eval teacher seed $seed"
-  ldm-scaling eval --config "$CFG:run=teacher$ARG" --config.eval.seed="$seed" \
-      --workdir "$ROOT/teacher" --results "$ROOT/results"
-done
 for run in $RUNS; do
   stamp "train $run"
   ldm-scaling train --config "$CFG:run=$run$ARG" --workdir "$ROOT/$run" \
       --config.objective.teacher="$ROOT/teacher"
-  for seed in $SEEDS; do
+done
+for seed in $SEEDS; do
+  for run in teacher $RUNS; do
     stamp "eval $run seed $seed"
-    ldm-scaling eval --config "$CFG:run=$run$ARG" --config.eval.seed="$seed" \
-        --config.objective.teacher="$ROOT/teacher" --workdir "$ROOT/$run" \
-        --results "$ROOT/results"
+    teacher=(); [ "$run" != teacher ] && teacher=(--config.objective.teacher="$ROOT/teacher")
+    ldm-scaling eval --config "$CFG:run=$run$ARG" --config.eval.seed="$seed" "${teacher[@]}" \
+        --workdir "$ROOT/$run" --results "$ROOT/results"
   done
 done
 stamp "analysis"
