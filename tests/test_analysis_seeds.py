@@ -66,3 +66,17 @@ def test_a_cell_worse_than_the_spread_fails_and_duplicates_are_refused():
     seeds.seed_spread(pd.concat([frame, frame.iloc[:1]]))
   with pytest.raises(table.AnalysisError, match="expected one optimal point of run 'nope'"):
     seeds.scalewise_check(seeds.optimal_means(seeds.seed_spread(frame)), "nope", "full")
+
+
+def test_the_command_reads_one_table_per_seed(tmp_path, capsys):
+  """A table keeps one row per cell, so each seed is its own table; the command joins them."""
+  frame = hand_frame()
+  paths = []
+  for seed, part in frame.groupby("seed"):
+    paths.append(str(tmp_path / f"seed{seed}.csv"))
+    part.to_csv(paths[-1], index=False)
+  out = tmp_path / "summary.md"
+  assert seeds.main([*paths, "--out", str(out)]) == 0
+  text = out.read_text()
+  assert text == capsys.readouterr().out
+  assert "| 80.0 [78.0-82.0] | 3 | yes |" in text and "cost_ratio 0.6" in text

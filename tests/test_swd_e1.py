@@ -60,7 +60,7 @@ def test_quick_e1_pipeline_end_to_end(tmp_path):
   proc = subprocess.run(["bash", os.path.join(REPO, "docs", "swd", "e1.sh"), str(root)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  frame = pd.read_csv(root / "results" / "results.csv")
+  frame = pd.read_csv(root / "results" / "seed0" / "results.csv")  # one table per seed
   runs = {os.path.basename(r.rstrip("/")): g for r, g in frame.groupby("run")}
   assert set(runs) == {"teacher", "swd", "full"}
   assert set(runs["swd"]["scale_schedule"]) == {"8-12-16"}

@@ -27,11 +27,13 @@ for seed in $SEEDS; do
   for run in teacher $RUNS; do
     stamp "eval $run seed $seed"
     teacher=(); [ "$run" != teacher ] && teacher=(--config.objective.teacher="$ROOT/teacher")
+    # One table per seed: a table holds one row per cell, and a new seed's row replaces it.
     ldm-scaling eval --config "$CFG:run=$run$ARG" --config.eval.seed="$seed" "${teacher[@]}" \
-        --workdir "$ROOT/$run" --results "$ROOT/results"
+        --workdir "$ROOT/$run" --results "$ROOT/results/seed$seed"
   done
 done
 stamp "analysis"
-ldm-scaling analyze --results "$ROOT/results" --out "$ROOT/analysis"
-python -m ldm_scaling.analysis.seeds "$ROOT/results" --out "$ROOT/e1_summary.md"
+first=${SEEDS%% *}
+ldm-scaling analyze --results "$ROOT/results/seed$first" --out "$ROOT/analysis"
+python -m ldm_scaling.analysis.seeds "$ROOT"/results/seed* --out "$ROOT/e1_summary.md"
 stamp "done"

@@ -5,7 +5,12 @@ A seed is a row's ``seed`` (``eval.seed``: which noise and prompts' order the ce
 the spread of a cell is ``max - min`` of its FIDs over seeds, the honest width of "within noise"
 when only a few seeds exist (no interval is estimated from three values).
 
-    python -m ldm_scaling.analysis.seeds runs/e1/results [--out summary.md]
+    python -m ldm_scaling.analysis.seeds runs/e1/results/seed0 runs/e1/results/seed1 ... \
+        [--out summary.md]
+
+A results table holds one row per cell: evaluating it again at another seed replaces the row
+(its settings changed). So each seed is evaluated into its own table, and the summary reads them
+all (``docs/swd/e1.sh`` does).
 """
 
 from __future__ import annotations
@@ -102,13 +107,14 @@ def markdown(points: pd.DataFrame, metric: str = "fid") -> str:
 def main(argv=None) -> int:
   from ldm_scaling.eval import results
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("results", help="a results table directory or results.csv")
+  p.add_argument("results", nargs="+", help="results tables (one per seed) or results.csv files")
   p.add_argument("--metric", default="fid")
   p.add_argument("--swd", default="swd", help="the SwD student's run directory name")
   p.add_argument("--full", default="full", help="its full-scale counterpart's run directory name")
   p.add_argument("--out", help="also write the markdown here")
   args = p.parse_args(argv)
-  points = optimal_means(seed_spread(results.load(args.results), args.metric), args.metric)
+  frame = pd.concat([results.load(path) for path in args.results], ignore_index=True)
+  points = optimal_means(seed_spread(frame, args.metric), args.metric)
   text = markdown(points, args.metric)
   names = set(points["run"].map(lambda r: str(r).rstrip("/").rsplit("/", 1)[-1]))
   if {args.swd, args.full} <= names:
