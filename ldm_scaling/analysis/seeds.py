@@ -16,6 +16,7 @@ all (``docs/swd/e1.sh`` does).
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import pandas as pd
@@ -64,13 +65,18 @@ def optimal_means(spread: pd.DataFrame, metric: str = "fid") -> pd.DataFrame:
   return best.sort_values(["sampling_cost", m.column], kind="mergesort").reset_index(drop=True)
 
 
+def _run_names(points: pd.DataFrame) -> pd.Series:
+  """Each row's run directory name (``../e1/swd`` -> ``swd``), as table labels shorten them."""
+  return points["run"].map(lambda r: os.path.basename(str(r).rstrip("/")))
+
+
 def scalewise_check(points: pd.DataFrame, swd_run: str, full_run: str, metric: str = "fid",
                     max_cost_ratio: float = 0.75) -> dict[str, Any]:
   """Issue 17's success test: the SwD student (``swd_run``, a run directory's name) on the front,
   at < ``max_cost_ratio`` of its full-scale counterpart's sampling cost, with a mean within the
   counterpart's seed spread (or better)."""
   m = table.metric(points, metric)
-  names = points["run"].map(lambda r: str(r).rstrip("/").rsplit("/", 1)[-1])
+  names = _run_names(points)
   rows = {}
   for name in (swd_run, full_run):
     hit = points[names == name]
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
   frame = pd.concat([results.load(path) for path in args.results], ignore_index=True)
   points = optimal_means(seed_spread(frame, args.metric), args.metric)
   text = markdown(points, args.metric)
-  names = set(points["run"].map(lambda r: str(r).rstrip("/").rsplit("/", 1)[-1]))
+  names = set(_run_names(points))
   if {args.swd, args.full} <= names:
     check = scalewise_check(points, args.swd, args.full, args.metric)
     text += "\nSwD vs full scale: " + ", ".join(
