@@ -4,10 +4,13 @@
 # skipped by the trainer, evaluated cells by eval). Every run trains first, then the cells are
 # evaluated seed by seed, so an interrupted experiment has whole seeds. QUICK=1: CI-sized.
 #   bash docs/swd/e1.sh [ROOT]        (default runs/e1; QUICK=1 default runs/e1-quick)
+# RUNS: the students to train (default all); EVAL_RUNS: the runs to evaluate (default the teacher
+# and RUNS; e.g. only new students when the teacher's seeds are already evaluated).
 set -euo pipefail
 QUICK=${QUICK:-0}
 ROOT=${1:-$([ "$QUICK" = 1 ] && echo runs/e1-quick || echo runs/e1)}
 RUNS=${RUNS:-"swd full lcm noise_then_upscale mmd_only no_gan"}
+EVAL_RUNS=${EVAL_RUNS:-"teacher $RUNS"}
 SEEDS=${SEEDS:-"0 1 2"}
 ARG=""; [ "$QUICK" = 1 ] && ARG=",quick" && SEEDS=${SEEDS_QUICK:-"0"}
 CFG=configs/swd_e1.py
@@ -24,7 +27,7 @@ for run in $RUNS; do
       --config.objective.teacher="$ROOT/teacher"
 done
 for seed in $SEEDS; do
-  for run in teacher $RUNS; do
+  for run in $EVAL_RUNS; do
     stamp "eval $run seed $seed"
     teacher=(); [ "$run" != teacher ] && teacher=(--config.objective.teacher="$ROOT/teacher")
     # One table per seed: a table holds one row per cell, and a new seed's row replaces it.
