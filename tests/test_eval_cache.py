@@ -111,6 +111,30 @@ def test_pending_evaluates_stale_cells_again_and_says_what_changed(tmp_path):
   assert "eval.num_samples 8 -> 30000" in notes[0]
 
 
+def test_pending_refuses_to_replace_another_seeds_rows(tmp_path):
+  """A table keeps one row per cell: evaluating it at another eval.seed would replace the first
+  seed's measurements. Refused before anything is evaluated; every row file is left as it was."""
+  workdir, table_dir = _paths(tmp_path)
+  table = results.Table(table_dir)
+  seed0, seed1 = _config(), _config(seed=1)
+  cells = [CELL, grid.Cell("ddim", 2, 7.5)]
+  for cell in cells:
+    _write_row(table, grid.run_id(workdir, table_dir), seed0, cell, _settings(seed0), fid=12.5)
+  before = {p.name: p.read_text() for p in table.rows_dir.iterdir()}
+  items = [(workdir, seed1, seed1.eval, STEP, cell) for cell in cells]
+  key = (grid.cell_key(_settings(seed1)), _settings(seed1))
+  with pytest.raises(grid.OtherSeedError, match=r"2 cell\(s\) .* eval.seed 0 .* seed 1") as err:
+    grid.pending(table, table_dir, items, lambda item: key)
+  assert f"--results {table_dir}/seed1" in str(err.value)
+  assert {p.name: p.read_text() for p in table.rows_dir.iterdir()} == before
+  # Into a table of its own, seed 1 is simply pending; seed 0 again is done.
+  assert grid.pending(results.Table(table_dir + "1"), table_dir + "1", items,
+                      lambda item: key)[0] == items
+  same = (grid.cell_key(_settings(seed0)), _settings(seed0))
+  assert grid.pending(table, table_dir, [(workdir, seed0, seed0.eval, STEP, c) for c in cells],
+                      lambda item: same)[0] == []
+
+
 def test_rows_from_before_keys_load_and_are_evaluated_again_with_one_warning(tmp_path):
   workdir, table_dir = _paths(tmp_path)
   table = results.Table(table_dir)

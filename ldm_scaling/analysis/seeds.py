@@ -8,9 +8,9 @@ when only a few seeds exist (no interval is estimated from three values).
     python -m ldm_scaling.analysis.seeds runs/e1/results/seed0 runs/e1/results/seed1 ... \
         [--out summary.md]
 
-A results table holds one row per cell: evaluating it again at another seed replaces the row
-(its settings changed). So each seed is evaluated into its own table, and the summary reads them
-all (``docs/swd/e1.sh`` does).
+A results table holds one row per cell: evaluating it again at another seed would replace the
+row (the eval job refuses: ``grid.OtherSeedError``). So each seed is evaluated into its own
+table, and the summary reads them all (``docs/swd/e1.sh`` does).
 """
 
 from __future__ import annotations

@@ -455,8 +455,12 @@ def pending(table: results.Table, table_dir: str, items: Sequence[tuple],
             key_of: Callable[[tuple], tuple[str, dict]]) -> tuple[list[tuple], list[str]]:
   """The plan items ``(workdir, config, e, step, cell)`` whose cells need evaluating, and one
   warning line per kind of row that is evaluated again (made with other settings; made before
-  rows recorded their settings)."""
-  todo, stale, unkeyed = [], [], 0
+  rows recorded their settings).
+
+  A row made at another ``eval.seed`` is not evaluated again: a table holds one row per cell, so
+  the new seed's row would replace that measurement. :class:`OtherSeedError` says so before
+  anything is evaluated (each seed goes to a table of its own; ``analysis.seeds`` reads them)."""
+  todo, stale, unkeyed, other_seed = [], [], 0, []
   for item in items:
     workdir, config, _, step, cell = item
     key, settings = key_of(item)
@@ -466,7 +470,20 @@ def pending(table: results.Table, table_dir: str, items: Sequence[tuple],
     todo.append(item)
     if state == "stale":
       stale.append((row, settings))
+      seed = _recorded_seed(row)
+      if seed is not None and seed != settings["eval"].get("seed"):
+        other_seed.append((row, settings["eval"].get("seed")))
     unkeyed += state == "unkeyed"
+  if other_seed:
+    row, seed = other_seed[0]
+    raise OtherSeedError(
+        f"{len(other_seed)} cell(s) in {table_dir} hold rows made at eval.seed "
+        f"{_recorded_seed(row)} (e.g. {row['run']} step {row['checkpoint_step']} {row['sampler']} {row['steps']} steps "
+        f"cfg {row['cfg_scale']:g}), and this evaluation asks for seed {seed}: a table keeps one "
+        f"row per cell, so those measurements would be replaced. Evaluate each seed into a table "
+        f"of its own (e.g. --results {str(table_dir).rstrip('/')}/seed{seed}) and read them "
+        f"together with `python -m ldm_scaling.analysis.seeds TABLE...`; or delete the rows "
+        f"under {table_dir}/rows to replace them. Nothing was evaluated or changed.")
   notes = []
   if stale:
     row, settings = stale[0]
@@ -481,6 +498,19 @@ def pending(table: results.Table, table_dir: str, items: Sequence[tuple],
         f"they were made with ({results.KEY_COLUMN!r}), so they may be stale; evaluating them "
         f"again")
   return todo, notes
+
+
+class OtherSeedError(UserError):
+  """A table's rows were made at another ``eval.seed`` than the one asked for (see
+  :func:`pending`)."""
+
+
+def _recorded_seed(row: Mapping[str, Any]) -> Any:
+  """The ``eval.seed`` a row's recorded settings name (None when not recorded)."""
+  try:
+    return json.loads(row.get(results.SETTINGS_COLUMN))["eval"]["seed"]
+  except (TypeError, ValueError, KeyError):
+    return None
 
 
 def _key_function() -> Callable[[tuple], tuple[str, dict]]:
