@@ -16,27 +16,13 @@ sampled with euler).
 """
 
 from ldm_scaling import config as cfglib
-from ldm_scaling.models import offline, unet
-
-
-CPU_UNET = dict(channel_mult=(1, 2, 2), attn_levels=(True, True, False), layers_per_block=1,
-                norm_groups=16)
-
-
-def cpu_model(config, width: int):
-  """The CPU-scale UNet at ``width`` (heads as the SD-2.x preset would choose them)."""
-  config.model.update(CPU_UNET)
-  config.model.update(unet.preset(width, CPU_UNET["channel_mult"]))
-  # Cost at the setting actually sampled (8x8 latents, the small CLIP's tokens), still
-  # normalised to width 320 of the same topology.
-  config.cost.update(latent_size=config.data.resolution // 4, text_len=config.text.max_length)
-  return config
+from ldm_scaling.models import offline
 
 
 def get_config(arg=None):
   arg = cfglib.parse_arg(arg, width=32, steps=2000, resolution=32, flow=False)
   config = offline.apply(cfglib.base_config(), resolution=int(arg.resolution))
-  cpu_model(config, arg.width)
+  offline.cpu_unet(config, arg.width)
   config.train.update(
       steps=arg.steps, batch_size=64, lr=1e-3, warmup_steps=100, schedule="cosine",
       end_lr_factor=0.1, ema_decay=0.995, log_every=100, checkpoint_every=500,

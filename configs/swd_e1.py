@@ -30,10 +30,8 @@ one-level UNet).
 """
 
 from ldm_scaling import config as cfglib
-from ldm_scaling.models import offline, unet
+from ldm_scaling.models import offline
 
-CPU_UNET = dict(channel_mult=(1, 2, 2), attn_levels=(True, True, False), layers_per_block=1,
-                norm_groups=16)
 # quick: one level, attention in the mid block only (SwD's MMD / GAN features come from it): the
 # same pipeline, with programs that compile ~3x faster (CI time is compile time).
 QUICK_UNET = dict(channel_mult=(1,), attn_levels=(False,), layers_per_block=1, norm_groups=8)
@@ -52,10 +50,7 @@ def get_config(arg=None):
     raise cfglib.ConfigError(f"configs/swd_e1.py: run must be one of {', '.join(RUNS)}, "
                              f"got {arg.run!r}")
   config = offline.apply(cfglib.base_config(), resolution=64)
-  topology = QUICK_UNET if arg.quick else CPU_UNET
-  config.model.update(topology)
-  config.model.update(unet.preset(arg.width, topology["channel_mult"]))
-  config.cost.update(latent_size=16, text_len=config.text.max_length)
+  offline.cpu_unet(config, arg.width, QUICK_UNET if arg.quick else None)  # 16x16 latents
   config.clip.steps = 300           # 64 px components on a 0.19 TFLOP/s host: 669 s
   config.vae.steps = 600            # 577 s
   config.train.update(

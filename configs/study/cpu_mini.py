@@ -23,16 +23,10 @@ Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (ever
 from ldm_scaling import config as cfglib
 from ldm_scaling.models import offline, unet
 
-CPU_UNET = dict(channel_mult=(1, 2, 2), attn_levels=(True, True, False), layers_per_block=1,
-                norm_groups=16)
-
-
 def get_config(arg=None):
   arg = cfglib.parse_arg(arg, quick=False, steps=0)
   config = offline.apply(cfglib.base_config())
-  config.model.update(CPU_UNET)
-  config.model.update(unet.preset(32, CPU_UNET["channel_mult"]))
-  config.cost.update(latent_size=config.data.resolution // 4, text_len=config.text.max_length)
+  offline.cpu_unet(config, 32)
   config.clip.steps = 400           # 2 min (0.48 TFLOP/s host) - 7 min (0.13); the conditioning
   config.vae.steps = 800            # 3 - 8 min
   config.train.update(
