@@ -13,9 +13,9 @@ SD-2.x UNet (3 levels c, 2c, 2c; see configs/cpu_t2i.py) each trained for the sa
 ``--config.study.schedule=equal_compute`` gives narrower models proportionally more steps instead,
 for equal training FLOPs). The eval grid is 2 samplers x 4 step counts x 3 CFG scales per model
 at 64 samples per cell, FID against the held-out split; a model whose optimal CFG is at an end of
-the grid gets up to two more scales past it (``study.extend_cfg``; never below CFG 1). Each model's best cell is then
-evaluated again with 512 fresh samples (``study.confirm_n``), which the size-effect check reads:
-at n=64 a cell's FID interval is about +-8, at n=512 about a third of that.
+the grid gets up to two more scales past it (``study.extend_cfg``; never below CFG 1). Each
+model's best cell is then evaluated again with 512 fresh samples (``study.confirm_n``), which the
+size-effect check reads: at n=64 a cell's FID interval is about +-8, at n=512 about a third of that.
 
 Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (every run's).
 """
