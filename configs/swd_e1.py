@@ -17,7 +17,9 @@ it at three seeds (``--config.eval.seed``):
   each step to the next side 1.5x / 1.33x (SwD's SD3.5 steps are 1.25-1.33x; E0 measured that a
   2x step at 0.6 costs quality here). Sampling cost ~(1/4 + 9/16 + 1) = 1.81 full steps.
 * ``full``: the same objective with scales (16, 16, 16): 3 full steps, SwD's ablation baseline.
-* ``noise_then_upscale`` / ``mmd_only`` / ``no_gan``: SwD's ablations (Table 1, loss terms).
+* ``noise_then_upscale`` / ``mmd_only`` / ``no_gan``: SwD's ablations (Table 1, loss terms);
+  ``mmd_only_full``: MMD only at scales (16, 16, 16), the MMD-only student's full-scale
+  counterpart.
 * ``lcm``: consistency distillation (LCM's recipe, guidance 4.5 distilled in), lcm at 2 and 4 steps.
 
 Students: the teacher's DMD / consistency guidance ``cfg`` (4.5), no caption dropout, and the same
@@ -35,7 +37,7 @@ from ldm_scaling.models import offline
 # quick: one level, attention in the mid block only (SwD's MMD / GAN features come from it): the
 # same pipeline, with programs that compile ~3x faster (CI time is compile time).
 QUICK_UNET = dict(channel_mult=(1,), attn_levels=(False,), layers_per_block=1, norm_groups=8)
-SWD_RUNS = ("swd", "full", "noise_then_upscale", "mmd_only", "no_gan")
+SWD_RUNS = ("swd", "full", "noise_then_upscale", "mmd_only", "no_gan", "mmd_only_full")
 RUNS = ("teacher", *SWD_RUNS, "lcm")
 SCALES = (8, 12, 16)
 SIGMAS = (1.0, 0.8, 0.6)
@@ -77,15 +79,16 @@ def get_config(arg=None):
   if arg.run in SWD_RUNS:
     swd = config.objective.swd
     config.objective.update(name="scale_wise", scales=SCALES, sigmas=SIGMAS)
-    cycle = swd.fake_updates + 1 if arg.run != "mmd_only" else 1  # MMD only: no fake phase
+    mmd_only = arg.run.startswith("mmd_only")
+    cycle = 1 if mmd_only else swd.fake_updates + 1  # MMD only: no fake phase
     config.train.update(steps=updates * cycle, weight_decay=1e-2)
-    if arg.run == "full":
+    if arg.run.endswith("full"):
       config.objective.scales = (SCALES[-1],) * len(SCALES)
-    elif arg.run == "noise_then_upscale":
-      swd.input_order = "noise_then_upscale"
-    elif arg.run == "mmd_only":
+    if mmd_only:
       swd.update(dmd_weight=0.0, gan_weight=0.0)
-    elif arg.run == "no_gan":
+    if arg.run == "noise_then_upscale":
+      swd.input_order = "noise_then_upscale"
+    if arg.run == "no_gan":
       swd.update(gan_weight=0.0, fake_gan_weight=0.0)
     config.eval.update(samplers=("swd",), steps=(len(SCALES),), cfg_scales=(1.0,))
   elif arg.run == "lcm":

@@ -33,7 +33,11 @@ def test_every_run_is_a_valid_config_with_its_recipe():
   assert swd.objective.sigmas == full.objective.sigmas
   # The same number of student updates: SwD's student updates once per fake_updates + 1 steps.
   assert swd.train.steps == lcm.train.steps * (swd.objective.swd.fake_updates + 1)
-  assert _load("mmd_only").train.steps == lcm.train.steps  # no fake phase
+  mmd, mmd_full = _load("mmd_only"), _load("mmd_only_full")
+  assert mmd.train.steps == mmd_full.train.steps == lcm.train.steps  # no fake phase
+  assert mmd.objective.swd.dmd_weight == mmd_full.objective.swd.gan_weight == 0.0
+  assert mmd.objective.scales == swd.objective.scales
+  assert mmd_full.objective.scales == full.objective.scales
   assert _load("noise_then_upscale").objective.swd.input_order == "noise_then_upscale"
   assert _load("no_gan").objective.swd.gan_weight == 0.0
   for c in (swd, full, lcm):

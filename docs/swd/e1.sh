@@ -9,7 +9,7 @@
 set -euo pipefail
 QUICK=${QUICK:-0}
 ROOT=${1:-$([ "$QUICK" = 1 ] && echo runs/e1-quick || echo runs/e1)}
-RUNS=${RUNS:-"swd full lcm noise_then_upscale mmd_only no_gan"}
+RUNS=${RUNS:-"swd full lcm noise_then_upscale mmd_only no_gan mmd_only_full"}
 EVAL_RUNS=${EVAL_RUNS:-"teacher $RUNS"}
 SEEDS=${SEEDS:-"0 1 2"}
 ARG=""; [ "$QUICK" = 1 ] && ARG=",quick" && SEEDS=${SEEDS_QUICK:-"0"}
@@ -30,7 +30,7 @@ for seed in $SEEDS; do
   for run in $EVAL_RUNS; do
     stamp "eval $run seed $seed"
     teacher=(); [ "$run" != teacher ] && teacher=(--config.objective.teacher="$ROOT/teacher")
-    # One table per seed: a table holds one row per cell, and a new seed's row replaces it.
+    # One table per seed: a table holds one row per cell (eval refuses another seed's rows).
     ldm-scaling eval --config "$CFG:run=$run$ARG" --config.eval.seed="$seed" "${teacher[@]}" \
         --workdir "$ROOT/$run" --results "$ROOT/results/seed$seed"
   done
