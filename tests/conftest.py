@@ -183,3 +183,7 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.xdist_group(group))
     if SLOW_FIXTURES & set(item.fixturenames) or name in spawning[module]:
       item.add_marker(pytest.mark.slow)
+  # Long tests first (a stable sort keeps the rest in order). xdist hands out the largest group
+  # first (the offline components') and then single tests in this order: a long test starting
+  # last would run alone at the end while the other worker idles.
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)
