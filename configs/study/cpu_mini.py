@@ -23,6 +23,7 @@ Arguments: quick (CI-sized: tiny components, few steps, small grid), steps (ever
 from ldm_scaling import config as cfglib
 from ldm_scaling.models import offline, unet
 
+
 def get_config(arg=None):
   arg = cfglib.parse_arg(arg, quick=False, steps=0)
   config = offline.apply(cfglib.base_config())

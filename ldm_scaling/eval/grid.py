@@ -478,8 +478,8 @@ def pending(table: results.Table, table_dir: str, items: Sequence[tuple],
     row, seed = other_seed[0]
     raise OtherSeedError(
         f"{len(other_seed)} cell(s) in {table_dir} hold rows made at eval.seed "
-        f"{_recorded_seed(row)} (e.g. {row['run']} step {row['checkpoint_step']} {row['sampler']} {row['steps']} steps "
-        f"cfg {row['cfg_scale']:g}), and this evaluation asks for seed {seed}: a table keeps one "
+        f"{_recorded_seed(row)} (e.g. {row['run']} step {row['checkpoint_step']} "
+        f"{row['sampler']} {row['steps']} steps cfg {row['cfg_scale']:g}), and this evaluation asks for seed {seed}: a table keeps one "
         f"row per cell, so those measurements would be replaced. Evaluate each seed into a table "
         f"of its own (e.g. --results {str(table_dir).rstrip('/')}/seed{seed}) and read them "
         f"together with `python -m ldm_scaling.analysis.seeds TABLE...`; or delete the rows "
