@@ -16,7 +16,6 @@ table, and the summary reads them all (``docs/swd/e1.sh`` does).
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import pandas as pd
@@ -66,8 +65,7 @@ def optimal_means(spread: pd.DataFrame, metric: str = "fid") -> pd.DataFrame:
 
 
 def _run_names(points: pd.DataFrame) -> pd.Series:
-  """Each row's run directory name (``../e1/swd`` -> ``swd``), as table labels shorten them."""
-  return points["run"].map(lambda r: os.path.basename(str(r).rstrip("/")))
+  return points["run"].map(table.run_name)
 
 
 def scalewise_check(points: pd.DataFrame, swd_run: str, full_run: str, metric: str = "fid",

@@ -150,6 +150,11 @@ def prepare(frame: pd.DataFrame, metric_name: str = "fid") -> tuple[pd.DataFrame
   return data, m
 
 
+def run_name(run) -> str:
+  """A row's run directory name (``../e1/swd`` -> ``swd``): how labels tell runs apart."""
+  return os.path.basename(str(run).rstrip("/")) or str(run)
+
+
 def _model_labels(data: pd.DataFrame) -> pd.Series:
   """``w64``, plus objective / scale schedule / run name only where needed to tell runs apart."""
   keys = data[list(MODEL_KEYS) + ["width"]].drop_duplicates()
@@ -165,7 +170,7 @@ def _model_labels(data: pd.DataFrame) -> pd.Series:
   counts = pd.Series(list(labels.values())).value_counts()
   for key, label in labels.items():
     if counts[label] > 1:  # e.g. two seeds of one width: add the run directory's name
-      labels[key] = f"{label} ({os.path.basename(key[0].rstrip('/')) or key[0]})"
+      labels[key] = f"{label} ({run_name(key[0])})"
   if len(set(labels.values())) < len(labels):
     labels = {key: f"{label} ({key[0]})" for key, label in labels.items()}
   return pd.Series([labels[k] for k in zip(*(data[c] for c in MODEL_KEYS))], index=data.index)
